@@ -1,0 +1,152 @@
+//! `ApiError`: every failure the HTTP layer reports, mapped to a status with one exhaustive
+//! `match` and always rendered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use crate::engine::EngineError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON.
+    #[error("{0}")]
+    MalformedJson(String),
+    /// JSON of the wrong shape (missing field, wrong type); `param` is the field's path.
+    #[error("{message}")]
+    InvalidBody { param: String, message: String },
+    /// A parameter out of range or inconsistent; `param` names the field.
+    #[error("{message}")]
+    InvalidParam {
+        param: &'static str,
+        message: String,
+    },
+    #[error("The prompt is too long: {message}")]
+    ContextLength {
+        param: &'static str,
+        message: String,
+    },
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("Unknown route {0}")]
+    RouteNotFound(String),
+    #[error("The server is overloaded: {0}")]
+    Overloaded(String),
+    #[error("Internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn param(param: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidParam {
+            param,
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MalformedJson(_)
+            | Self::InvalidBody { .. }
+            | Self::InvalidParam { .. }
+            | Self::ContextLength { .. } => StatusCode::BAD_REQUEST,
+            Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI error object (without the outer `{"error": ...}`).
+    pub fn body(&self) -> serde_json::Value {
+        let (kind, param, code) = match self {
+            Self::MalformedJson(_) => ("invalid_request_error", None, None),
+            Self::InvalidBody { param, .. } => {
+                ("invalid_request_error", Some(param.as_str()), None)
+            }
+            Self::InvalidParam { param, .. } => ("invalid_request_error", Some(*param), None),
+            Self::ContextLength { param, .. } => (
+                "invalid_request_error",
+                Some(*param),
+                Some("context_length_exceeded"),
+            ),
+            Self::ModelNotFound(_) => (
+                "invalid_request_error",
+                Some("model"),
+                Some("model_not_found"),
+            ),
+            Self::RouteNotFound(_) => ("invalid_request_error", None, Some("unknown_url")),
+            Self::Overloaded(_) => ("server_error", None, Some("overloaded")),
+            Self::Internal(_) => ("server_error", None, None),
+        };
+        json!({"message": self.to_string(), "type": kind, "param": param, "code": code})
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::QueueFull { .. } => Self::Overloaded(e.to_string()),
+            EngineError::ContextTooLong { .. } => Self::ContextLength {
+                param: "max_tokens",
+                message: e.to_string(),
+            },
+            EngineError::Stopped => Self::Overloaded(e.to_string()),
+            EngineError::Model(_) | EngineError::Tokenizer(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
+        }
+        let mut resp = (status, Json(json!({ "error": self.body() }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_has_openai_shape_and_status() {
+        let cases = [
+            (ApiError::MalformedJson("x".into()), 400),
+            (
+                ApiError::InvalidBody {
+                    param: "n".into(),
+                    message: "x".into(),
+                },
+                400,
+            ),
+            (ApiError::param("temperature", "bad"), 400),
+            (ApiError::ModelNotFound("m".into()), 404),
+            (EngineError::QueueFull { max: 3 }.into(), 503),
+            (
+                EngineError::ContextTooLong { needed: 9, max: 8 }.into(),
+                400,
+            ),
+            (ApiError::Internal("x".into()), 500),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e:?}");
+            let b = e.body();
+            for k in ["message", "type", "param", "code"] {
+                assert!(b.get(k).is_some(), "{k} missing in {b}");
+            }
+        }
+        assert_eq!(ApiError::param("top_p", "x").body()["param"], "top_p");
+    }
+}

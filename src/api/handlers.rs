@@ -1,0 +1,390 @@
+//! HTTP handlers: parse and validate, render and tokenize off the async threads, submit one
+//! engine request per choice, then answer as one JSON body or as an SSE stream.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderValue, Uri};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::stream::{self, select_all, BoxStream, StreamExt};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use super::error::ApiError;
+use super::sse::{finish_reason_str, ChunkBuilder, Kind, UsageTally};
+use super::types::*;
+use super::validate::{self, Validated, MAX_CHOICES};
+use super::{AppState, ServedModel};
+use crate::engine::{EngineEvent, GenerationRequest};
+use crate::tokenizer::ChatMessage;
+
+/// Parse a body: syntax errors and shape errors both get a 400, shape errors naming the field.
+fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let param = e.path().to_string();
+        ApiError::InvalidBody {
+            message: format!("{param}: {}", e.inner()),
+            param,
+        }
+    })
+}
+
+fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::MalformedJson(
+            "the body must be a JSON object".into(),
+        ));
+    }
+    Ok(v)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+pub async fn health() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: state
+            .models
+            .iter()
+            .map(|m| ModelCard {
+                id: m.name.clone(),
+                object: "model",
+                created: m.created,
+                owned_by: "inferd",
+                max_model_len: m.engine.limits().max_model_len,
+            })
+            .collect(),
+    })
+}
+
+/// Engine counters per model (running/waiting sequences, free KV blocks, ...).
+pub async fn stats(State(state): State<AppState>) -> Json<Value> {
+    let models: Vec<Value> = state
+        .models
+        .iter()
+        .map(|m| json!({"model": m.name, "engine": m.engine.stats()}))
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+pub async fn not_found(uri: Uri) -> ApiError {
+    ApiError::RouteNotFound(uri.path().to_string())
+}
+
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let v = parse_body(&body)?;
+    let req: ChatCompletionRequest = parse(&v)?;
+    let params = validate::common(&parse::<CommonParams>(&v)?)?;
+    let model = state.model(&req.model)?;
+    let messages = chat_messages(req.messages)?;
+    let m = model.clone();
+    let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
+        let template = m.tokenizer.chat_template().ok_or_else(|| {
+            ApiError::param(
+                "messages",
+                "this model has no chat template; use /v1/completions",
+            )
+        })?;
+        let text = template
+            .render(&messages, true)
+            .map_err(|e| ApiError::param("messages", e.to_string()))?;
+        m.tokenizer
+            .encode(&text, false)
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    generate(Kind::Chat, &model, vec![prompt], "messages", params).await
+}
+
+pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let v = parse_body(&body)?;
+    let req: CompletionRequest = parse(&v)?;
+    let params = validate::common(&parse::<CommonParams>(&v)?)?;
+    let model = state.model(&req.model)?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::param("suffix", "suffix is not supported"));
+    }
+    let prompts = match req.prompt {
+        PromptInput::Text(t) => Prompts::Texts(vec![t]),
+        PromptInput::Texts(t) => Prompts::Texts(t),
+        PromptInput::Tokens(t) => Prompts::Ids(vec![t]),
+        PromptInput::TokenLists(t) => Prompts::Ids(t),
+    };
+    let count = match &prompts {
+        Prompts::Texts(t) => t.len(),
+        Prompts::Ids(t) => t.len(),
+    };
+    if count == 0 {
+        return Err(ApiError::param("prompt", "prompt must not be empty"));
+    }
+    if count * params.n > MAX_CHOICES {
+        return Err(ApiError::param(
+            "prompt",
+            format!(
+                "at most {MAX_CHOICES} choices (prompts × n) per request, got {}",
+                count * params.n
+            ),
+        ));
+    }
+    let m = model.clone();
+    let prompts = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u32>>, ApiError> {
+        match prompts {
+            Prompts::Ids(ids) => Ok(ids),
+            Prompts::Texts(texts) => texts
+                .iter()
+                .map(|t| {
+                    m.tokenizer
+                        .encode(t, true)
+                        .map_err(|e| ApiError::Internal(e.to_string()))
+                })
+                .collect(),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    generate(Kind::Completion, &model, prompts, "prompt", params).await
+}
+
+enum Prompts {
+    Texts(Vec<String>),
+    Ids(Vec<Vec<u32>>),
+}
+
+fn chat_messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+    if msgs.is_empty() {
+        return Err(ApiError::param(
+            "messages",
+            "messages must contain at least one message",
+        ));
+    }
+    msgs.into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
+                return Err(ApiError::param(
+                    "messages",
+                    format!(
+                        "messages[{i}].role must be one of system, developer, user, assistant, tool; got `{}`",
+                        m.role
+                    ),
+                ));
+            }
+            let content = match m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t,
+                Some(MessageContent::Parts(parts)) => {
+                    let mut s = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), p.text) {
+                            ("text", Some(t)) => s.push_str(&t),
+                            (kind, _) => {
+                                return Err(ApiError::param(
+                                    "messages",
+                                    format!("messages[{i}].content: parts of type `{kind}` are not supported (only text)"),
+                                ))
+                            }
+                        }
+                    }
+                    s
+                }
+            };
+            // The OpenAI `developer` role is the system role for open models' templates.
+            let role = if m.role == "developer" { "system".into() } else { m.role };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+type ChoiceStream = BoxStream<'static, (usize, EngineEvent)>;
+
+async fn generate(
+    kind: Kind,
+    model: &Arc<ServedModel>,
+    prompts: Vec<Vec<u32>>,
+    prompt_field: &'static str,
+    v: Validated,
+) -> Result<Response, ApiError> {
+    let limits = model.engine.limits();
+    let vocab = model.vocab_size;
+    // Validate every choice before submitting any.
+    let mut requests: Vec<GenerationRequest> = Vec::with_capacity(prompts.len() * v.n);
+    for p in &prompts {
+        let base =
+            validate::generation_request(&v, p.clone(), limits.max_model_len, prompt_field, vocab)?;
+        for k in 0..v.n {
+            let mut r = base.clone();
+            r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(k as u64));
+            requests.push(r);
+        }
+    }
+    // Receivers dropped on an early return abort what was already submitted.
+    let mut receivers: Vec<UnboundedReceiver<EngineEvent>> = Vec::with_capacity(requests.len());
+    for r in requests {
+        receivers.push(model.engine.submit(r)?);
+    }
+    let merged: ChoiceStream = select_all(receivers.into_iter().enumerate().map(|(i, rx)| {
+        UnboundedReceiverStream::new(rx)
+            .map(move |e| (i, e))
+            .boxed()
+    }))
+    .boxed();
+    let (prefix, object) = match kind {
+        Kind::Chat => ("chatcmpl", "chat.completion"),
+        Kind::Completion => ("cmpl", "text_completion"),
+    };
+    let id = request_id(prefix);
+    let created = now_secs();
+    if v.stream {
+        let b = ChunkBuilder::new(
+            kind,
+            id,
+            created,
+            model.name.clone(),
+            v.include_usage,
+            prompts.len(),
+            v.n,
+        );
+        return Ok(sse_response(b, merged));
+    }
+
+    let num = prompts.len() * v.n;
+    let mut texts = vec![String::new(); num];
+    let mut finish: Vec<Option<&'static str>> = vec![None; num];
+    let mut tally = UsageTally::new(prompts.len(), v.n);
+    let mut merged = merged;
+    while let Some((i, ev)) = merged.next().await {
+        match ev {
+            EngineEvent::Token { text, .. } => texts[i].push_str(&text),
+            EngineEvent::Finished {
+                text,
+                reason,
+                usage,
+            } => {
+                texts[i].push_str(&text);
+                finish[i] = Some(finish_reason_str(reason));
+                tally.add(i, usage);
+            }
+            EngineEvent::Error(e) => return Err(e.into()),
+        }
+    }
+    let usage = tally.total();
+    let body = match kind {
+        Kind::Chat => serde_json::to_value(ChatCompletionResponse {
+            id,
+            object,
+            created,
+            model: model.name.clone(),
+            choices: texts
+                .into_iter()
+                .zip(finish)
+                .enumerate()
+                .map(|(index, (content, finish_reason))| ChatChoice {
+                    index,
+                    message: AssistantMessage {
+                        role: "assistant",
+                        content,
+                    },
+                    logprobs: None,
+                    finish_reason,
+                })
+                .collect(),
+            usage,
+        }),
+        Kind::Completion => serde_json::to_value(CompletionResponse {
+            id,
+            object,
+            created,
+            model: model.name.clone(),
+            choices: texts
+                .into_iter()
+                .zip(finish)
+                .enumerate()
+                .map(|(index, (text, finish_reason))| CompletionChoice {
+                    index,
+                    text,
+                    logprobs: None,
+                    finish_reason,
+                })
+                .collect(),
+            usage,
+        }),
+    }
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(body).into_response())
+}
+
+struct SseState {
+    builder: ChunkBuilder,
+    events: ChoiceStream,
+    queue: VecDeque<String>,
+    ended: bool,
+}
+
+/// Drive the chunk state machine from the engine events. Dropping this stream (client gone)
+/// drops the engine receivers, which aborts the sequences and frees their blocks.
+fn sse_response(builder: ChunkBuilder, events: ChoiceStream) -> Response {
+    let queue: VecDeque<String> = builder.start().iter().map(Value::to_string).collect();
+    let state = SseState {
+        builder,
+        events,
+        queue,
+        ended: false,
+    };
+    let body = stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(data) = st.queue.pop_front() {
+                return Some((Ok::<_, Infallible>(Event::default().data(data)), st));
+            }
+            if st.ended {
+                return None;
+            }
+            let next = if st.builder.is_done() {
+                None
+            } else {
+                st.events.next().await
+            };
+            match next {
+                Some((i, ev)) => st
+                    .queue
+                    .extend(st.builder.on_event(i, ev).iter().map(Value::to_string)),
+                None => {
+                    st.queue
+                        .extend(st.builder.end().iter().map(Value::to_string));
+                    st.queue.push_back("[DONE]".into());
+                    st.ended = true;
+                }
+            }
+        }
+    });
+    let mut resp = Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response();
+    resp.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}

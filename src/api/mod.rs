@@ -1,0 +1,54 @@
+//! The OpenAI-compatible HTTP API: routes, wire types, validation, SSE and errors. The only
+//! module that knows OpenAI's shapes; it talks to engines through [`EngineHandle`]s.
+
+pub mod error;
+pub mod handlers;
+pub mod sse;
+pub mod types;
+pub mod validate;
+
+use std::sync::Arc;
+
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::trace::TraceLayer;
+
+use crate::engine::EngineHandle;
+use crate::tokenizer::Tokenizer;
+pub use error::ApiError;
+
+/// One model as the API serves it.
+pub struct ServedModel {
+    pub name: String,
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub vocab_size: usize,
+    pub created: u64,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub models: Arc<Vec<Arc<ServedModel>>>,
+}
+
+impl AppState {
+    pub fn model(&self, name: &str) -> Result<Arc<ServedModel>, ApiError> {
+        self.models
+            .iter()
+            .find(|m| m.name == name)
+            .cloned()
+            .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(handlers::health))
+        .route("/stats", get(handlers::stats))
+        .route("/v1/models", get(handlers::list_models))
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/completions", post(handlers::completions))
+        .fallback(handlers::not_found)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

@@ -1,0 +1,339 @@
+//! Configuration: the only code that reads command-line flags, config files and environment.
+//! Precedence: flag (or its `INFERD_*` environment variable) > `--config` file > built-in default.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+pub const DEFAULT_MODEL_PATH: &str = "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "inferd",
+    version,
+    about = "An OpenAI-compatible LLM inference daemon with continuous batching and a paged KV cache."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load a model and serve the OpenAI API over HTTP.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file (see config/inferd.toml); flags given here override its values.
+    #[arg(long, env = "INFERD_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Model to serve: a .gguf file or a Hugging Face model directory (config.json,
+    /// *.safetensors, tokenizer.json, tokenizer_config.json).
+    /// [default: models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf, fetched by scripts/fetch-models.sh]
+    #[arg(long, env = "INFERD_MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// Name clients pass as `model` in requests and see in /v1/models.
+    /// [default: the model file's name without extension, or the directory's name]
+    #[arg(long, env = "INFERD_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+
+    /// Address to listen on. [default: 127.0.0.1]
+    #[arg(long, env = "INFERD_HOST")]
+    pub host: Option<String>,
+
+    /// Port to listen on (0 picks a free one). [default: 8000]
+    #[arg(long, env = "INFERD_PORT")]
+    pub port: Option<u16>,
+
+    /// Most sequences computed together in one forward pass (running batch size). [default: 32]
+    #[arg(long, env = "INFERD_MAX_NUM_SEQS")]
+    pub max_num_seqs: Option<usize>,
+
+    /// Most tokens computed in one forward pass; longer prompts are prefilled in chunks of
+    /// this size, sharing the pass with running decodes. [default: 512]
+    #[arg(long, env = "INFERD_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: Option<usize>,
+
+    /// Token positions per KV-cache block. [default: 16]
+    #[arg(long, env = "INFERD_BLOCK_SIZE")]
+    pub block_size: Option<usize>,
+
+    /// Memory for the KV-cache block pool, e.g. 512MiB, 2GiB, 1000000 (bytes). [default: 512MiB]
+    #[arg(long, env = "INFERD_KV_CACHE_MEMORY")]
+    pub kv_cache_memory: Option<String>,
+
+    /// Longest sequence (prompt + generated tokens) served. [default: the model's context
+    /// length, capped by what the KV pool holds]
+    #[arg(long, env = "INFERD_MAX_MODEL_LEN")]
+    pub max_model_len: Option<usize>,
+
+    /// Requests that may wait for admission; beyond this, new requests get a 503. [default: 256]
+    #[arg(long, env = "INFERD_MAX_WAITING_REQUESTS")]
+    pub max_waiting_requests: Option<usize>,
+}
+
+/// The config file's shape (every key optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: FileServer,
+    #[serde(default)]
+    pub model: FileModel,
+    #[serde(default)]
+    pub engine: FileEngine,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileServer {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileModel {
+    pub path: Option<PathBuf>,
+    pub served_model_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEngine {
+    pub max_num_seqs: Option<usize>,
+    pub max_num_batched_tokens: Option<usize>,
+    pub block_size: Option<usize>,
+    pub kv_cache_memory: Option<String>,
+    pub max_model_len: Option<usize>,
+    pub max_waiting_requests: Option<usize>,
+}
+
+/// Fully resolved settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub model_path: PathBuf,
+    pub served_model_name: String,
+    pub engine: EngineSettings,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSettings {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub block_size: usize,
+    pub kv_cache_memory: u64,
+    pub max_model_len: Option<usize>,
+    pub max_waiting_requests: usize,
+}
+
+impl Config {
+    /// Resolve flags over the file named by `--config` (if any) over defaults.
+    pub fn from_args(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(p) => read_file(p)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(args, file)
+    }
+
+    pub fn resolve(a: &ServeArgs, f: FileConfig) -> Result<Self, ConfigError> {
+        let model_path = a
+            .model
+            .clone()
+            .or(f.model.path)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_PATH));
+        let served_model_name = a
+            .served_model_name
+            .clone()
+            .or(f.model.served_model_name)
+            .unwrap_or_else(|| default_served_name(&model_path));
+        let kv = a
+            .kv_cache_memory
+            .clone()
+            .or(f.engine.kv_cache_memory)
+            .unwrap_or_else(|| "512MiB".into());
+        let engine = EngineSettings {
+            max_num_seqs: positive(
+                "max_num_seqs",
+                a.max_num_seqs.or(f.engine.max_num_seqs).unwrap_or(32),
+            )?,
+            max_num_batched_tokens: positive(
+                "max_num_batched_tokens",
+                a.max_num_batched_tokens
+                    .or(f.engine.max_num_batched_tokens)
+                    .unwrap_or(512),
+            )?,
+            block_size: positive(
+                "block_size",
+                a.block_size.or(f.engine.block_size).unwrap_or(16),
+            )?,
+            kv_cache_memory: parse_bytes(&kv).map_err(|message| ConfigError::Invalid {
+                field: "kv_cache_memory",
+                message,
+            })?,
+            max_model_len: a
+                .max_model_len
+                .or(f.engine.max_model_len)
+                .map(|v| positive("max_model_len", v))
+                .transpose()?,
+            max_waiting_requests: a
+                .max_waiting_requests
+                .or(f.engine.max_waiting_requests)
+                .unwrap_or(256),
+        };
+        Ok(Self {
+            host: a
+                .host
+                .clone()
+                .or(f.server.host)
+                .unwrap_or_else(|| "127.0.0.1".into()),
+            port: a.port.or(f.server.port).unwrap_or(8000),
+            model_path,
+            served_model_name,
+            engine,
+        })
+    }
+}
+
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
+}
+
+fn positive(field: &'static str, v: usize) -> Result<usize, ConfigError> {
+    if v == 0 {
+        return Err(ConfigError::Invalid {
+            field,
+            message: "must be at least 1, got 0".into(),
+        });
+    }
+    Ok(v)
+}
+
+fn default_served_name(path: &Path) -> String {
+    let name = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// `512MiB`, `2GiB`, `1.5GB`, `4096`, `64k` → bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("expected a size like 512MiB or 2GiB, got `{s}`"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "ki" | "kib" => 1024.0,
+        "mi" | "mib" => 1024.0 * 1024.0,
+        "gi" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown size unit `{other}` in `{s}`")),
+    };
+    let bytes = (n * mult).round();
+    if bytes < 1.0 {
+        return Err(format!("must be positive, got `{s}`"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn flags_override_file_over_defaults() {
+        let file: FileConfig = toml::from_str(
+            "[server]\nport = 9000\nhost = \"0.0.0.0\"\n[engine]\nmax_num_seqs = 4\nkv_cache_memory = \"1GiB\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            port: Some(1234),
+            model: Some("/x/m.gguf".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args, file).unwrap();
+        assert_eq!(c.port, 1234);
+        assert_eq!(c.host, "0.0.0.0");
+        assert_eq!(c.engine.max_num_seqs, 4);
+        assert_eq!(c.engine.kv_cache_memory, 1 << 30);
+        assert_eq!(c.engine.block_size, 16);
+        assert_eq!(c.served_model_name, "m");
+    }
+
+    #[test]
+    fn the_shipped_config_file_parses_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/inferd.toml");
+        let from_file = Config::resolve(&ServeArgs::default(), read_file(&path).unwrap()).unwrap();
+        let defaults = Config::resolve(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(from_file.engine, defaults.engine);
+        assert_eq!(from_file.host, defaults.host);
+        assert_eq!(from_file.port, defaults.port);
+        assert_eq!(from_file.model_path, defaults.model_path);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_zero_limits() {
+        assert!(toml::from_str::<FileConfig>("[engine]\nmax_seqs = 4\n").is_err());
+        let args = ServeArgs {
+            block_size: Some(0),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args, FileConfig::default()).unwrap_err();
+        assert_eq!(err.to_string(), "block_size: must be at least 1, got 0");
+    }
+}

@@ -1,0 +1,363 @@
+//! The scheduler: pure state transitions over waiting and running sequences.
+//!
+//! One rule, no phases: every step gives each sequence up to `num_tokens - num_computed_tokens`
+//! new tokens to compute, within `max_num_batched_tokens` and `max_num_seqs`. A decode (1 token),
+//! a whole prompt and a prompt chunk (chunked prefill) are the same subtraction and share a batch.
+//! Running sequences go first, oldest first; when KV blocks run out the newest running sequence is
+//! preempted by recompute (blocks freed, back to the head of the waiting queue); then waiting
+//! sequences are admitted in arrival order. Requests that could never fit are refused before they
+//! get here (see [`Scheduler::fits`]).
+
+use std::collections::{HashMap, VecDeque};
+
+use super::kv::{KvManager, SeqId};
+use super::sequence::Sequence;
+
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+}
+
+/// One sequence's share of a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledSeq {
+    pub seq_id: SeqId,
+    /// Tokens computed this step, starting at the sequence's `num_computed_tokens`.
+    pub num_new_tokens: usize,
+    /// True when this step computes the sequence's last uncomputed token, so it samples.
+    pub samples: bool,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SchedulerOutput {
+    pub scheduled: Vec<ScheduledSeq>,
+    pub preempted: Vec<SeqId>,
+}
+
+impl SchedulerOutput {
+    pub fn num_batched_tokens(&self) -> usize {
+        self.scheduled.iter().map(|s| s.num_new_tokens).sum()
+    }
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    seqs: HashMap<SeqId, Sequence>,
+    waiting: VecDeque<SeqId>,
+    running: Vec<SeqId>,
+    num_preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        assert!(cfg.max_num_seqs > 0 && cfg.max_num_batched_tokens > 0);
+        Self {
+            cfg,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            num_preemptions: 0,
+        }
+    }
+
+    /// Whether a sequence that may grow to `max_total_tokens` can ever run alone in `kv`.
+    pub fn fits(kv: &KvManager, max_total_tokens: usize) -> bool {
+        kv.blocks_for(max_total_tokens) <= kv.num_blocks()
+    }
+
+    pub fn add(&mut self, seq: Sequence) {
+        self.waiting.push_back(seq.id);
+        self.seqs.insert(seq.id, seq);
+    }
+
+    pub fn get(&self, id: SeqId) -> Option<&Sequence> {
+        self.seqs.get(&id)
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_preemptions(&self) -> u64 {
+        self.num_preemptions
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    pub fn running(&self) -> &[SeqId] {
+        &self.running
+    }
+
+    pub fn waiting(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.waiting.iter().copied()
+    }
+
+    /// Decide what each sequence computes in the next step, allocating KV slots for it.
+    pub fn schedule(&mut self, kv: &mut KvManager) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let seq = &self.seqs[&id];
+            let n = seq.num_uncomputed().min(budget);
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            let target = seq.num_computed_tokens + n;
+            let samples = target == seq.num_tokens();
+            let mut scheduled = true;
+            while kv.allocate_slots(id, target).is_err() {
+                // Preempt the newest running sequence (never one already scheduled this step:
+                // those sit before `i`).
+                let victim = self.running.pop().expect("running is non-empty here");
+                self.preempt(victim, kv);
+                out.preempted.push(victim);
+                if victim == id {
+                    scheduled = false;
+                    break;
+                }
+            }
+            if !scheduled {
+                break;
+            }
+            out.scheduled.push(ScheduledSeq {
+                seq_id: id,
+                num_new_tokens: n,
+                samples,
+            });
+            budget -= n;
+            i += 1;
+        }
+
+        // Admit waiting sequences, unless this step had to preempt (no room to grow).
+        if out.preempted.is_empty() {
+            while let Some(&id) = self.waiting.front() {
+                if budget == 0 || self.running.len() >= self.cfg.max_num_seqs {
+                    break;
+                }
+                let seq = &self.seqs[&id];
+                let n = seq.num_uncomputed().min(budget);
+                let target = seq.num_computed_tokens + n;
+                if kv.allocate_slots(id, target).is_err() {
+                    break;
+                }
+                out.scheduled.push(ScheduledSeq {
+                    seq_id: id,
+                    num_new_tokens: n,
+                    samples: target == seq.num_tokens(),
+                });
+                budget -= n;
+                self.waiting.pop_front();
+                self.running.push(id);
+            }
+        }
+        out
+    }
+
+    /// Record that a step computed what `out` scheduled.
+    pub fn on_step_computed(&mut self, out: &SchedulerOutput) {
+        for s in &out.scheduled {
+            if let Some(seq) = self.seqs.get_mut(&s.seq_id) {
+                seq.num_computed_tokens += s.num_new_tokens;
+            }
+        }
+    }
+
+    /// Append a sampled token to a running sequence.
+    pub fn append_token(&mut self, id: SeqId, token: u32) {
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.token_ids.push(token);
+        }
+    }
+
+    /// Remove a sequence (finished or aborted) wherever it is, and free its blocks.
+    pub fn remove(&mut self, id: SeqId, kv: &mut KvManager) -> Option<Sequence> {
+        let seq = self.seqs.remove(&id)?;
+        self.running.retain(|&r| r != id);
+        self.waiting.retain(|&w| w != id);
+        kv.free(id);
+        Some(seq)
+    }
+
+    fn preempt(&mut self, id: SeqId, kv: &mut KvManager) {
+        kv.free(id);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.num_computed_tokens = 0;
+        }
+        self.waiting.push_front(id);
+        self.num_preemptions += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sched(max_num_seqs: usize, max_num_batched_tokens: usize) -> Scheduler {
+        Scheduler::new(SchedulerConfig {
+            max_num_seqs,
+            max_num_batched_tokens,
+        })
+    }
+
+    fn step(s: &mut Scheduler, kv: &mut KvManager) -> SchedulerOutput {
+        let out = s.schedule(kv);
+        s.on_step_computed(&out);
+        out
+    }
+
+    fn seq(id: SeqId, len: usize) -> Sequence {
+        Sequence::new(id, (0..len as u32).collect())
+    }
+
+    fn sch(seq_id: SeqId, num_new_tokens: usize, samples: bool) -> ScheduledSeq {
+        ScheduledSeq {
+            seq_id,
+            num_new_tokens,
+            samples,
+        }
+    }
+
+    #[test]
+    fn prefill_then_decode_joins_new_requests() {
+        let mut kv = KvManager::new(16, 4);
+        let mut s = sched(8, 64);
+        s.add(seq(1, 6));
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(1, 6, true)]);
+        assert_eq!(kv.block_table(1), &[0, 1]);
+
+        s.append_token(1, 42);
+        s.add(seq(2, 3));
+        // Continuous batching: seq 1 decodes while seq 2 prefills in the same step.
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(1, 1, true), sch(2, 3, true)]);
+        assert_eq!(kv.block_table(2), &[2]);
+        assert_eq!(s.get(1).unwrap().num_computed_tokens, 7);
+
+        s.remove(1, &mut kv);
+        assert_eq!(kv.num_free_blocks(), 15);
+    }
+
+    #[test]
+    fn chunked_prefill_within_token_budget() {
+        let mut kv = KvManager::new(16, 4);
+        let mut s = sched(8, 5);
+        s.add(seq(1, 12));
+        s.add(seq(2, 2));
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(1, 5, false)]);
+        assert_eq!(kv.block_table(1), &[0, 1]);
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(1, 5, false)]);
+        assert_eq!(kv.block_table(1), &[0, 1, 2]);
+        // Last 2 tokens of seq 1, and seq 2 fills the rest of the budget.
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(1, 2, true), sch(2, 2, true)]);
+        assert_eq!(kv.block_table(2), &[3]);
+        assert_eq!(out.num_batched_tokens(), 4);
+    }
+
+    #[test]
+    fn a_long_waiting_prompt_is_chunked_after_running_decodes() {
+        let mut kv = KvManager::new(16, 4);
+        let mut s = sched(8, 4);
+        s.add(seq(1, 2));
+        step(&mut s, &mut kv);
+        s.append_token(1, 9);
+        s.add(seq(2, 10));
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(1, 1, true), sch(2, 3, false)]);
+    }
+
+    #[test]
+    fn max_num_seqs_limits_admission() {
+        let mut kv = KvManager::new(16, 4);
+        let mut s = sched(2, 64);
+        for id in 1..=3 {
+            s.add(seq(id, 2));
+        }
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled.len(), 2);
+        assert_eq!(s.num_waiting(), 1);
+        s.remove(1, &mut kv);
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(3, 2, true)]);
+    }
+
+    #[test]
+    fn preempts_newest_by_recompute_and_resumes() {
+        // 4 blocks of 2 tokens. Two sequences of 4 tokens take all of them.
+        let mut kv = KvManager::new(4, 2);
+        let mut s = sched(8, 64);
+        s.add(seq(1, 4));
+        s.add(seq(2, 4));
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(1, 4, true), sch(2, 4, true)]);
+        assert_eq!(kv.block_table(1), &[0, 1]);
+        assert_eq!(kv.block_table(2), &[2, 3]);
+
+        // Both decode; seq 1 needs a third block: seq 2 (newest) is preempted.
+        s.append_token(1, 7);
+        s.append_token(2, 8);
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.preempted, vec![2]);
+        assert_eq!(out.scheduled, vec![sch(1, 1, true)]);
+        assert_eq!(kv.block_table(1), &[0, 1, 3]);
+        assert_eq!(s.num_waiting(), 1);
+        assert_eq!(s.get(2).unwrap().num_computed_tokens, 0);
+        assert_eq!(
+            s.get(2).unwrap().num_tokens(),
+            5,
+            "generated tokens are kept"
+        );
+        assert_eq!(s.num_preemptions(), 1);
+
+        // Seq 1 finishes; seq 2 is recomputed (prompt + its generated token) in one step.
+        s.remove(1, &mut kv);
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(2, 5, true)]);
+        assert_eq!(kv.block_table(2), &[0, 1, 3]);
+    }
+
+    #[test]
+    fn a_sequence_preempts_itself_when_alone_with_no_room() {
+        let mut kv = KvManager::new(2, 2);
+        let mut s = sched(8, 64);
+        s.add(seq(1, 4));
+        step(&mut s, &mut kv);
+        s.append_token(1, 1);
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.preempted, vec![1]);
+        assert!(out.scheduled.is_empty());
+        assert_eq!(kv.num_free_blocks(), 2);
+        assert!(!Scheduler::fits(&kv, 5));
+        assert!(Scheduler::fits(&kv, 4));
+    }
+
+    #[test]
+    fn remove_from_waiting_frees_nothing_twice() {
+        let mut kv = KvManager::new(4, 2);
+        let mut s = sched(1, 64);
+        s.add(seq(1, 2));
+        s.add(seq(2, 2));
+        step(&mut s, &mut kv);
+        assert!(s.remove(2, &mut kv).is_some());
+        assert!(s.remove(2, &mut kv).is_none());
+        assert_eq!(kv.num_free_blocks(), 3);
+        assert!(s.remove(1, &mut kv).is_some());
+        assert!(s.is_empty());
+        assert_eq!(kv.num_free_blocks(), 4);
+    }
+}

@@ -1,0 +1,123 @@
+//! inferd: an OpenAI-compatible LLM inference daemon.
+//!
+//! `api → engine → models → candle`, and `api`/`engine → tokenizer`. [`load`] builds the served
+//! models (weights, tokenizer, engine thread); [`serve`] runs the HTTP API on a listener until a
+//! shutdown future resolves, so tests can bind port 0.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod models;
+pub mod tokenizer;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use tokio::net::TcpListener;
+
+use api::{AppState, ServedModel};
+use config::Config;
+use engine::{spawn_engine, EngineConfig};
+use tokenizer::Tokenizer;
+
+/// Load the configured model and start its engine thread. Blocking (reads weights).
+pub fn load(config: &Config) -> anyhow::Result<AppState> {
+    let path = &config.model_path;
+    if !path.exists() {
+        bail!(
+            "model {} not found (run scripts/fetch-models.sh to fetch the default models, or pass --model)",
+            path.display()
+        );
+    }
+    let device = Device::Cpu;
+    let started = std::time::Instant::now();
+    tracing::info!(model = %path.display(), "loading model");
+    let loaded = models::load_model(path, &device, config.engine.max_model_len)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let tokenizer = if path.is_dir() {
+        Tokenizer::from_hf_dir(path)?
+    } else {
+        Tokenizer::from_gguf(&models::loader::read_gguf_header(path)?)?
+    };
+    let model = loaded.model;
+    let e = &config.engine;
+    let spec = model.cache_spec();
+    let block_bytes = (spec.bytes_per_token() * e.block_size) as u64;
+    let num_blocks = (e.kv_cache_memory / block_bytes) as usize;
+    let pool_tokens = num_blocks * e.block_size;
+    if num_blocks == 0 {
+        bail!(
+            "kv_cache_memory ({} bytes) holds no block of {} tokens ({block_bytes} bytes each)",
+            e.kv_cache_memory,
+            e.block_size
+        );
+    }
+    let max_model_len = match e.max_model_len {
+        Some(m) if m > pool_tokens => bail!(
+            "max_model_len {m} does not fit the KV cache ({pool_tokens} tokens); raise --kv-cache-memory"
+        ),
+        Some(m) => m,
+        None => model.max_position_embeddings().min(pool_tokens),
+    };
+    tracing::info!(
+        architecture = %loaded.architecture,
+        seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+        num_blocks,
+        kv_tokens = pool_tokens,
+        max_model_len,
+        threads = candle_core::utils::get_num_threads(),
+        "model loaded"
+    );
+    let tokenizer = Arc::new(tokenizer);
+    let vocab_size = model.vocab_size();
+    let engine = spawn_engine(
+        &config.served_model_name,
+        model,
+        tokenizer.clone(),
+        EngineConfig {
+            max_num_seqs: e.max_num_seqs,
+            max_num_batched_tokens: e.max_num_batched_tokens,
+            block_size: e.block_size,
+            num_blocks,
+            max_model_len,
+            max_waiting_requests: e.max_waiting_requests,
+        },
+    )?;
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(AppState {
+        models: Arc::new(vec![Arc::new(ServedModel {
+            name: config.served_model_name.clone(),
+            engine,
+            tokenizer,
+            vocab_size,
+            created,
+        })]),
+    })
+}
+
+/// Serve the API on `listener` until `shutdown` resolves, then stop accepting and let
+/// in-flight requests finish.
+pub async fn serve(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// [`load`] then [`serve`].
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = tokio::task::spawn_blocking(move || load(&config)).await??;
+    serve(state, listener, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! The `inferd` binary: parse the command line, then hand over to the library.
+
+use std::time::Duration;
+
+use clap::Parser;
+use inferd::config::{Cli, Command, Config};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// How long in-flight requests may run after SIGINT/SIGTERM before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = Config::from_args(&args)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let addr = format!("{}:{}", config.host, config.port);
+    let state = tokio::task::spawn_blocking(move || inferd::load(&config)).await??;
+    let listener = TcpListener::bind(&addr).await?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!(
+            "shutting down: no new connections; finishing in-flight requests (up to {}s)",
+            SHUTDOWN_GRACE.as_secs()
+        );
+        let _ = tx.send(true);
+    });
+    let mut graceful = rx.clone();
+    let mut deadline = rx;
+    let server = inferd::serve(state, listener, async move {
+        let _ = graceful.wait_for(|&s| s).await;
+    });
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            let _ = deadline.wait_for(|&s| s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => tracing::warn!("grace period over; ending the remaining streams"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

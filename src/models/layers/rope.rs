@@ -1,0 +1,106 @@
+//! Rotary position embeddings, applied in place to flat `[tokens, heads, head_dim]` rows at
+//! each token's own position (positions differ per token in a continuous batch).
+
+/// How rotary dimensions are paired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// GPT-NeoX / Hugging Face: dimension `i` pairs with `i + rotary_dim / 2`.
+    Neox,
+    /// Original Llama / GGUF `llama` (Q/K rows permuted at conversion): `2i` pairs with `2i + 1`.
+    Interleaved,
+}
+
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    style: RopeStyle,
+    rotary_dim: usize,
+    /// `[max_positions, rotary_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    max_positions: usize,
+}
+
+impl RotaryEmbedding {
+    /// Standard RoPE with base `theta` over the first `rotary_dim` dimensions of each head.
+    pub fn new(theta: f64, rotary_dim: usize, max_positions: usize, style: RopeStyle) -> Self {
+        let half = rotary_dim / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64))
+            .collect();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                // Angles in f32 like the reference implementations, so long positions round the
+                // same way.
+                let a = (p as f32) * (*f as f32);
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Self {
+            style,
+            rotary_dim,
+            cos,
+            sin,
+            max_positions,
+        }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Rotate `x` (`[positions.len(), num_heads, head_dim]`, flat) in place.
+    pub fn apply(&self, x: &mut [f32], positions: &[u32], num_heads: usize, head_dim: usize) {
+        let half = self.rotary_dim / 2;
+        for (t, &p) in positions.iter().enumerate() {
+            let p = (p as usize).min(self.max_positions - 1);
+            let cos = &self.cos[p * half..(p + 1) * half];
+            let sin = &self.sin[p * half..(p + 1) * half];
+            for h in 0..num_heads {
+                let row = &mut x[(t * num_heads + h) * head_dim..][..head_dim];
+                match self.style {
+                    RopeStyle::Neox => {
+                        for i in 0..half {
+                            let (a, b) = (row[i], row[i + half]);
+                            row[i] = a * cos[i] - b * sin[i];
+                            row[i + half] = b * cos[i] + a * sin[i];
+                        }
+                    }
+                    RopeStyle::Interleaved => {
+                        for i in 0..half {
+                            let (a, b) = (row[2 * i], row[2 * i + 1]);
+                            row[2 * i] = a * cos[i] - b * sin[i];
+                            row[2 * i + 1] = b * cos[i] + a * sin[i];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_zero_is_identity_and_styles_pair_differently() {
+        let r = RotaryEmbedding::new(10000.0, 4, 8, RopeStyle::Neox);
+        let mut x = vec![1.0, 2.0, 3.0, 4.0];
+        r.apply(&mut x, &[0], 1, 4);
+        assert_eq!(x, vec![1.0, 2.0, 3.0, 4.0]);
+
+        // At position 1 the first frequency is 1 rad: (a, b) -> (a cos1 - b sin1, b cos1 + a sin1).
+        let (c, s) = (1f32.cos(), 1f32.sin());
+        let mut x = vec![1.0, 0.0, 0.0, 0.0];
+        r.apply(&mut x, &[1], 1, 4);
+        assert!((x[0] - c).abs() < 1e-6 && (x[2] - s).abs() < 1e-6, "{x:?}");
+
+        let r = RotaryEmbedding::new(10000.0, 4, 8, RopeStyle::Interleaved);
+        let mut x = vec![1.0, 0.0, 0.0, 0.0];
+        r.apply(&mut x, &[1], 1, 4);
+        assert!((x[0] - c).abs() < 1e-6 && (x[1] - s).abs() < 1e-6, "{x:?}");
+    }
+}

@@ -1,0 +1,235 @@
+//! The Llama decoder (`LlamaForCausalLM`), which also serves Qwen2 (`Qwen2ForCausalLM`: the
+//! same blocks with q/k/v biases). Fields are named after the checkpoint's tensors.
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+
+use super::layers::{
+    paged_attention, AttnDims, Embedding, Linear, RmsNorm, RopeStyle, RotaryEmbedding,
+};
+use super::weights::Weights;
+use super::{CacheSpec, CausalLm, ForwardBatch, KvCache, ModelError, Result};
+
+/// Normalized configuration, whichever format it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub vocab_size: usize,
+    /// q/k/v projections carry a bias (Qwen2).
+    pub attention_bias: bool,
+    pub tie_word_embeddings: bool,
+    pub rope_style: RopeStyle,
+}
+
+/// `config.json` of a Hugging Face Llama or Qwen2 checkpoint.
+#[derive(Debug, Deserialize)]
+pub struct HfLlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    pub rms_norm_eps: f64,
+    pub rope_theta: Option<f64>,
+    pub rope_parameters: Option<serde_json::Value>,
+    pub max_position_embeddings: Option<usize>,
+    pub vocab_size: usize,
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+impl HfLlamaConfig {
+    pub fn into_config(self, qwen2: bool) -> LlamaConfig {
+        // transformers 5.x moves rope_theta under rope_parameters; hub checkpoints keep it on top.
+        let rope_theta = self
+            .rope_theta
+            .or_else(|| {
+                self.rope_parameters
+                    .as_ref()
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|v| v.as_f64())
+            })
+            .unwrap_or(10_000.0);
+        LlamaConfig {
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim: self
+                .head_dim
+                .unwrap_or(self.hidden_size / self.num_attention_heads),
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta,
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(4096),
+            vocab_size: self.vocab_size,
+            attention_bias: self.attention_bias.unwrap_or(qwen2),
+            tie_word_embeddings: self.tie_word_embeddings,
+            rope_style: RopeStyle::Neox,
+        }
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+    device: Device,
+}
+
+impl Llama {
+    /// `max_positions`: how many positions the RoPE tables cover (the serving context length).
+    pub fn load(cfg: LlamaConfig, w: &mut Weights, max_positions: usize) -> Result<Self> {
+        if cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
+            return Err(ModelError::Config(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                cfg.num_attention_heads, cfg.num_key_value_heads
+            )));
+        }
+        let tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
+        let (embed_tokens, tied_head) = w.embedding("model.embed_tokens", tied)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let b = cfg.attention_bias;
+            layers.push(DecoderLayer {
+                input_layernorm: w.rms_norm(&format!("{p}.input_layernorm"), cfg.rms_norm_eps)?,
+                self_attn: Attention {
+                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), b)?,
+                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), b)?,
+                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), b)?,
+                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), false)?,
+                },
+                post_attention_layernorm: w
+                    .rms_norm(&format!("{p}.post_attention_layernorm"), cfg.rms_norm_eps)?,
+                mlp: Mlp {
+                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), false)?,
+                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), false)?,
+                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), false)?,
+                },
+            });
+        }
+        let norm = w.rms_norm("model.norm", cfg.rms_norm_eps)?;
+        let lm_head = match tied_head {
+            Some(h) => h,
+            None => w.linear("lm_head", false)?,
+        };
+        w.finish();
+        let rope =
+            RotaryEmbedding::new(cfg.rope_theta, cfg.head_dim, max_positions, cfg.rope_style);
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: w.device().clone(),
+            cfg,
+        })
+    }
+
+    fn attn_dims(&self) -> AttnDims {
+        AttnDims {
+            num_heads: self.cfg.num_attention_heads,
+            num_kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+            scale: 1.0 / (self.cfg.head_dim as f32).sqrt(),
+        }
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        a: &Attention,
+        x: &Tensor,
+        batch: &ForwardBatch,
+        kv: &mut KvCache,
+    ) -> Result<Tensor> {
+        let d = self.attn_dims();
+        let t = batch.num_tokens();
+        let mut q = a.q_proj.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = a.k_proj.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = a.v_proj.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        self.rope
+            .apply(&mut q, &batch.positions, d.num_heads, d.head_dim);
+        self.rope
+            .apply(&mut k, &batch.positions, d.num_kv_heads, d.head_dim);
+        kv.write(layer, &k, &v, &batch.slot_mapping);
+        let o = paged_attention(&q, kv.layer(layer), batch, d);
+        let o = Tensor::from_vec(o, (t, d.num_heads * d.head_dim), &self.device)?;
+        a.o_proj.forward(&o)
+    }
+}
+
+impl CausalLm for Llama {
+    fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<Tensor> {
+        batch.validate(kv.num_slots())?;
+        let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
+        let mut x = self.embed_tokens.forward(&ids)?;
+        for (i, l) in self.layers.iter().enumerate() {
+            let h = l.input_layernorm.forward(&x)?;
+            x = (x + self.attention(i, &l.self_attn, &h, batch, kv)?)?;
+            let h = l.post_attention_layernorm.forward(&x)?;
+            let gate = candle_nn::ops::silu(&l.mlp.gate_proj.forward(&h)?)?;
+            let up = l.mlp.up_proj.forward(&h)?;
+            x = (x + l.mlp.down_proj.forward(&(gate * up)?)?)?;
+        }
+        let idx: Vec<u32> = batch.logits_indices.iter().map(|&i| i as u32).collect();
+        let idx = Tensor::new(idx.as_slice(), &self.device)?;
+        let x = self.norm.forward(&x.index_select(&idx, 0)?)?;
+        self.lm_head.forward(&x)
+    }
+
+    fn cache_spec(&self) -> CacheSpec {
+        CacheSpec {
+            num_layers: self.cfg.num_hidden_layers,
+            num_kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn max_position_embeddings(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+}

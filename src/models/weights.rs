@@ -1,0 +1,301 @@
+//! Where weights come from: a GGUF file (quantized) or a Hugging Face safetensors directory.
+//!
+//! Model files ask for tensors by their Hugging Face names; [`gguf_name`] is the one table that
+//! maps them to llama.cpp's names. GGUF tensors in types whose CPU dot product is a scalar loop in
+//! candle (Q5_0, Q4_1) are repacked to Q8_0 at load, which has SIMD kernels: Q5_0 exactly (same
+//! block scale, the 5-bit integers fit in 8 bits), Q4_1 by re-quantizing (near exact).
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use indicatif::ProgressBar;
+
+use super::layers::{Embedding, Linear, RmsNorm};
+use super::{ModelError, Result};
+
+/// Hugging Face name suffix → GGUF name suffix, for the llama-style families.
+const GGUF_NAMES: &[(&str, &str)] = &[
+    ("model.embed_tokens", "token_embd"),
+    ("model.norm", "output_norm"),
+    ("lm_head", "output"),
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// `model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight`.
+pub fn gguf_name(hf: &str) -> String {
+    let (stem, leaf) = hf.rsplit_once('.').unwrap_or((hf, ""));
+    let mapped = if let Some(rest) = stem.strip_prefix("model.layers.") {
+        let (layer, module) = rest.split_once('.').unwrap_or((rest, ""));
+        let m = GGUF_NAMES
+            .iter()
+            .find(|(h, _)| *h == module)
+            .map_or(module, |(_, g)| g);
+        format!("blk.{layer}.{m}")
+    } else {
+        GGUF_NAMES
+            .iter()
+            .find(|(h, _)| *h == stem)
+            .map_or(stem.to_string(), |(_, g)| g.to_string())
+    };
+    format!("{mapped}.{leaf}")
+}
+
+pub enum Weights {
+    Gguf {
+        content: gguf_file::Content,
+        file: File,
+        device: Device,
+        progress: ProgressBar,
+    },
+    Safetensors {
+        vb: VarBuilder<'static>,
+        progress: ProgressBar,
+    },
+}
+
+impl Weights {
+    pub fn gguf(path: &Path, content: gguf_file::Content, device: &Device) -> Result<Self> {
+        let progress = progress_bar(content.tensor_infos.len() as u64, path);
+        Ok(Self::Gguf {
+            content,
+            file: File::open(path)?,
+            device: device.clone(),
+            progress,
+        })
+    }
+
+    pub fn safetensors(
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+        count: u64,
+    ) -> Result<Self> {
+        // SAFETY: the files are memory-mapped read-only; inferd never writes them, and a user
+        // rewriting a checkpoint under a running daemon is outside what any loader can guard.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? };
+        let progress = progress_bar(count, files.first().map_or(Path::new(""), |p| p.as_path()));
+        Ok(Self::Safetensors { vb, progress })
+    }
+
+    pub fn device(&self) -> &Device {
+        match self {
+            Self::Gguf { device, .. } => device,
+            Self::Safetensors { vb, .. } => vb.device(),
+        }
+    }
+
+    pub fn contains(&self, hf_name: &str) -> bool {
+        match self {
+            Self::Gguf { content, .. } => content.tensor_infos.contains_key(&gguf_name(hf_name)),
+            Self::Safetensors { vb, .. } => vb.contains_tensor(hf_name),
+        }
+    }
+
+    fn qtensor(&mut self, hf_name: &str) -> Result<QTensor> {
+        let Self::Gguf {
+            content,
+            file,
+            device,
+            progress,
+        } = self
+        else {
+            unreachable!("qtensor is only called on GGUF weights")
+        };
+        let name = gguf_name(hf_name);
+        if !content.tensor_infos.contains_key(&name) {
+            return Err(ModelError::MissingWeight(name));
+        }
+        let t = content.tensor(file, &name, device)?;
+        progress.inc(1);
+        repack_for_cpu(t)
+    }
+
+    /// A dense f32 tensor (norm weights, biases).
+    pub fn tensor(&mut self, hf_name: &str) -> Result<Tensor> {
+        match self {
+            Self::Gguf { .. } => {
+                let dev = self.device().clone();
+                Ok(self.qtensor(hf_name)?.dequantize(&dev)?)
+            }
+            Self::Safetensors { vb, progress } => {
+                if !vb.contains_tensor(hf_name) {
+                    return Err(ModelError::MissingWeight(hf_name.to_string()));
+                }
+                let t = vb.get_unchecked(hf_name)?;
+                progress.inc(1);
+                Ok(t)
+            }
+        }
+    }
+
+    /// `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+    pub fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
+        let w = format!("{prefix}.weight");
+        let weight = match self {
+            Self::Gguf { .. } => QMatMul::from_qtensor(self.qtensor(&w)?)?,
+            Self::Safetensors { .. } => QMatMul::Tensor(self.tensor(&w)?),
+        };
+        let bias = if bias {
+            Some(self.tensor(&format!("{prefix}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Linear::new(weight, bias))
+    }
+
+    /// An embedding table, and the same weights as an output projection when `tied`.
+    pub fn embedding(&mut self, prefix: &str, tied: bool) -> Result<(Embedding, Option<Linear>)> {
+        let w = format!("{prefix}.weight");
+        match self {
+            Self::Gguf { .. } => {
+                let q = Arc::new(self.qtensor(&w)?);
+                let head = tied
+                    .then(|| QMatMul::from_arc(q.clone()).map(|m| Linear::new(m, None)))
+                    .transpose()?;
+                let emb = match q.dtype() {
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                        Embedding::Dense(q.dequantize(&q.device())?)
+                    }
+                    _ => Embedding::Quantized(q),
+                };
+                Ok((emb, head))
+            }
+            Self::Safetensors { .. } => {
+                let t = self.tensor(&w)?;
+                let head = tied.then(|| Linear::new(QMatMul::Tensor(t.clone()), None));
+                Ok((Embedding::Dense(t), head))
+            }
+        }
+    }
+
+    pub fn rms_norm(&mut self, prefix: &str, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm::new(
+            self.tensor(&format!("{prefix}.weight"))?,
+            eps as f32,
+        ))
+    }
+
+    pub fn finish(&self) {
+        match self {
+            Self::Gguf { progress, .. } | Self::Safetensors { progress, .. } => {
+                progress.finish_and_clear()
+            }
+        }
+    }
+}
+
+fn progress_bar(len: u64, path: &Path) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tensors ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(format!(
+        "loading {}",
+        path.file_name()
+            .map_or(Cow::Borrowed(""), |n| n.to_string_lossy())
+    ));
+    pb
+}
+
+/// Swap quantized types whose CPU kernels are scalar for Q8_0, which has SIMD kernels.
+fn repack_for_cpu(t: QTensor) -> Result<QTensor> {
+    if !t.device().is_cpu() {
+        return Ok(t);
+    }
+    match t.dtype() {
+        GgmlDType::Q5_0 => {
+            let q8 = q5_0_to_q8_0(&t.data()?);
+            let storage = QStorage::from_data(Cow::Owned(q8), &t.device(), GgmlDType::Q8_0)?;
+            Ok(QTensor::new(storage, t.shape().clone())?)
+        }
+        GgmlDType::Q4_1 => {
+            let dense = t.dequantize(&t.device())?;
+            Ok(QTensor::quantize(&dense, GgmlDType::Q8_0)?)
+        }
+        _ => Ok(t),
+    }
+}
+
+const Q5_0_BLOCK: usize = 22; // f16 scale, 4 bytes of high bits, 16 bytes of nibbles
+const Q8_0_BLOCK: usize = 34; // f16 scale, 32 signed bytes
+
+/// Exact Q5_0 → Q8_0: keep each block's scale, widen its 5-bit values (minus 16) to i8.
+pub fn q5_0_to_q8_0(src: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(src.len() / Q5_0_BLOCK * Q8_0_BLOCK);
+    for b in src.chunks_exact(Q5_0_BLOCK) {
+        out.extend_from_slice(&b[0..2]);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let qs = &b[6..22];
+        let mut vals = [0i8; 32];
+        for j in 0..16 {
+            let xh0 = (((qh >> j) << 4) & 0x10) as u8;
+            let xh1 = ((qh >> (j + 12)) & 0x10) as u8;
+            vals[j] = (((qs[j] & 0x0f) | xh0) as i8) - 16;
+            vals[j + 16] = (((qs[j] >> 4) | xh1) as i8) - 16;
+        }
+        out.extend(vals.iter().map(|&v| v as u8));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_hf_names_to_gguf() {
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.q_proj.weight"),
+            "blk.3.attn_q.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.down_proj.bias"),
+            "blk.0.ffn_down.bias"
+        );
+        assert_eq!(gguf_name("model.embed_tokens.weight"), "token_embd.weight");
+        assert_eq!(gguf_name("lm_head.weight"), "output.weight");
+        assert_eq!(gguf_name("model.norm.weight"), "output_norm.weight");
+    }
+
+    #[test]
+    fn q5_0_repack_is_exact() {
+        let dev = Device::Cpu;
+        let x: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let t = Tensor::from_vec(x, (4, 64), &dev).unwrap();
+        let q5 = QTensor::quantize(&t, GgmlDType::Q5_0).unwrap();
+        let want = q5
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let q8 = repack_for_cpu(q5).unwrap();
+        assert_eq!(q8.dtype(), GgmlDType::Q8_0);
+        let got = q8
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got, want);
+    }
+}

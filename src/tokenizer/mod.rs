@@ -1,0 +1,189 @@
+//! Text in and out: the `tokenizers` wrapper (from GGUF metadata or `tokenizer.json`), chat
+//! templates, the incremental detokenizer and stop strings.
+
+pub mod chat_template;
+pub mod detok;
+pub mod gguf;
+
+use std::path::Path;
+use std::str::FromStr;
+
+pub use chat_template::{ChatMessage, ChatTemplate};
+pub use detok::{IncrementalDecoder, StopMatcher};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("loading tokenizer: {0}")]
+    Load(String),
+    #[error("tokenizer: {0}")]
+    Encode(String),
+    #[error("chat template: {0}")]
+    Template(String),
+}
+
+/// Names that mark the end of a turn in the chat models inferd serves; any of them present in
+/// the vocabulary as a special token stops generation, like the configured EOS.
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "<|end|>",
+];
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos_token_id: Option<u32>,
+    eos_token_ids: Vec<u32>,
+    add_bos_token: bool,
+    chat_template: Option<ChatTemplate>,
+}
+
+impl Tokenizer {
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        bos_token_id: Option<u32>,
+        eos_token_id: Option<u32>,
+        add_bos_token: bool,
+        template: Option<String>,
+    ) -> Result<Self, TokenizerError> {
+        let name = |id: Option<u32>| id.and_then(|i| inner.id_to_token(i)).unwrap_or_default();
+        let mut eos_token_ids: Vec<u32> = eos_token_id.into_iter().collect();
+        for t in END_OF_TURN {
+            if let Some(id) = inner.token_to_id(t) {
+                let special = inner
+                    .get_added_tokens_decoder()
+                    .get(&id)
+                    .is_some_and(|a| a.special);
+                if special && !eos_token_ids.contains(&id) {
+                    eos_token_ids.push(id);
+                }
+            }
+        }
+        let chat_template = template
+            .map(|t| ChatTemplate::new(&t, &name(bos_token_id), &name(eos_token_id)))
+            .transpose()?;
+        Ok(Self {
+            inner,
+            bos_token_id,
+            eos_token_ids,
+            add_bos_token,
+            chat_template,
+        })
+    }
+
+    /// From the `tokenizer.ggml.*` metadata of a GGUF file.
+    pub fn from_gguf(
+        content: &candle_core::quantized::gguf_file::Content,
+    ) -> Result<Self, TokenizerError> {
+        let g = gguf::from_gguf(content)?;
+        let inner = tokenizers::Tokenizer::from_str(&g.json)
+            .map_err(|e| TokenizerError::Load(e.to_string()))?;
+        Self::assemble(
+            inner,
+            g.bos_token_id,
+            g.eos_token_id,
+            g.add_bos_token,
+            g.chat_template,
+        )
+    }
+
+    /// From a Hugging Face model directory (`tokenizer.json`, `tokenizer_config.json`).
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
+            TokenizerError::Load(format!("{}: {e}", dir.join("tokenizer.json").display()))
+        })?;
+        let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        let token_id = |key: &str| {
+            let v = &cfg[key];
+            let s = v.as_str().or_else(|| v["content"].as_str())?;
+            inner.token_to_id(s)
+        };
+        let template = match &cfg["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            // A list of named templates: take "default".
+            serde_json::Value::Array(a) => a
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str().map(String::from)),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        let (bos, eos) = (token_id("bos_token"), token_id("eos_token"));
+        // A tokenizer.json with a post-processor adds BOS itself; only add it by hand when asked.
+        let add_bos =
+            cfg["add_bos_token"].as_bool().unwrap_or(false) && inner.get_post_processor().is_none();
+        Self::assemble(inner, bos, eos, add_bos, template)
+    }
+
+    /// Encode a prompt. Special-token text (e.g. `<|im_start|>`) becomes its token.
+    /// `add_special` adds BOS where the model wants one (plain-text prompts).
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special && self.add_bos_token {
+            if let Some(bos) = self.bos_token_id {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos_token_ids
+    }
+
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_byte_level_bpe_from_gguf_like_json() {
+        // Minimal tokenizer through the same JSON path GGUF uses: "a", "b", "ab", plus a special.
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 3, "content": "<|im_end|>", "single_word": false, "lstrip": false,
+                               "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": {"a": 0, "b": 1, "ab": 2, "<|im_end|>": 3}, "merges": ["a b"]}
+        });
+        let inner = tokenizers::Tokenizer::from_str(&json.to_string()).unwrap();
+        let t = Tokenizer::assemble(inner, None, None, false, None).unwrap();
+        assert_eq!(t.encode("abab<|im_end|>", false).unwrap(), vec![2, 2, 3]);
+        assert_eq!(t.eos_token_ids(), &[3]);
+        assert_eq!(t.decode(&[2, 0, 3], true).unwrap(), "aba");
+    }
+}
