@@ -31,6 +31,8 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("Unknown route {0}")]
     RouteNotFound(String),
+    #[error("Method not allowed: {0}")]
+    MethodNotAllowed(String),
     #[error("The server is overloaded: {0}")]
     Overloaded(String),
     #[error("Internal error: {0}")]
@@ -52,6 +54,7 @@ impl ApiError {
             | Self::InvalidParam { .. }
             | Self::ContextLength { .. } => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -76,6 +79,9 @@ impl ApiError {
                 Some("model_not_found"),
             ),
             Self::RouteNotFound(_) => ("invalid_request_error", None, Some("unknown_url")),
+            Self::MethodNotAllowed(_) => {
+                ("invalid_request_error", None, Some("method_not_allowed"))
+            }
             Self::Overloaded(_) => ("server_error", None, Some("overloaded")),
             Self::Internal(_) => ("server_error", None, None),
         };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderValue, Uri};
+use axum::http::{HeaderValue, Method, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -28,9 +28,18 @@ use crate::tokenizer::ChatMessage;
 /// Parse a body: syntax errors and shape errors both get a 400, shape errors naming the field.
 fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
-        let param = e.path().to_string();
+        let inner = e.inner().to_string();
+        // A missing field is reported at the parent's path; name the field itself.
+        let missing = inner
+            .strip_prefix("missing field `")
+            .and_then(|r| r.split('`').next());
+        let param = match (e.path().to_string(), missing) {
+            (p, Some(f)) if p == "." => f.to_string(),
+            (p, Some(f)) => format!("{p}.{f}"),
+            (p, None) => p,
+        };
         ApiError::InvalidBody {
-            message: format!("{param}: {}", e.inner()),
+            message: format!("{param}: {inner}"),
             param,
         }
     })
@@ -90,6 +99,10 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
 
 pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::RouteNotFound(uri.path().to_string())
+}
+
+pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} {}", uri.path()))
 }
 
 pub async fn chat_completions(

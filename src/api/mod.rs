@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .fallback(handlers::not_found)
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -328,7 +328,8 @@ mod tests {
         s.remove(1, &mut kv);
         let out = step(&mut s, &mut kv);
         assert_eq!(out.scheduled, vec![sch(2, 5, true)]);
-        assert_eq!(kv.block_table(2), &[0, 1, 3]);
+        // Free list after seq 1's tail-first free: [2, 3, 1, 0].
+        assert_eq!(kv.block_table(2), &[2, 3, 1]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 
 use crate::models::Result;
@@ -12,16 +12,32 @@ use crate::models::Result;
 pub struct Linear {
     weight: QMatMul,
     bias: Option<Tensor>,
+    /// Run single-row inputs as two rows. candle computes a one-row Q6_K product with a
+    /// different kernel (compact weights) than a multi-row one (repacked tiles), and the two
+    /// round differently; going through the multi-row kernel always keeps a sequence's logits
+    /// independent of how many other sequences share its batch.
+    pad_single_row: bool,
 }
 
 impl Linear {
     pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        let pad_single_row = matches!(&weight, QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q6K);
+        Self {
+            weight,
+            bias,
+            pad_single_row,
+        }
     }
 
     /// `x`: `[tokens, in]` → `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(&x.contiguous()?)?;
+        let x = x.contiguous()?;
+        let y = if self.pad_single_row && x.dim(0)? == 1 {
+            let two = Tensor::cat(&[&x, &x], 0)?;
+            self.weight.forward(&two)?.narrow(0, 0, 1)?
+        } else {
+            self.weight.forward(&x)?
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

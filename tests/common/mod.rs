@@ -1,0 +1,156 @@
+//! Shared test harness: one daemon per test binary, started in-process on port 0 with its own
+//! runtime so it outlives each `#[tokio::test]`'s runtime.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use inferd::config::{Config, EngineSettings};
+use serde_json::Value;
+
+pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
+pub const SMOLLM: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+pub fn model_path(file: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(file);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models.sh (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+pub fn config(model: PathBuf, name: &str, engine: EngineSettings) -> Config {
+    Config {
+        host: "127.0.0.1".into(),
+        port: 0,
+        model_path: model,
+        served_model_name: name.into(),
+        engine,
+    }
+}
+
+pub fn default_engine() -> EngineSettings {
+    EngineSettings {
+        max_num_seqs: 32,
+        max_num_batched_tokens: 512,
+        block_size: 16,
+        kv_cache_memory: 256 << 20,
+        max_model_len: Some(4096),
+        max_waiting_requests: 256,
+    }
+}
+
+/// Start a daemon for `config` on a background thread; returns its base URL.
+pub fn start(config: Config) -> String {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async move {
+            let state = tokio::task::spawn_blocking(move || inferd::load(&config))
+                .await
+                .expect("join")
+                .expect("load model");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            tx.send(format!("http://{addr}")).expect("send addr");
+            inferd::serve(state, listener, std::future::pending())
+                .await
+                .expect("serve");
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(300))
+        .expect("server start")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .expect("client")
+}
+
+pub async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    let r = client()
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    let v = r.json::<Value>().await.expect("json body");
+    (status, v)
+}
+
+pub async fn get(base: &str, path: &str) -> (u16, Value) {
+    let r = client()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.json::<Value>().await.expect("json body"))
+}
+
+/// `data:` payloads of an SSE body, in order.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .flat_map(|ev| ev.lines())
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(|s| s.to_string())
+        .collect()
+}
+
+pub async fn stream_body(base: &str, path: &str, body: &Value) -> (u16, String, Option<String>) {
+    let r = client()
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    let ctype = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or("").to_string());
+    (status, r.text().await.expect("body"), ctype)
+}
+
+/// Engine counters of the first served model.
+pub async fn engine_stats(base: &str) -> Value {
+    let (_, v) = get(base, "/stats").await;
+    v["models"][0]["engine"].clone()
+}
+
+/// Wait (bounded) until the engine holds no sequence and every block is free.
+pub async fn wait_until_idle(base: &str) -> Value {
+    let mut s = engine_stats(base).await;
+    for _ in 0..400 {
+        if s["num_kv_sequences"] == 0
+            && s["num_running"] == 0
+            && s["num_waiting"] == 0
+            && s["num_free_blocks"] == s["num_total_blocks"]
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        s = engine_stats(base).await;
+    }
+    s
+}
+
+pub fn assert_openai_error(v: &Value) {
+    let e = &v["error"];
+    assert!(e["message"].is_string(), "no error.message in {v}");
+    assert!(e["type"].is_string(), "no error.type in {v}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "no param/code in {v}"
+    );
+}

@@ -1,0 +1,309 @@
+//! End to end on the real default model (Qwen2.5-Coder-0.5B-Instruct, GGUF): answers, streaming,
+//! batching, disconnects and bad input, through HTTP.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::*;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const NAME: &str = "qwen";
+
+fn base() -> &'static str {
+    static BASE: OnceLock<String> = OnceLock::new();
+    BASE.get_or_init(|| start(config(model_path(QWEN), NAME, default_engine())))
+}
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({"model": NAME, "messages": [{"role": "user", "content": content}],
+           "temperature": 0, "max_tokens": max_tokens})
+}
+
+async fn chat_text(body: &Value) -> String {
+    let (status, v) = post(base(), "/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn answers_in_english_and_chinese() {
+    let (status, v) = post(
+        base(),
+        "/v1/chat/completions",
+        &chat("What is the capital of France?", 32),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["model"], NAME);
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let u = &v["usage"];
+    assert!(u["prompt_tokens"].as_u64().unwrap() > 10);
+    assert!(u["completion_tokens"].as_u64().unwrap() >= 2);
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
+
+    let zh = chat_text(&chat("法国的首都是哪里？", 32)).await;
+    assert!(zh.contains("巴黎"), "{zh}");
+}
+
+#[tokio::test]
+async fn streaming_chunks_concatenate_to_the_non_streaming_text() {
+    let mut body = chat("Write a haiku about the sea.", 40);
+    let whole = chat_text(&body).await;
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let (status, text, ctype) = stream_body(base(), "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200);
+    assert!(ctype.unwrap().starts_with("text/event-stream"));
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("every chunk is JSON"))
+        .collect();
+    let id = chunks[0]["id"].clone();
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], id, "one id for the whole stream");
+        assert_eq!(c["model"], NAME);
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut streamed = String::new();
+    let mut finish = None;
+    for c in &chunks {
+        if let Some(choice) = c["choices"].as_array().and_then(|a| a.first()) {
+            if let Some(t) = choice["delta"]["content"].as_str() {
+                streamed.push_str(t);
+            }
+            if !choice["finish_reason"].is_null() {
+                assert!(finish.is_none(), "one finish_reason");
+                finish = Some(choice["finish_reason"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert_eq!(streamed, whole);
+    assert!(finish.is_some());
+    let usage_chunk = chunks.last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert!(usage_chunk["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn batching_is_invisible_to_greedy_requests() {
+    let prompts = [
+        "What is the capital of France?",
+        "Write a Python function that reverses a string.",
+        "Name three primary colors.",
+        "用一句话介绍长城。",
+        "What is 17 times 23?",
+        "Explain what a linked list is in one sentence.",
+        "Translate 'good morning' into Spanish.",
+        "List the first five prime numbers.",
+    ];
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(chat_text(&chat(p, 24)).await);
+    }
+    let together = futures::future::join_all(
+        prompts
+            .iter()
+            .map(|p| async move { chat_text(&chat(p, 24)).await }),
+    )
+    .await;
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, t, "prompt {i} differs when batched");
+    }
+    let s = wait_until_idle(base()).await;
+    assert_eq!(s["num_free_blocks"], s["num_total_blocks"], "{s}");
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_stream_returns_its_blocks() {
+    let mut body = chat("Count from 1 to 500, one number per line.", 400);
+    body["stream"] = json!(true);
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", base()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut seen = 0;
+    while let Some(chunk) = stream.next().await {
+        seen += String::from_utf8_lossy(&chunk.unwrap())
+            .matches("data:")
+            .count();
+        if seen >= 6 {
+            break;
+        }
+    }
+    assert!(seen >= 6);
+    let during = engine_stats(base()).await;
+    assert!(
+        during["num_kv_sequences"].as_u64().unwrap() >= 1,
+        "{during}"
+    );
+    drop(stream); // the client goes away mid-generation
+    let after = wait_until_idle(base()).await;
+    assert_eq!(after["num_kv_sequences"], 0, "{after}");
+    assert_eq!(
+        after["num_free_blocks"], after["num_total_blocks"],
+        "{after}"
+    );
+    assert!(
+        after["generation_tokens"].as_u64().unwrap()
+            < during["generation_tokens"].as_u64().unwrap() + 400,
+        "generation stopped early"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_openai_shaped_4xx_and_the_daemon_keeps_serving() {
+    let url = format!("{}/v1/chat/completions", base());
+    let r = client()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_openai_error(&r.json().await.unwrap());
+
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (
+            json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+            404,
+            "model",
+        ),
+        (json!({"model": NAME, "messages": []}), 400, "messages"),
+        (
+            json!({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}),
+            400,
+            "temperature",
+        ),
+        (
+            json!({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_p": 2}),
+            400,
+            "top_p",
+        ),
+        (
+            json!({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}),
+            400,
+            "max_tokens",
+        ),
+        (
+            json!({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}),
+            400,
+            "temperature",
+        ),
+        (json!({"model": NAME}), 400, "messages"),
+        (
+            json!({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}),
+            400,
+            "messages",
+        ),
+    ];
+    for (body, status, param) in cases {
+        let (s, v) = post(base(), "/v1/chat/completions", &body).await;
+        assert_eq!(s, status, "{body} -> {v}");
+        assert_openai_error(&v);
+        assert_eq!(v["error"]["param"], param, "{body} -> {v}");
+    }
+    let long = "word ".repeat(5000);
+    let (s, v) = post(
+        base(),
+        "/v1/completions",
+        &json!({"model": NAME, "prompt": long, "max_tokens": 10}),
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let (s, v) = get(base(), "/v1/nothing-here").await;
+    assert_eq!(s, 404);
+    assert_openai_error(&v);
+
+    // Still serving.
+    assert!(chat_text(&chat("What is the capital of France?", 16))
+        .await
+        .contains("Paris"));
+}
+
+#[tokio::test]
+async fn completions_with_stop_strings_token_prompts_and_length() {
+    let (s, v) = post(
+        base(),
+        "/v1/completions",
+        &json!({"model": NAME, "prompt": "1, 2, 3, 4,", "max_tokens": 30, "temperature": 0, "stop": [" 7"]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{text}");
+    assert!(text.starts_with(" 5, 6,"), "{text}");
+    assert!(
+        !text.contains('7'),
+        "the stop string is not returned: {text}"
+    );
+
+    // The same prompt as token ids gives the same text; max_tokens ends it with `length`.
+    let (_, tok) = post(
+        base(),
+        "/v1/completions",
+        &json!({"model": NAME, "prompt": "1, 2, 3, 4,", "max_tokens": 3, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(tok["choices"][0]["finish_reason"], "length");
+    assert_eq!(tok["usage"]["completion_tokens"], 3);
+    let n_prompt = tok["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(n_prompt > 3);
+
+    let (s, v) = post(base(), "/v1/models", &json!({})).await;
+    assert_eq!(s, 405, "{v}");
+    let (s, v) = get(base(), "/v1/models").await;
+    assert_eq!(s, 200);
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], NAME);
+    assert_eq!(v["data"][0]["object"], "model");
+    let (s, v) = get(base(), "/health").await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("ok")));
+}
+
+#[tokio::test]
+async fn seeded_sampling_is_reproducible_and_completion_streams_work() {
+    let body = json!({"model": NAME, "prompt": "Once upon a time", "max_tokens": 16,
+                      "temperature": 0.9, "top_p": 0.95, "top_k": 40, "seed": 1234});
+    let (_, a) = post(base(), "/v1/completions", &body).await;
+    let (_, b) = post(base(), "/v1/completions", &body).await;
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+
+    let mut sb = body.clone();
+    sb["stream"] = json!(true);
+    let (status, text, _) = stream_body(base(), "/v1/completions", &sb).await;
+    assert_eq!(status, 200);
+    let data = sse_data(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let streamed: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .map(|c| {
+            assert_eq!(c["object"], "text_completion");
+            c["choices"][0]["text"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(streamed, a["choices"][0]["text"].as_str().unwrap());
+}
