@@ -1,0 +1,148 @@
+//! The engine under pressure, on the real SmolLM2-135M GGUF (Llama architecture): a KV pool so
+//! small that sequences are preempted and recomputed, a waiting queue that fills up, and
+//! prompts that can never fit.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::*;
+use futures::StreamExt;
+use inferd::config::EngineSettings;
+use serde_json::{json, Value};
+
+const NAME: &str = "smollm2";
+/// SmolLM2-135M: 30 layers × 3 KV heads × 64 dims × K and V × 4 bytes = 46,080 bytes a token.
+const BYTES_PER_TOKEN: u64 = 46_080;
+
+/// 16 blocks of 16 tokens: four 100-token sequences cannot all be resident at once.
+fn tiny_pool() -> &'static str {
+    static BASE: OnceLock<String> = OnceLock::new();
+    BASE.get_or_init(|| {
+        start(config(
+            model_path(SMOLLM),
+            NAME,
+            EngineSettings {
+                max_num_seqs: 8,
+                max_num_batched_tokens: 64,
+                block_size: 16,
+                kv_cache_memory: 16 * 16 * BYTES_PER_TOKEN,
+                max_model_len: None,
+                max_waiting_requests: 64,
+            },
+        ))
+    })
+}
+
+/// One running sequence at a time and room for one waiting request.
+fn one_slot() -> &'static str {
+    static BASE: OnceLock<String> = OnceLock::new();
+    BASE.get_or_init(|| {
+        start(config(
+            model_path(SMOLLM),
+            NAME,
+            EngineSettings {
+                max_num_seqs: 1,
+                max_waiting_requests: 1,
+                ..default_engine()
+            },
+        ))
+    })
+}
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({"model": NAME, "messages": [{"role": "user", "content": content}],
+           "temperature": 0, "max_tokens": max_tokens, "ignore_eos": true})
+}
+
+async fn text_of(base: &str, body: &Value) -> String {
+    let (status, v) = post(base, "/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn loads_and_generates() {
+    let (status, v) = post(tiny_pool(), "/v1/chat/completions", &chat("Hello! Who are you?", 12)).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+}
+
+#[tokio::test]
+async fn preemption_by_recompute_is_invisible() {
+    let base = tiny_pool();
+    let prompts = [
+        "Tell me about the moon.",
+        "Describe a cat.",
+        "What is rain?",
+        "Give me a recipe for bread.",
+    ];
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(text_of(base, &chat(p, 64)).await);
+    }
+    let before = engine_stats(base).await["num_preemptions"].as_u64().unwrap();
+    let together =
+        futures::future::join_all(prompts.iter().map(|p| async move { text_of(base, &chat(p, 64)).await })).await;
+    let after = wait_until_idle(base).await;
+    assert!(
+        after["num_preemptions"].as_u64().unwrap() > before,
+        "the pool was meant to force preemption: {after}"
+    );
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, t, "prompt {i} changed under preemption");
+    }
+    assert_eq!(after["num_free_blocks"], after["num_total_blocks"], "{after}");
+}
+
+#[tokio::test]
+async fn a_prompt_that_can_never_fit_is_a_400() {
+    let base = tiny_pool();
+    let (_, models) = get(base, "/v1/models").await;
+    let max_len = models["data"][0]["max_model_len"].as_u64().unwrap();
+    assert_eq!(max_len, 256, "max_model_len is capped by the pool");
+    let (s, v) = post(base, "/v1/chat/completions", &chat("hi", 300)).await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let (s, v) = post(base, "/v1/completions", &json!({"model": NAME, "prompt": "x ".repeat(400)})).await;
+    assert_eq!(s, 400, "{v}");
+    assert_openai_error(&v);
+}
+
+#[tokio::test]
+async fn a_full_waiting_queue_is_a_503_and_nothing_hangs() {
+    let base = one_slot();
+    let mut long = chat("Write a long story.", 200);
+    long["stream"] = json!(true);
+    let c = client();
+    let url = format!("{base}/v1/chat/completions");
+
+    // A runs (wait for real tokens so it has left the waiting queue)...
+    let a = c.post(&url).json(&long).send().await.unwrap();
+    assert_eq!(a.status(), 200);
+    let mut a_stream = a.bytes_stream();
+    let mut events = 0;
+    while let Some(chunk) = a_stream.next().await {
+        events += String::from_utf8_lossy(&chunk.unwrap()).matches("data:").count();
+        if events >= 3 {
+            break;
+        }
+    }
+    // ...B waits (max_num_seqs = 1)...
+    let b = c.post(&url).json(&long).send().await.unwrap();
+    assert_eq!(b.status(), 200);
+    // ...and C finds the queue full.
+    let r = c.post(&url).json(&chat("hi", 4)).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    let v: Value = r.json().await.unwrap();
+    assert_openai_error(&v);
+
+    drop(a_stream);
+    drop(b);
+    let s = wait_until_idle(base).await;
+    assert_eq!(s["num_free_blocks"], s["num_total_blocks"], "{s}");
+    assert!(!text_of(base, &chat("hi", 4)).await.is_empty());
+}
