@@ -58,14 +58,25 @@ fn chat(content: &str, max_tokens: u32) -> Value {
 async fn text_of(base: &str, body: &Value) -> String {
     let (status, v) = post(base, "/v1/chat/completions", body).await;
     assert_eq!(status, 200, "{v}");
-    v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test]
 async fn loads_and_generates() {
-    let (status, v) = post(tiny_pool(), "/v1/chat/completions", &chat("Hello! Who are you?", 12)).await;
+    let (status, v) = post(
+        tiny_pool(),
+        "/v1/chat/completions",
+        &chat("Hello! Who are you?", 12),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
-    assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
+    assert!(!v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .is_empty());
     assert_eq!(v["usage"]["completion_tokens"], 12);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
 }
@@ -83,9 +94,15 @@ async fn preemption_by_recompute_is_invisible() {
     for p in prompts {
         alone.push(text_of(base, &chat(p, 64)).await);
     }
-    let before = engine_stats(base).await["num_preemptions"].as_u64().unwrap();
-    let together =
-        futures::future::join_all(prompts.iter().map(|p| async move { text_of(base, &chat(p, 64)).await })).await;
+    let before = engine_stats(base).await["num_preemptions"]
+        .as_u64()
+        .unwrap();
+    let together = futures::future::join_all(
+        prompts
+            .iter()
+            .map(|p| async move { text_of(base, &chat(p, 64)).await }),
+    )
+    .await;
     let after = wait_until_idle(base).await;
     assert!(
         after["num_preemptions"].as_u64().unwrap() > before,
@@ -94,7 +111,10 @@ async fn preemption_by_recompute_is_invisible() {
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(a, t, "prompt {i} changed under preemption");
     }
-    assert_eq!(after["num_free_blocks"], after["num_total_blocks"], "{after}");
+    assert_eq!(
+        after["num_free_blocks"], after["num_total_blocks"],
+        "{after}"
+    );
 }
 
 #[tokio::test]
@@ -106,7 +126,12 @@ async fn a_prompt_that_can_never_fit_is_a_400() {
     let (s, v) = post(base, "/v1/chat/completions", &chat("hi", 300)).await;
     assert_eq!(s, 400, "{v}");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
-    let (s, v) = post(base, "/v1/completions", &json!({"model": NAME, "prompt": "x ".repeat(400)})).await;
+    let (s, v) = post(
+        base,
+        "/v1/completions",
+        &json!({"model": NAME, "prompt": "x ".repeat(400)}),
+    )
+    .await;
     assert_eq!(s, 400, "{v}");
     assert_openai_error(&v);
 }
@@ -125,7 +150,9 @@ async fn a_full_waiting_queue_is_a_503_and_nothing_hangs() {
     let mut a_stream = a.bytes_stream();
     let mut events = 0;
     while let Some(chunk) = a_stream.next().await {
-        events += String::from_utf8_lossy(&chunk.unwrap()).matches("data:").count();
+        events += String::from_utf8_lossy(&chunk.unwrap())
+            .matches("data:")
+            .count();
         if events >= 3 {
             break;
         }

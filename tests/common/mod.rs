@@ -154,3 +154,41 @@ pub fn assert_openai_error(v: &Value) {
         "no param/code in {v}"
     );
 }
+
+/// One sequence's part of a hand-built batch: its new tokens start at `start` (positions
+/// `start..start + new.len()`), its blocks are `table`, and it wants the last row's logits.
+pub struct SeqPart {
+    pub new: Vec<u32>,
+    pub start: usize,
+    pub table: Vec<u32>,
+}
+
+pub fn batch_of(parts: &[SeqPart], block_size: usize) -> inferd::models::ForwardBatch {
+    let mut b = inferd::models::ForwardBatch {
+        block_size,
+        cu_seqlens_q: vec![0],
+        ..Default::default()
+    };
+    for p in parts {
+        for (i, &t) in p.new.iter().enumerate() {
+            let pos = p.start + i;
+            b.input_ids.push(t);
+            b.positions.push(pos as u32);
+            b.slot_mapping
+                .push(p.table[pos / block_size] as usize * block_size + pos % block_size);
+        }
+        b.cu_seqlens_q.push(b.input_ids.len());
+        b.seq_lens.push(p.start + p.new.len());
+        b.block_tables.push(p.table.clone());
+        b.logits_indices.push(b.input_ids.len() - 1);
+    }
+    b
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
