@@ -192,3 +192,113 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Tiny random-weight checkpoints in Hugging Face layout.
+pub mod tiny {
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    use candle_core::{Device, Tensor};
+
+    pub const H: usize = 64;
+    pub const HEADS: usize = 4;
+    pub const KV_HEADS: usize = 2;
+    pub const INTER: usize = 128;
+    pub const LAYERS: usize = 2;
+
+    /// Deterministic pseudo-random values in [-scale, scale].
+    pub fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    pub fn write_checkpoint(dir: &Path, qwen2: bool, vocab: usize) {
+        let dev = Device::Cpu;
+        let mut seed = 0;
+        let mut t = |shape: &[usize], scale: f32, offset: f32| {
+            seed += 1;
+            let n = shape.iter().product();
+            let v: Vec<f32> = values(n, seed, scale)
+                .into_iter()
+                .map(|x| x + offset)
+                .collect();
+            Tensor::from_vec(v, shape, &dev).unwrap()
+        };
+        let hd = H / HEADS;
+        let mut w: HashMap<String, Tensor> = HashMap::new();
+        w.insert("model.embed_tokens.weight".into(), t(&[vocab, H], 1.0, 0.0));
+        for l in 0..LAYERS {
+            let p = format!("model.layers.{l}");
+            w.insert(format!("{p}.input_layernorm.weight"), t(&[H], 0.2, 1.0));
+            w.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                t(&[H], 0.2, 1.0),
+            );
+            w.insert(
+                format!("{p}.self_attn.q_proj.weight"),
+                t(&[HEADS * hd, H], 0.25, 0.0),
+            );
+            w.insert(
+                format!("{p}.self_attn.k_proj.weight"),
+                t(&[KV_HEADS * hd, H], 0.25, 0.0),
+            );
+            w.insert(
+                format!("{p}.self_attn.v_proj.weight"),
+                t(&[KV_HEADS * hd, H], 0.25, 0.0),
+            );
+            w.insert(
+                format!("{p}.self_attn.o_proj.weight"),
+                t(&[H, HEADS * hd], 0.25, 0.0),
+            );
+            if qwen2 {
+                w.insert(
+                    format!("{p}.self_attn.q_proj.bias"),
+                    t(&[HEADS * hd], 0.5, 0.0),
+                );
+                w.insert(
+                    format!("{p}.self_attn.k_proj.bias"),
+                    t(&[KV_HEADS * hd], 0.5, 0.0),
+                );
+                w.insert(
+                    format!("{p}.self_attn.v_proj.bias"),
+                    t(&[KV_HEADS * hd], 0.5, 0.0),
+                );
+            }
+            w.insert(
+                format!("{p}.mlp.gate_proj.weight"),
+                t(&[INTER, H], 0.2, 0.0),
+            );
+            w.insert(format!("{p}.mlp.up_proj.weight"), t(&[INTER, H], 0.2, 0.0));
+            w.insert(
+                format!("{p}.mlp.down_proj.weight"),
+                t(&[H, INTER], 0.2, 0.0),
+            );
+        }
+        w.insert("model.norm.weight".into(), t(&[H], 0.2, 1.0));
+        w.insert("lm_head.weight".into(), t(&[vocab, H], 0.3, 0.0));
+        candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
+        let arch = if qwen2 {
+            "Qwen2ForCausalLM"
+        } else {
+            "LlamaForCausalLM"
+        };
+        let cfg = serde_json::json!({
+            "architectures": [arch], "hidden_size": H, "intermediate_size": INTER, "vocab_size": vocab,
+            "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+            "rms_norm_eps": 1e-6, "rope_theta": if qwen2 { 1_000_000.0 } else { 10_000.0 },
+            "max_position_embeddings": 512, "tie_word_embeddings": false,
+            "sliding_window": 512, "max_window_layers": LAYERS, "use_sliding_window": false,
+            "hidden_act": "silu"
+        });
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    }
+}
