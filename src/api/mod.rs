@@ -41,6 +41,15 @@ impl AppState {
     }
 }
 
+/// Every route, as `openapi.yaml` must describe it.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/health"),
+    ("get", "/stats"),
+    ("get", "/v1/models"),
+    ("post", "/v1/chat/completions"),
+    ("post", "/v1/completions"),
+];
+
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(handlers::health))
@@ -52,4 +61,41 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ROUTES;
+
+    /// `openapi.yaml` lists exactly the routes the router serves, each under its method.
+    #[test]
+    fn openapi_spec_describes_every_route() {
+        let spec =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml")).unwrap();
+        let mut documented = Vec::new();
+        let mut path = None;
+        for line in spec.lines() {
+            if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
+                path = Some(format!("/{p}"));
+            } else if !line.starts_with("    ") {
+                if !line.starts_with("  ") {
+                    path = None;
+                }
+            } else if let (Some(p), Some(m)) = (
+                &path,
+                line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')),
+            ) {
+                if ["get", "post", "put", "delete"].contains(&m) {
+                    documented.push((m.to_string(), p.clone()));
+                }
+            }
+        }
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        documented.sort();
+        served.sort();
+        assert_eq!(documented, served);
+    }
 }

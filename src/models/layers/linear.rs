@@ -17,21 +17,33 @@ pub struct Linear {
     /// round differently; going through the multi-row kernel always keeps a sequence's logits
     /// independent of how many other sequences share its batch.
     pad_single_row: bool,
+    /// Zero columns appended to the weight (see `weights::pad_q8_0_rows`); inputs get as many
+    /// zeros.
+    k_pad: usize,
 }
 
 impl Linear {
     pub fn new(weight: QMatMul, bias: Option<Tensor>) -> Self {
+        Self::with_k_pad(weight, bias, 0)
+    }
+
+    pub fn with_k_pad(weight: QMatMul, bias: Option<Tensor>, k_pad: usize) -> Self {
         let pad_single_row = matches!(&weight, QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q6K);
         Self {
             weight,
             bias,
             pad_single_row,
+            k_pad,
         }
     }
 
     /// `x`: `[tokens, in]` → `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
+        let x = if self.k_pad > 0 {
+            x.pad_with_zeros(1, 0, self.k_pad)?
+        } else {
+            x.contiguous()?
+        };
         let y = if self.pad_single_row && x.dim(0)? == 1 {
             let two = Tensor::cat(&[&x, &x], 0)?;
             self.weight.forward(&two)?.narrow(0, 0, 1)?
@@ -49,7 +61,11 @@ impl Linear {
 #[derive(Debug, Clone)]
 pub enum Embedding {
     Dense(Tensor),
-    Quantized(Arc<QTensor>),
+    /// Rows may carry zero padding past `hidden` (when shared with a padded output head).
+    Quantized {
+        table: Arc<QTensor>,
+        hidden: usize,
+    },
 }
 
 impl Embedding {
@@ -57,7 +73,14 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Dense(w) => w.index_select(ids, 0)?,
-            Self::Quantized(q) => q.embedding(ids)?,
+            Self::Quantized { table, hidden } => {
+                let rows = table.embedding(ids)?;
+                if rows.dim(1)? == *hidden {
+                    rows
+                } else {
+                    rows.narrow(1, 0, *hidden)?.contiguous()?
+                }
+            }
         })
     }
 }

