@@ -13,6 +13,8 @@ pub enum ApiError {
     /// The body is not JSON.
     #[error("{0}")]
     MalformedJson(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
     /// JSON of the wrong shape (missing field, wrong type); `param` is the field's path.
     #[error("{message}")]
     InvalidBody { param: String, message: String },
@@ -55,6 +57,7 @@ impl ApiError {
             | Self::ContextLength { .. } => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -63,7 +66,9 @@ impl ApiError {
     /// The OpenAI error object (without the outer `{"error": ...}`).
     pub fn body(&self) -> serde_json::Value {
         let (kind, param, code) = match self {
-            Self::MalformedJson(_) => ("invalid_request_error", None, None),
+            Self::MalformedJson(_) | Self::PayloadTooLarge(_) => {
+                ("invalid_request_error", None, None)
+            }
             Self::InvalidBody { param, .. } => {
                 ("invalid_request_error", Some(param.as_str()), None)
             }

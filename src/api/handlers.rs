@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{HeaderValue, Method, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -21,7 +22,7 @@ use super::error::ApiError;
 use super::sse::{finish_reason_str, ChunkBuilder, Kind, UsageTally};
 use super::types::*;
 use super::validate::{self, Validated, MAX_CHOICES};
-use super::{AppState, ServedModel};
+use super::{AppState, ServedModel, MAX_BODY_BYTES};
 use crate::engine::{EngineEvent, GenerationRequest};
 use crate::tokenizer::ChatMessage;
 
@@ -45,8 +46,15 @@ fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
     })
 }
 
-fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
-    let v: Value = serde_json::from_slice(body)
+fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!("the body exceeds {MAX_BODY_BYTES} bytes"))
+        } else {
+            ApiError::MalformedJson(e.body_text())
+        }
+    })?;
+    let v: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
     if !v.is_object() {
         return Err(ApiError::MalformedJson(
@@ -107,9 +115,9 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 
 pub async fn chat_completions(
     State(state): State<AppState>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v = parse_body(&body)?;
+    let v = parse_body(body)?;
     let req: ChatCompletionRequest = parse(&v)?;
     let params = validate::common(&parse::<CommonParams>(&v)?)?;
     let model = state.model(&req.model)?;
@@ -134,8 +142,11 @@ pub async fn chat_completions(
     generate(Kind::Chat, &model, vec![prompt], "messages", params).await
 }
 
-pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let v = parse_body(&body)?;
+pub async fn completions(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v = parse_body(body)?;
     let req: CompletionRequest = parse(&v)?;
     let params = validate::common(&parse::<CommonParams>(&v)?)?;
     let model = state.model(&req.model)?;

@@ -9,6 +9,7 @@ pub mod validate;
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use tower_http::trace::TraceLayer;
@@ -41,6 +42,9 @@ impl AppState {
     }
 }
 
+/// Largest request body accepted (long prompts are welcome; unbounded bodies are not).
+pub const MAX_BODY_BYTES: usize = 32 << 20;
+
 /// Every route, as `openapi.yaml` must describe it.
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/health"),
@@ -59,6 +63,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(handlers::completions))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

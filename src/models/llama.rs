@@ -113,7 +113,10 @@ pub struct Llama {
 impl Llama {
     /// `max_positions`: how many positions the RoPE tables cover (the serving context length).
     pub fn load(cfg: LlamaConfig, w: &mut Weights, max_positions: usize) -> Result<Self> {
-        if cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
+        if !cfg
+            .num_attention_heads
+            .is_multiple_of(cfg.num_key_value_heads)
+        {
             return Err(ModelError::Config(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 cfg.num_attention_heads, cfg.num_key_value_heads

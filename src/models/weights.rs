@@ -256,7 +256,7 @@ pub fn pad_q8_0_rows(t: QTensor) -> Result<(QTensor, usize)> {
     let dims = t.shape().dims().to_vec();
     if t.dtype() != GgmlDType::Q8_0
         || dims.len() != 2
-        || dims[1] % REPACK_K == 0
+        || dims[1].is_multiple_of(REPACK_K)
         || !t.device().is_cpu()
     {
         return Ok((t, 0));
