@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 
 bash scripts/fetch-models.sh
 cargo build --release --all-targets
-cargo test --release --all-targets -- "$@"
+# Benches are built above but not run here (cargo bench runs them).
+cargo test --release --lib --bins --tests -- "$@"
