@@ -69,6 +69,11 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_PORT")]
     pub port: Option<u16>,
 
+    /// Require `Authorization: Bearer <KEY>` on every /v1/* request (/health, /version,
+    /// /stats, /tokenize and /detokenize stay open). [default: no key]
+    #[arg(long, env = "INFERD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
     /// Most sequences computed together in one forward pass (running batch size). [default: 32]
     #[arg(long, env = "INFERD_MAX_NUM_SEQS")]
     pub max_num_seqs: Option<usize>,
@@ -113,6 +118,7 @@ pub struct FileConfig {
 pub struct FileServer {
     pub host: Option<String>,
     pub port: Option<u16>,
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,6 +144,7 @@ pub struct FileEngine {
 pub struct Config {
     pub host: String,
     pub port: u16,
+    pub api_key: Option<String>,
     pub model_path: PathBuf,
     pub served_model_name: String,
     pub engine: EngineSettings,
@@ -215,6 +222,11 @@ impl Config {
                 .or(f.server.host)
                 .unwrap_or_else(|| "127.0.0.1".into()),
             port: a.port.or(f.server.port).unwrap_or(8000),
+            api_key: a
+                .api_key
+                .clone()
+                .or(f.server.api_key)
+                .filter(|k| !k.is_empty()),
             model_path,
             served_model_name,
             engine,

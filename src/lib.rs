@@ -96,6 +96,7 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
             vocab_size,
             created,
         })]),
+        api_key: config.api_key.as_deref().map(Arc::from),
     })
 }
 

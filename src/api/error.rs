@@ -29,6 +29,8 @@ pub enum ApiError {
         param: &'static str,
         message: String,
     },
+    #[error("Incorrect or missing API key: send `Authorization: Bearer <key>`.")]
+    Unauthorized,
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
     #[error("Unknown route {0}")]
@@ -55,6 +57,7 @@ impl ApiError {
             | Self::InvalidBody { .. }
             | Self::InvalidParam { .. }
             | Self::ContextLength { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -78,6 +81,7 @@ impl ApiError {
                 Some(*param),
                 Some("context_length_exceeded"),
             ),
+            Self::Unauthorized => ("invalid_request_error", None, Some("invalid_api_key")),
             Self::ModelNotFound(_) => (
                 "invalid_request_error",
                 Some("model"),
@@ -144,6 +148,7 @@ mod tests {
             ),
             (ApiError::param("temperature", "bad"), 400),
             (ApiError::ModelNotFound("m".into()), 404),
+            (ApiError::Unauthorized, 401),
             (EngineError::QueueFull { max: 3 }.into(), 503),
             (
                 EngineError::ContextTooLong { needed: 9, max: 8 }.into(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,15 +19,15 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::error::ApiError;
-use super::sse::{finish_reason_str, ChunkBuilder, Kind, UsageTally};
+use super::sse::{aggregate, ChunkBuilder, Kind, StreamSpec};
 use super::types::*;
-use super::validate::{self, Validated, MAX_CHOICES};
-use super::{AppState, ServedModel, MAX_BODY_BYTES};
+use super::validate::{self, Endpoint, Validated, MAX_CHOICES};
+use super::{AppState, RequestId, ServedModel, MAX_BODY_BYTES};
 use crate::engine::{EngineEvent, GenerationRequest};
 use crate::tokenizer::ChatMessage;
 
 /// Parse a body: syntax errors and shape errors both get a 400, shape errors naming the field.
-fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
         let inner = e.inner().to_string();
         // A missing field is reported at the parent's path; name the field itself.
@@ -46,7 +46,7 @@ fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
     })
 }
 
-fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
     let body = body.map_err(|e| {
         if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(format!("the body exceeds {MAX_BODY_BYTES} bytes"))
@@ -68,10 +68,6 @@ fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn request_id(prefix: &str) -> String {
-    format!("{prefix}-{:032x}", rand::random::<u128>())
 }
 
 pub async fn health() -> impl IntoResponse {
@@ -115,11 +111,12 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let v = parse_body(body)?;
     let req: ChatCompletionRequest = parse(&v)?;
-    let params = validate::common(&parse::<CommonParams>(&v)?)?;
+    let params = validate::common(&parse::<CommonParams>(&v)?, Endpoint::Chat)?;
     let model = state.model(&req.model)?;
     let messages = chat_messages(req.messages)?;
     let m = model.clone();
@@ -139,16 +136,25 @@ pub async fn chat_completions(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
-    generate(Kind::Chat, &model, vec![prompt], "messages", params).await
+    let job = Job {
+        kind: Kind::Chat,
+        prompts: vec![prompt],
+        echo: Vec::new(),
+        prompt_field: "messages",
+        params,
+        request_id,
+    };
+    generate(&model, job).await
 }
 
 pub async fn completions(
     State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let v = parse_body(body)?;
     let req: CompletionRequest = parse(&v)?;
-    let params = validate::common(&parse::<CommonParams>(&v)?)?;
+    let params = validate::common(&parse::<CommonParams>(&v)?, Endpoint::Completion)?;
     let model = state.model(&req.model)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::param("suffix", "suffix is not supported"));
@@ -176,22 +182,41 @@ pub async fn completions(
         ));
     }
     let m = model.clone();
-    let prompts = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<u32>>, ApiError> {
-        match prompts {
-            Prompts::Ids(ids) => Ok(ids),
-            Prompts::Texts(texts) => texts
-                .iter()
-                .map(|t| {
-                    m.tokenizer
-                        .encode(t, true)
-                        .map_err(|e| ApiError::Internal(e.to_string()))
-                })
-                .collect(),
-        }
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    generate(Kind::Completion, &model, prompts, "prompt", params).await
+    let echo = params.echo;
+    let (prompts, echo) =
+        tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<u32>>, Vec<String>), ApiError> {
+            let internal = |e: crate::tokenizer::TokenizerError| ApiError::Internal(e.to_string());
+            match prompts {
+                Prompts::Ids(ids) => {
+                    let texts = if echo {
+                        ids.iter()
+                            .map(|p| m.tokenizer.decode(p, false).map_err(internal))
+                            .collect::<Result<_, _>>()?
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((ids, texts))
+                }
+                Prompts::Texts(texts) => {
+                    let ids = texts
+                        .iter()
+                        .map(|t| m.tokenizer.encode(t, true).map_err(internal))
+                        .collect::<Result<_, _>>()?;
+                    Ok((ids, if echo { texts } else { Vec::new() }))
+                }
+            }
+        })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let job = Job {
+        kind: Kind::Completion,
+        prompts,
+        echo,
+        prompt_field: "prompt",
+        params,
+        request_id,
+    };
+    generate(&model, job).await
 }
 
 enum Prompts {
@@ -199,7 +224,7 @@ enum Prompts {
     Ids(Vec<Vec<u32>>),
 }
 
-fn chat_messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+pub(crate) fn chat_messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
     if msgs.is_empty() {
         return Err(ApiError::param(
             "messages",
@@ -246,20 +271,32 @@ fn chat_messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError>
 
 type ChoiceStream = BoxStream<'static, (usize, EngineEvent)>;
 
-async fn generate(
+/// One accepted request, ready to submit.
+struct Job {
     kind: Kind,
-    model: &Arc<ServedModel>,
     prompts: Vec<Vec<u32>>,
+    /// Completions with `echo`: each prompt's text.
+    echo: Vec<String>,
     prompt_field: &'static str,
-    v: Validated,
-) -> Result<Response, ApiError> {
+    params: Validated,
+    request_id: RequestId,
+}
+
+async fn generate(model: &Arc<ServedModel>, job: Job) -> Result<Response, ApiError> {
+    let v = &job.params;
     let limits = model.engine.limits();
     let vocab = model.vocab_size;
+    validate::check_token_ids(v, vocab)?;
     // Validate every choice before submitting any.
-    let mut requests: Vec<GenerationRequest> = Vec::with_capacity(prompts.len() * v.n);
-    for p in &prompts {
-        let base =
-            validate::generation_request(&v, p.clone(), limits.max_model_len, prompt_field, vocab)?;
+    let mut requests: Vec<GenerationRequest> = Vec::with_capacity(job.prompts.len() * v.n);
+    for p in &job.prompts {
+        let base = validate::generation_request(
+            v,
+            p.clone(),
+            limits.max_model_len,
+            job.prompt_field,
+            vocab,
+        )?;
         for k in 0..v.n {
             let mut r = base.clone();
             r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(k as u64));
@@ -271,95 +308,51 @@ async fn generate(
     for r in requests {
         receivers.push(model.engine.submit(r)?);
     }
+    let num_choices = receivers.len();
     let merged: ChoiceStream = select_all(receivers.into_iter().enumerate().map(|(i, rx)| {
         UnboundedReceiverStream::new(rx)
             .map(move |e| (i, e))
             .boxed()
     }))
     .boxed();
-    let (prefix, object) = match kind {
+    let (prefix, object) = match job.kind {
         Kind::Chat => ("chatcmpl", "chat.completion"),
         Kind::Completion => ("cmpl", "text_completion"),
     };
-    let id = request_id(prefix);
-    let created = now_secs();
+    let tokenizer = model.tokenizer.clone();
+    let mut builder = ChunkBuilder::new(StreamSpec {
+        kind: job.kind,
+        id: format!("{prefix}-{}", job.request_id.0),
+        created: now_secs(),
+        model: model.name.clone(),
+        include_usage: v.include_usage,
+        num_prompts: job.prompts.len(),
+        n: v.n,
+        echo: job.echo,
+        token_bytes: Arc::new(move |id| tokenizer.token_bytes(id)),
+    });
     if v.stream {
-        let b = ChunkBuilder::new(
-            kind,
-            id,
-            created,
-            model.name.clone(),
-            v.include_usage,
-            prompts.len(),
-            v.n,
-        );
-        return Ok(sse_response(b, merged));
+        return Ok(sse_response(builder, merged));
     }
 
-    let num = prompts.len() * v.n;
-    let mut texts = vec![String::new(); num];
-    let mut finish: Vec<Option<&'static str>> = vec![None; num];
-    let mut tally = UsageTally::new(prompts.len(), v.n);
+    let mut chunks = builder.start();
     let mut merged = merged;
     while let Some((i, ev)) = merged.next().await {
-        match ev {
-            EngineEvent::Token { text, .. } => texts[i].push_str(&text),
-            EngineEvent::Finished {
-                text,
-                reason,
-                usage,
-            } => {
-                texts[i].push_str(&text);
-                finish[i] = Some(finish_reason_str(reason));
-                tally.add(i, usage);
-            }
-            EngineEvent::Error(e) => return Err(e.into()),
+        if let EngineEvent::Error(e) = ev {
+            return Err(e.into());
         }
+        chunks.extend(builder.on_event(i, ev));
     }
-    let usage = tally.total();
-    let body = match kind {
-        Kind::Chat => serde_json::to_value(ChatCompletionResponse {
-            id,
-            object,
-            created,
-            model: model.name.clone(),
-            choices: texts
-                .into_iter()
-                .zip(finish)
-                .enumerate()
-                .map(|(index, (content, finish_reason))| ChatChoice {
-                    index,
-                    message: AssistantMessage {
-                        role: "assistant",
-                        content,
-                    },
-                    logprobs: None,
-                    finish_reason,
-                })
-                .collect(),
-            usage,
-        }),
-        Kind::Completion => serde_json::to_value(CompletionResponse {
-            id,
-            object,
-            created,
-            model: model.name.clone(),
-            choices: texts
-                .into_iter()
-                .zip(finish)
-                .enumerate()
-                .map(|(index, (text, finish_reason))| CompletionChoice {
-                    index,
-                    text,
-                    logprobs: None,
-                    finish_reason,
-                })
-                .collect(),
-            usage,
-        }),
-    }
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(body).into_response())
+    let first = chunks.first().cloned().unwrap_or_default();
+    Ok(Json(json!({
+        "id": first["id"],
+        "object": object,
+        "created": first["created"],
+        "model": model.name,
+        "choices": aggregate(job.kind, num_choices, &chunks),
+        "usage": builder.usage(),
+    }))
+    .into_response())
 }
 
 struct SseState {
@@ -371,7 +364,7 @@ struct SseState {
 
 /// Drive the chunk state machine from the engine events. Dropping this stream (client gone)
 /// drops the engine receivers, which aborts the sequences and frees their blocks.
-fn sse_response(builder: ChunkBuilder, events: ChoiceStream) -> Response {
+fn sse_response(mut builder: ChunkBuilder, events: ChoiceStream) -> Response {
     let queue: VecDeque<String> = builder.start().iter().map(Value::to_string).collect();
     let state = SseState {
         builder,

@@ -3,7 +3,10 @@
 
 pub mod error;
 pub mod handlers;
+pub mod logprobs;
+pub mod middleware;
 pub mod sse;
+pub mod tokenize;
 pub mod types;
 pub mod validate;
 
@@ -30,7 +33,13 @@ pub struct ServedModel {
 #[derive(Clone)]
 pub struct AppState {
     pub models: Arc<Vec<Arc<ServedModel>>>,
+    /// Required as `Authorization: Bearer <key>` on `/v1/*` when set.
+    pub api_key: Option<Arc<str>>,
 }
+
+/// The id of one HTTP request (`x-request-id`), set by [`middleware::request_id`].
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
 
 impl AppState {
     pub fn model(&self, name: &str) -> Result<Arc<ServedModel>, ApiError> {
@@ -40,6 +49,18 @@ impl AppState {
             .cloned()
             .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))
     }
+
+    /// The named model, or the first one when no name is given.
+    pub fn model_or_default(&self, name: Option<&str>) -> Result<Arc<ServedModel>, ApiError> {
+        match name {
+            Some(n) => self.model(n),
+            None => self
+                .models
+                .first()
+                .cloned()
+                .ok_or_else(|| ApiError::ModelNotFound(String::new())),
+        }
+    }
 }
 
 /// Largest request body accepted (long prompts are welcome; unbounded bodies are not).
@@ -48,7 +69,10 @@ pub const MAX_BODY_BYTES: usize = 32 << 20;
 /// Every route, as `openapi.yaml` must describe it.
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/health"),
+    ("get", "/version"),
     ("get", "/stats"),
+    ("post", "/tokenize"),
+    ("post", "/detokenize"),
     ("get", "/v1/models"),
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
@@ -57,13 +81,21 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(handlers::health))
+        .route("/version", get(tokenize::version))
         .route("/stats", get(handlers::stats))
+        .route("/tokenize", post(tokenize::tokenize))
+        .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::api_key,
+        ))
+        .layer(axum::middleware::from_fn(middleware::request_id))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -6,6 +6,7 @@
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::logprobs::{self, TokenBytes};
 use super::types::UsageOut;
 use crate::engine::{EngineEvent, FinishReason};
 
@@ -57,72 +58,90 @@ impl UsageTally {
     }
 }
 
+/// What a stream is made of, fixed when the request is accepted.
+pub struct StreamSpec {
+    pub kind: Kind,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub include_usage: bool,
+    pub num_prompts: usize,
+    /// Choices per prompt; choice `i` belongs to prompt `i / n`.
+    pub n: usize,
+    /// Completions with `echo`: each prompt's text, sent first in each of its choices.
+    pub echo: Vec<String>,
+    pub token_bytes: TokenBytes,
+}
+
 pub struct ChunkBuilder {
-    kind: Kind,
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
+    spec: StreamSpec,
     num_choices: usize,
     finished: Vec<bool>,
+    /// Characters sent per choice (completions' `text_offset`).
+    chars: Vec<usize>,
     usage: UsageTally,
 }
 
 impl ChunkBuilder {
-    pub fn new(
-        kind: Kind,
-        id: String,
-        created: u64,
-        model: String,
-        include_usage: bool,
-        num_prompts: usize,
-        n: usize,
-    ) -> Self {
-        let num_choices = num_prompts * n;
+    pub fn new(spec: StreamSpec) -> Self {
+        let num_choices = spec.num_prompts * spec.n;
         Self {
-            kind,
-            id,
-            created,
-            model,
-            include_usage,
-            num_choices,
+            usage: UsageTally::new(spec.num_prompts, spec.n),
             finished: vec![false; num_choices],
-            usage: UsageTally::new(num_prompts, n),
+            chars: vec![0; num_choices],
+            num_choices,
+            spec,
         }
     }
 
     fn chunk(&self, choices: Value) -> Value {
-        let object = match self.kind {
+        let object = match self.spec.kind {
             Kind::Chat => "chat.completion.chunk",
             Kind::Completion => "text_completion",
         };
-        json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices})
+        json!({"id": self.spec.id, "object": object, "created": self.spec.created,
+               "model": self.spec.model, "choices": choices})
     }
 
-    fn choice(&self, index: usize, text: Option<&str>, finish: Option<&str>) -> Value {
-        match self.kind {
+    fn choice(
+        &mut self,
+        index: usize,
+        text: Option<&str>,
+        logprobs: Value,
+        finish: Option<&str>,
+    ) -> Value {
+        let c = match self.spec.kind {
             Kind::Chat => {
                 let delta = match text {
                     Some(t) => json!({"content": t}),
                     None => json!({}),
                 };
-                json!({"index": index, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Kind::Completion => {
-                json!({"index": index, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
             }
-        }
+        };
+        self.chars[index] += text.map_or(0, |t| t.chars().count());
+        self.chunk(json!([c]))
     }
 
-    /// Chunks sent before any token: the assistant role for each chat choice.
-    pub fn start(&self) -> Vec<Value> {
-        match self.kind {
+    /// Chunks sent before any token: the assistant role of each chat choice, or each
+    /// completion choice's echoed prompt.
+    pub fn start(&mut self) -> Vec<Value> {
+        match self.spec.kind {
             Kind::Chat => (0..self.num_choices)
                 .map(|i| {
                     self.chunk(
                         json!([{"index": i, "delta": {"role": "assistant", "content": ""},
                                        "logprobs": null, "finish_reason": null}]),
                     )
+                })
+                .collect(),
+            Kind::Completion if !self.spec.echo.is_empty() => (0..self.num_choices)
+                .map(|i| {
+                    let prompt = self.spec.echo[i / self.spec.n].clone();
+                    self.choice(i, Some(&prompt), Value::Null, None)
                 })
                 .collect(),
             Kind::Completion => Vec::new(),
@@ -134,9 +153,28 @@ impl ChunkBuilder {
             return Vec::new();
         }
         match ev {
-            EngineEvent::Token { text, .. } if text.is_empty() => Vec::new(),
-            EngineEvent::Token { text, .. } => {
-                vec![self.chunk(json!([self.choice(index, Some(&text), None)]))]
+            EngineEvent::Token {
+                token_id,
+                text,
+                logprobs,
+            } => {
+                let lp = match (&logprobs, self.spec.kind) {
+                    (None, _) => Value::Null,
+                    (Some(lp), Kind::Chat) => {
+                        json!({"content": [logprobs::chat_entry(token_id, lp, &self.spec.token_bytes)]})
+                    }
+                    (Some(lp), Kind::Completion) => logprobs::completion_piece(
+                        token_id,
+                        lp,
+                        self.chars[index],
+                        &self.spec.token_bytes,
+                    ),
+                };
+                // With logprobs every token is reported, even one whose text is held back.
+                if text.is_empty() && lp.is_null() {
+                    return Vec::new();
+                }
+                vec![self.choice(index, Some(&text), lp, None)]
             }
             EngineEvent::Finished {
                 text,
@@ -147,10 +185,9 @@ impl ChunkBuilder {
                 self.usage.add(index, usage);
                 let mut out = Vec::new();
                 if !text.is_empty() {
-                    out.push(self.chunk(json!([self.choice(index, Some(&text), None)])));
+                    out.push(self.choice(index, Some(&text), Value::Null, None));
                 }
-                let last = self.choice(index, None, Some(finish_reason_str(reason)));
-                out.push(self.chunk(json!([last])));
+                out.push(self.choice(index, None, Value::Null, Some(finish_reason_str(reason))));
                 out
             }
             EngineEvent::Error(e) => {
@@ -164,15 +201,55 @@ impl ChunkBuilder {
         self.finished.iter().all(|&f| f)
     }
 
+    pub fn usage(&self) -> UsageOut {
+        self.usage.total()
+    }
+
     /// Chunks after every choice finished: the usage chunk when asked for.
     pub fn end(&self) -> Vec<Value> {
-        if !self.include_usage {
+        if !self.spec.include_usage {
             return Vec::new();
         }
         let mut c = self.chunk(json!([]));
         c["usage"] = json!(self.usage.total());
         vec![c]
     }
+}
+
+/// Fold a stream's chunks into the `choices` of the equivalent non-streaming response, so the
+/// two can never disagree.
+pub fn aggregate(kind: Kind, num_choices: usize, chunks: &[Value]) -> Vec<Value> {
+    let mut text = vec![String::new(); num_choices];
+    let mut lps = vec![Value::Null; num_choices];
+    let mut finish = vec![Value::Null; num_choices];
+    for c in chunks {
+        for choice in c["choices"].as_array().into_iter().flatten() {
+            let Some(i) = choice["index"]
+                .as_u64()
+                .map(|i| i as usize)
+                .filter(|&i| i < num_choices)
+            else {
+                continue;
+            };
+            let piece = match kind {
+                Kind::Chat => &choice["delta"]["content"],
+                Kind::Completion => &choice["text"],
+            };
+            text[i].push_str(piece.as_str().unwrap_or(""));
+            logprobs::merge(&mut lps[i], &choice["logprobs"]);
+            if !choice["finish_reason"].is_null() {
+                finish[i] = choice["finish_reason"].clone();
+            }
+        }
+    }
+    (0..num_choices)
+        .map(|i| match kind {
+            Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": text[i]},
+                                 "logprobs": lps[i], "finish_reason": finish[i]}),
+            Kind::Completion => json!({"index": i, "text": text[i], "logprobs": lps[i],
+                                       "finish_reason": finish[i]}),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -184,6 +261,21 @@ mod tests {
         EngineEvent::Token {
             token_id: 1,
             text: text.into(),
+            logprobs: None,
+        }
+    }
+
+    fn spec(kind: Kind, include_usage: bool, n: usize) -> StreamSpec {
+        StreamSpec {
+            kind,
+            id: "id-1".into(),
+            created: 5,
+            model: "m".into(),
+            include_usage,
+            num_prompts: 1,
+            n,
+            echo: Vec::new(),
+            token_bytes: std::sync::Arc::new(|id| format!("<{id}>").into_bytes()),
         }
     }
 
@@ -200,7 +292,7 @@ mod tests {
 
     #[test]
     fn chat_stream_role_deltas_finish_and_usage() {
-        let mut b = ChunkBuilder::new(Kind::Chat, "chatcmpl-1".into(), 5, "m".into(), true, 1, 1);
+        let mut b = ChunkBuilder::new(spec(Kind::Chat, true, 1));
         let start = b.start();
         assert_eq!(start.len(), 1);
         assert_eq!(start[0]["object"], "chat.completion.chunk");
@@ -231,7 +323,7 @@ mod tests {
 
     #[test]
     fn completion_stream_with_two_choices_counts_the_prompt_once() {
-        let mut b = ChunkBuilder::new(Kind::Completion, "cmpl-1".into(), 5, "m".into(), true, 1, 2);
+        let mut b = ChunkBuilder::new(spec(Kind::Completion, true, 2));
         assert!(b.start().is_empty());
         let c = b.on_event(1, tok("x"));
         assert_eq!(c[0]["object"], "text_completion");
@@ -247,10 +339,74 @@ mod tests {
 
     #[test]
     fn errors_become_openai_error_events() {
-        let mut b = ChunkBuilder::new(Kind::Chat, "x".into(), 0, "m".into(), false, 1, 1);
+        let mut b = ChunkBuilder::new(spec(Kind::Chat, false, 1));
         let out = b.on_event(0, EngineEvent::Error(EngineError::Model("boom".into())));
         assert_eq!(out[0]["error"]["type"], "server_error");
         assert!(b.is_done());
         assert!(b.end().is_empty());
+    }
+
+    #[test]
+    fn logprobs_are_sent_per_token_and_aggregate_like_the_stream() {
+        let lp = |l: f32| {
+            Some(crate::engine::TokenLogprobs {
+                logprob: l,
+                top: vec![(4, -0.1)],
+            })
+        };
+        let mut s = spec(Kind::Completion, false, 1);
+        s.echo = vec!["Q:".into()];
+        let mut b = ChunkBuilder::new(s);
+        let mut chunks = b.start();
+        chunks.extend(b.on_event(
+            0,
+            EngineEvent::Token {
+                token_id: 7,
+                text: "ab".into(),
+                logprobs: lp(-1.0),
+            },
+        ));
+        // Text held back (empty) still reports the token's logprobs.
+        chunks.extend(b.on_event(
+            0,
+            EngineEvent::Token {
+                token_id: 8,
+                text: "".into(),
+                logprobs: lp(-2.0),
+            },
+        ));
+        chunks.extend(b.on_event(0, fin("c", FinishReason::Stop, 2)));
+        assert_eq!(chunks.len(), 5);
+        let choices = aggregate(Kind::Completion, 1, &chunks);
+        assert_eq!(choices[0]["text"], "Q:abc");
+        assert_eq!(choices[0]["finish_reason"], "stop");
+        assert_eq!(
+            choices[0]["logprobs"],
+            json!({"tokens": ["<7>", "<8>"], "token_logprobs": [-1.0, -2.0],
+                   "top_logprobs": [{"<4>": -0.1}, {"<4>": -0.1}], "text_offset": [2, 4]})
+        );
+
+        let mut b = ChunkBuilder::new(spec(Kind::Chat, false, 1));
+        let mut chunks = b.start();
+        chunks.extend(b.on_event(
+            0,
+            EngineEvent::Token {
+                token_id: 7,
+                text: "hi".into(),
+                logprobs: lp(-0.5),
+            },
+        ));
+        chunks.extend(b.on_event(0, fin("", FinishReason::Length, 1)));
+        let choices = aggregate(Kind::Chat, 1, &chunks);
+        assert_eq!(
+            choices[0]["message"],
+            json!({"role": "assistant", "content": "hi"})
+        );
+        assert_eq!(choices[0]["logprobs"]["content"][0]["token"], "<7>");
+        assert_eq!(
+            choices[0]["logprobs"]["content"][0]["top_logprobs"][0]["logprob"],
+            -0.1
+        );
+        assert_eq!(choices[0]["finish_reason"], "length");
     }
 }

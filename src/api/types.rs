@@ -32,6 +32,23 @@ pub struct CommonParams {
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    pub min_p: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
+    pub min_tokens: Option<i64>,
+    /// Chat: a boolean; completions: how many alternatives (an integer).
+    pub logprobs: Option<LogprobsParam>,
+    pub top_logprobs: Option<i64>,
+    pub echo: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+pub enum LogprobsParam {
+    Flag(bool),
+    Count(i64),
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,48 +100,6 @@ pub struct UsageOut {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ChatCompletionResponse {
-    pub id: String,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<ChatChoice>,
-    pub usage: UsageOut,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ChatChoice {
-    pub index: usize,
-    pub message: AssistantMessage,
-    pub logprobs: Option<()>,
-    pub finish_reason: Option<&'static str>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct AssistantMessage {
-    pub role: &'static str,
-    pub content: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct CompletionResponse {
-    pub id: String,
-    pub object: &'static str,
-    pub created: u64,
-    pub model: String,
-    pub choices: Vec<CompletionChoice>,
-    pub usage: UsageOut,
-}
-
-#[derive(Debug, Serialize)]
-pub struct CompletionChoice {
-    pub index: usize,
-    pub text: String,
-    pub logprobs: Option<()>,
-    pub finish_reason: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]

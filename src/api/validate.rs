@@ -2,7 +2,7 @@
 //! field, the allowed range and the value received.
 
 use super::error::ApiError;
-use super::types::{CommonParams, StopSpec};
+use super::types::{CommonParams, LogprobsParam, StopSpec};
 use crate::engine::{GenerationRequest, SamplingParams};
 
 /// Most choices one request may ask for (`n` × prompts).
@@ -19,16 +19,38 @@ pub struct Validated {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    pub echo: bool,
 }
 
-pub fn common(p: &CommonParams) -> Result<Validated, ApiError> {
-    let temperature = p.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
+/// Which endpoint a request came through (some parameters differ in type between them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// Most alternatives per token that `logprobs` / `top_logprobs` may ask for.
+pub const MAX_LOGPROBS: i64 = 20;
+
+fn in_range(
+    field: &'static str,
+    v: Option<f64>,
+    lo: f64,
+    hi: f64,
+    default: f64,
+) -> Result<f64, ApiError> {
+    let v = v.unwrap_or(default);
+    if !(lo..=hi).contains(&v) {
         return Err(ApiError::param(
-            "temperature",
-            format!("temperature must be in [0, 2], got {temperature}"),
+            field,
+            format!("{field} must be in [{lo}, {hi}], got {v}"),
         ));
     }
+    Ok(v)
+}
+
+pub fn common(p: &CommonParams, endpoint: Endpoint) -> Result<Validated, ApiError> {
+    let temperature = in_range("temperature", p.temperature, 0.0, 2.0, 1.0)?;
     let top_p = p.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::param(
@@ -46,6 +68,16 @@ pub fn common(p: &CommonParams) -> Result<Validated, ApiError> {
             ))
         }
     };
+    let min_p = in_range("min_p", p.min_p, 0.0, 1.0, 0.0)?;
+    let presence_penalty = in_range("presence_penalty", p.presence_penalty, -2.0, 2.0, 0.0)?;
+    let frequency_penalty = in_range("frequency_penalty", p.frequency_penalty, -2.0, 2.0, 0.0)?;
+    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0 && repetition_penalty <= 10.0) {
+        return Err(ApiError::param(
+            "repetition_penalty",
+            format!("repetition_penalty must be in (0, 10], got {repetition_penalty}"),
+        ));
+    }
     let (field, max_tokens) = match (p.max_completion_tokens, p.max_tokens) {
         (Some(m), _) => ("max_completion_tokens", Some(m)),
         (None, m) => ("max_tokens", m),
@@ -59,6 +91,24 @@ pub fn common(p: &CommonParams) -> Result<Validated, ApiError> {
                 format!("{field} must be at least 1, got {m}"),
             ))
         }
+    };
+    let min_tokens = match p.min_tokens.unwrap_or(0) {
+        m if m < 0 => {
+            return Err(ApiError::param(
+                "min_tokens",
+                format!("min_tokens must be at least 0, got {m}"),
+            ))
+        }
+        m if max_tokens.is_some_and(|x| m as usize > x) => {
+            return Err(ApiError::param(
+                "min_tokens",
+                format!(
+                    "min_tokens must be at most {field} ({}), got {m}",
+                    max_tokens.unwrap_or(0)
+                ),
+            ))
+        }
+        m => m as usize,
     };
     let n = p.n.unwrap_or(1);
     if !(1..=MAX_CHOICES as i64).contains(&n) {
@@ -74,6 +124,37 @@ pub fn common(p: &CommonParams) -> Result<Validated, ApiError> {
             "stream_options is only allowed when stream is true",
         ));
     }
+    let logprobs = logprobs(p, endpoint)?;
+    let echo = p.echo.unwrap_or(false);
+    if echo && endpoint == Endpoint::Chat {
+        return Err(ApiError::param(
+            "echo",
+            "echo is only supported by /v1/completions",
+        ));
+    }
+    if echo && logprobs.is_some() {
+        return Err(ApiError::param(
+            "echo",
+            "echo together with logprobs is not supported",
+        ));
+    }
+    let mut logit_bias = Vec::new();
+    for (k, &v) in p.logit_bias.iter().flatten() {
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::param(
+                "logit_bias",
+                format!("logit_bias keys must be token ids, got `{k}`"),
+            )
+        })?;
+        if !(-100.0..=100.0).contains(&v) {
+            return Err(ApiError::param(
+                "logit_bias",
+                format!("logit_bias values must be in [-100, 100], got {v} for token {id}"),
+            ));
+        }
+        logit_bias.push((id, v as f32));
+    }
+    logit_bias.sort_by_key(|x| x.0);
     let stop = match &p.stop {
         None => Vec::new(),
         Some(StopSpec::One(s)) => vec![s.clone()],
@@ -84,7 +165,14 @@ pub fn common(p: &CommonParams) -> Result<Validated, ApiError> {
             temperature: temperature as f32,
             top_p: top_p as f32,
             top_k,
+            min_p: min_p as f32,
             seed: p.seed.map(|s| s as u64),
+            presence_penalty: presence_penalty as f32,
+            frequency_penalty: frequency_penalty as f32,
+            repetition_penalty: repetition_penalty as f32,
+            logit_bias,
+            min_tokens,
+            logprobs,
         },
         max_tokens,
         stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
@@ -94,7 +182,78 @@ pub fn common(p: &CommonParams) -> Result<Validated, ApiError> {
         n: n as usize,
         stream,
         include_usage: p.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        echo,
     })
+}
+
+/// Chat: `logprobs: bool` + `top_logprobs: 0..=20`; completions: `logprobs: 0..=20`.
+fn logprobs(p: &CommonParams, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+    let range = |field: &'static str, k: i64| {
+        if (0..=MAX_LOGPROBS).contains(&k) {
+            Ok(k as usize)
+        } else {
+            Err(ApiError::param(
+                field,
+                format!("{field} must be in [0, {MAX_LOGPROBS}], got {k}"),
+            ))
+        }
+    };
+    match endpoint {
+        Endpoint::Chat => {
+            let on = match p.logprobs {
+                None | Some(LogprobsParam::Flag(false)) => false,
+                Some(LogprobsParam::Flag(true)) => true,
+                Some(LogprobsParam::Count(_)) => {
+                    return Err(ApiError::param(
+                        "logprobs",
+                        "logprobs must be a boolean for chat completions",
+                    ))
+                }
+            };
+            match (on, p.top_logprobs) {
+                (false, Some(k)) if k > 0 => Err(ApiError::param(
+                    "top_logprobs",
+                    "top_logprobs requires logprobs to be true",
+                )),
+                (false, _) => Ok(None),
+                (true, k) => Ok(Some(range("top_logprobs", k.unwrap_or(0))?)),
+            }
+        }
+        Endpoint::Completion => match p.logprobs {
+            None => Ok(None),
+            Some(LogprobsParam::Count(k)) => Ok(Some(range("logprobs", k)?)),
+            Some(LogprobsParam::Flag(_)) => Err(ApiError::param(
+                "logprobs",
+                "logprobs must be an integer for completions",
+            )),
+        },
+    }
+}
+
+/// Token ids a request names (`logit_bias`, `stop_token_ids`) must exist in the vocabulary.
+pub fn check_token_ids(v: &Validated, vocab_size: usize) -> Result<(), ApiError> {
+    if let Some(&(id, _)) = v
+        .sampling
+        .logit_bias
+        .iter()
+        .find(|(id, _)| *id as usize >= vocab_size)
+    {
+        return Err(ApiError::param(
+            "logit_bias",
+            format!("token id {id} is out of range for a vocabulary of {vocab_size}"),
+        ));
+    }
+    if let Some(id) = v
+        .stop_token_ids
+        .iter()
+        .find(|&&id| id as usize >= vocab_size)
+    {
+        return Err(ApiError::param(
+            "stop_token_ids",
+            format!("token id {id} is out of range for a vocabulary of {vocab_size}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Check the prompt against the context and build the engine request. Without `max_tokens`,
@@ -160,7 +319,15 @@ mod tests {
     }
 
     fn err(json: &str) -> String {
-        common(&params(json)).unwrap_err().to_string()
+        common(&params(json), Endpoint::Chat)
+            .unwrap_err()
+            .to_string()
+    }
+
+    fn err_completion(json: &str) -> String {
+        common(&params(json), Endpoint::Completion)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -191,10 +358,78 @@ mod tests {
     }
 
     #[test]
+    fn sampling_extras_are_checked() {
+        assert_eq!(
+            err(r#"{"presence_penalty": 2.5}"#),
+            "presence_penalty must be in [-2, 2], got 2.5"
+        );
+        assert_eq!(
+            err(r#"{"frequency_penalty": -3}"#),
+            "frequency_penalty must be in [-2, 2], got -3"
+        );
+        assert_eq!(
+            err(r#"{"repetition_penalty": 0}"#),
+            "repetition_penalty must be in (0, 10], got 0"
+        );
+        assert_eq!(err(r#"{"min_p": 1.5}"#), "min_p must be in [0, 1], got 1.5");
+        assert_eq!(
+            err(r#"{"min_tokens": 9, "max_tokens": 4}"#),
+            "min_tokens must be at most max_tokens (4), got 9"
+        );
+        assert_eq!(
+            err(r#"{"logit_bias": {"abc": 1}}"#),
+            "logit_bias keys must be token ids, got `abc`"
+        );
+        assert_eq!(
+            err(r#"{"logit_bias": {"5": 300}}"#),
+            "logit_bias values must be in [-100, 100], got 300 for token 5"
+        );
+        assert_eq!(
+            err(r#"{"logprobs": 3}"#),
+            "logprobs must be a boolean for chat completions"
+        );
+        assert_eq!(
+            err(r#"{"top_logprobs": 2}"#),
+            "top_logprobs requires logprobs to be true"
+        );
+        assert_eq!(
+            err(r#"{"logprobs": true, "top_logprobs": 21}"#),
+            "top_logprobs must be in [0, 20], got 21"
+        );
+        assert_eq!(
+            err_completion(r#"{"logprobs": true}"#),
+            "logprobs must be an integer for completions"
+        );
+        assert_eq!(
+            err_completion(r#"{"logprobs": -1}"#),
+            "logprobs must be in [0, 20], got -1"
+        );
+        assert_eq!(
+            err(r#"{"echo": true}"#),
+            "echo is only supported by /v1/completions"
+        );
+        let v = common(
+            &params(r#"{"logprobs": true, "top_logprobs": 3, "logit_bias": {"7": -5, "2": 1}}"#),
+            Endpoint::Chat,
+        )
+        .unwrap();
+        assert_eq!(v.sampling.logprobs, Some(3));
+        assert_eq!(v.sampling.logit_bias, vec![(2, 1.0), (7, -5.0)]);
+        assert!(check_token_ids(&v, 8).is_ok());
+        assert!(check_token_ids(&v, 7)
+            .unwrap_err()
+            .to_string()
+            .contains("token id 7"));
+        let v = common(&params(r#"{"logprobs": 2}"#), Endpoint::Completion).unwrap();
+        assert_eq!(v.sampling.logprobs, Some(2));
+    }
+
+    #[test]
     fn defaults_and_conversions() {
-        let v = common(&params(
-            r#"{"stop": "x", "max_completion_tokens": 5, "max_tokens": 9, "top_k": -1}"#,
-        ))
+        let v = common(
+            &params(r#"{"stop": "x", "max_completion_tokens": 5, "max_tokens": 9, "top_k": -1}"#),
+            Endpoint::Chat,
+        )
         .unwrap();
         assert_eq!(v.stop, vec!["x"]);
         assert_eq!(v.max_tokens, Some(5));
@@ -205,7 +440,7 @@ mod tests {
 
     #[test]
     fn context_checks() {
-        let v = common(&params(r#"{"max_tokens": 5}"#)).unwrap();
+        let v = common(&params(r#"{"max_tokens": 5}"#), Endpoint::Chat).unwrap();
         assert!(generation_request(&v, vec![1; 10], 16, "prompt", 100).is_ok());
         let e = generation_request(&v, vec![1; 12], 16, "prompt", 100).unwrap_err();
         assert!(e.to_string().contains("17 were requested"), "{e}");
@@ -213,7 +448,7 @@ mod tests {
         assert!(matches!(e, ApiError::ContextLength { .. }));
         let e = generation_request(&v, vec![100], 16, "prompt", 100).unwrap_err();
         assert!(e.to_string().contains("out of range"));
-        let v = common(&params("{}")).unwrap();
+        let v = common(&params("{}"), Endpoint::Chat).unwrap();
         assert_eq!(
             generation_request(&v, vec![1; 10], 16, "prompt", 100)
                 .unwrap()

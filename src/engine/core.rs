@@ -12,8 +12,9 @@ use rand::SeedableRng;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::kv::{KvManager, SeqId};
+use super::logits::{process, TokenHistory};
 use super::runner::{build_batch, execute};
-use super::sampler::sample;
+use super::sampler::{logprobs, sample};
 use super::scheduler::{Scheduler, SchedulerConfig};
 use super::sequence::Sequence;
 use super::{
@@ -40,6 +41,9 @@ struct Request {
     decoder: IncrementalDecoder,
     stop: StopMatcher,
     rng: StdRng,
+    history: TokenHistory,
+    /// Tokens that end generation (EOS unless ignored, and `stop_token_ids`).
+    end_tokens: Vec<u32>,
     /// Has left the waiting queue once (so it no longer counts against `pending`).
     admitted: bool,
 }
@@ -150,6 +154,10 @@ impl Engine {
             None => StdRng::from_rng(&mut rand::rng()),
         };
         let n_prompt = request.prompt_ids.len();
+        let mut end_tokens = request.stop_token_ids.clone();
+        if !request.ignore_eos {
+            end_tokens.extend_from_slice(self.tokenizer.eos_token_ids());
+        }
         self.stats
             .prompt_tokens
             .fetch_add(n_prompt as u64, Ordering::Relaxed);
@@ -160,6 +168,8 @@ impl Engine {
             Request {
                 decoder: IncrementalDecoder::new(n_prompt, request.skip_special_tokens),
                 stop: StopMatcher::new(request.stop.clone()),
+                history: TokenHistory::new(&request.prompt_ids, &request.sampling),
+                end_tokens,
                 params: *request,
                 events,
                 rng,
@@ -229,16 +239,22 @@ impl Engine {
 
         let samplers = out.scheduled.iter().filter(|s| s.samples);
         for (s, row) in samplers.zip(logits) {
-            self.on_sampled(s.seq_id, &row);
+            self.on_sampled(s.seq_id, row);
         }
         true
     }
 
-    fn on_sampled(&mut self, id: SeqId, logits: &[f32]) {
+    fn on_sampled(&mut self, id: SeqId, mut logits: Vec<f32>) {
         let Some(r) = self.requests.get_mut(&id) else {
             return;
         };
-        let token = sample(logits, &r.params.sampling, &mut r.rng);
+        let sp = &r.params.sampling;
+        process(&mut logits, sp, &r.history, &r.end_tokens);
+        let token = sample(&logits, sp, &mut r.rng);
+        let token_logprobs = sp
+            .logprobs
+            .map(|k| logprobs(&logits, sp.temperature, token, k));
+        r.history.push(token);
         self.scheduler.append_token(id, token);
         self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
         let Some(seq) = self.scheduler.get(id) else {
@@ -248,8 +264,7 @@ impl Engine {
         let mut reason = None;
         let mut text = String::new();
         let mut matched_stop_string = false;
-        let is_eos = !r.params.ignore_eos && self.tokenizer.eos_token_ids().contains(&token);
-        if is_eos || r.params.stop_token_ids.contains(&token) {
+        if r.end_tokens.contains(&token) {
             reason = Some(FinishReason::Stop);
         } else {
             match r.decoder.step(&self.tokenizer, &seq.token_ids) {
@@ -279,6 +294,7 @@ impl Engine {
         let sent = r.events.send(EngineEvent::Token {
             token_id: token,
             text,
+            logprobs: token_logprobs,
         });
         if sent.is_err() {
             self.finish(id);

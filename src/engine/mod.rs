@@ -4,6 +4,7 @@
 
 mod core;
 pub mod kv;
+pub mod logits;
 pub mod runner;
 pub mod sampler;
 pub mod scheduler;
@@ -15,7 +16,7 @@ use std::sync::{mpsc, Arc};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use self::core::{spawn_engine, EngineConfig};
-pub use sampler::SamplingParams;
+pub use sampler::{SamplingParams, TokenLogprobs};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum EngineError {
@@ -51,10 +52,11 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     /// One generated token and the text it completes (possibly empty: an unfinished character
-    /// or a possible stop string is held back).
+    /// or a possible stop string is held back), with its log-probabilities when asked for.
     Token {
         token_id: u32,
         text: String,
+        logprobs: Option<TokenLogprobs>,
     },
     /// Generation ended; `text` is whatever was still held back.
     Finished {

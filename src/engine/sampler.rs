@@ -1,6 +1,7 @@
-//! Choosing the next token from a row of logits: greedy at temperature 0, otherwise
-//! temperature → top-k → softmax → top-p (nucleus) → a draw from the request's own RNG, so a
-//! seeded request draws the same numbers whatever else shares its batches.
+//! Choosing the next token from a row of (processed, see `logits`) logits: greedy at
+//! temperature 0, otherwise temperature → top-k → softmax → top-p (nucleus) → min-p → a draw from
+//! the request's own RNG, so a seeded request draws the same numbers whatever else shares its
+//! batches. Also the log-probabilities reported back to the client.
 
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -13,7 +14,19 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// `None` disables top-k.
     pub top_k: Option<usize>,
+    /// Drop tokens less likely than `min_p` times the most likely one; 0 disables.
+    pub min_p: f32,
     pub seed: Option<u64>,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// 1 disables; > 1 discourages tokens already in the prompt or output.
+    pub repetition_penalty: f32,
+    /// Added to the logits of these token ids.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// End tokens are masked until this many tokens were generated.
+    pub min_tokens: usize,
+    /// Report the sampled token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -22,7 +35,14 @@ impl Default for SamplingParams {
             temperature: 1.0,
             top_p: 1.0,
             top_k: None,
+            min_p: 0.0,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            min_tokens: 0,
+            logprobs: None,
         }
     }
 }
@@ -102,7 +122,61 @@ pub fn candidates(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
     } else {
         c.sort_unstable_by(by_desc);
     }
+    if p.min_p > 0.0 {
+        // Sorted descending: the first candidate is the most likely.
+        let floor = c[0].1 * p.min_p;
+        c.retain(|x| x.1 >= floor);
+        let z: f32 = c.iter().map(|x| x.1).sum();
+        for x in c.iter_mut() {
+            x.1 /= z;
+        }
+    }
     c
+}
+
+/// Log-probabilities of one sampled token and of the `k` most likely tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    /// `(token id, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities under the distribution sampled from: the processed logits divided by the
+/// temperature (at temperature 0, the processed logits themselves), before top-k/p truncation.
+pub fn logprobs(logits: &[f32], temperature: f32, token: u32, k: usize) -> TokenLogprobs {
+    let inv_t = if temperature < 1e-5 {
+        1.0
+    } else {
+        1.0 / temperature
+    };
+    let max = logits
+        .iter()
+        .map(|&x| x * inv_t)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let z: f32 = logits.iter().map(|&x| (x * inv_t - max).exp()).sum();
+    let log_z = max + z.ln();
+    let lp = |i: usize| logits[i] * inv_t - log_z;
+    let mut top: Vec<(u32, f32)> = Vec::new();
+    if k > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_desc = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
+        let k = k.min(idx.len());
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, by_desc);
+            idx.truncate(k);
+        }
+        idx.sort_unstable_by(by_desc);
+        top = idx.into_iter().map(|i| (i, lp(i as usize))).collect();
+    }
+    TokenLogprobs {
+        logprob: lp(token as usize),
+        top,
+    }
 }
 
 pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> u32 {
@@ -131,8 +205,36 @@ mod tests {
             temperature,
             top_p,
             top_k,
-            seed: None,
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_a_fraction_of_the_best() {
+        let logits = [1.0f32.ln(), 2.0f32.ln(), 3.0f32.ln(), 4.0f32.ln()];
+        // probs 0.1 0.2 0.3 0.4; min_p 0.5 keeps p >= 0.2.
+        let p = SamplingParams {
+            min_p: 0.5,
+            ..params(1.0, 1.0, None)
+        };
+        let c = candidates(&logits, &p);
+        assert_eq!(c.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 2, 1]);
+        assert!((c[2].1 - 2.0 / 9.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax_at_the_temperature() {
+        let logits = [0.0f32, 1.0f32.ln() + 1.0, 2.0];
+        let lp = logprobs(&logits, 1.0, 0, 2);
+        let z = (1.0f32 + 1f32.exp() + 2f32.exp()).ln();
+        assert!((lp.logprob - (0.0 - z)).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|x| x.0).collect::<Vec<_>>(), vec![2, 1]);
+        assert!((lp.top[0].1 - (2.0 - z)).abs() < 1e-6);
+        // Temperature 2 halves the logits first.
+        let lp2 = logprobs(&logits, 2.0, 2, 0);
+        let z2 = (1.0f32 + 0.5f32.exp() + 1f32.exp()).ln();
+        assert!((lp2.logprob - (1.0 - z2)).abs() < 1e-6);
+        assert!(lp2.top.is_empty());
     }
 
     #[test]

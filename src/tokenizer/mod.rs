@@ -35,6 +35,8 @@ const END_OF_TURN: &[&str] = &[
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Tokens are byte-level BPE strings (GPT-2's byte-to-character table).
+    byte_level: bool,
     bos_token_id: Option<u32>,
     eos_token_ids: Vec<u32>,
     add_bos_token: bool,
@@ -65,8 +67,13 @@ impl Tokenizer {
         let chat_template = template
             .map(|t| ChatTemplate::new(&t, &name(bos_token_id), &name(eos_token_id)))
             .transpose()?;
+        let byte_level = matches!(
+            inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
         Ok(Self {
             inner,
+            byte_level,
             bos_token_id,
             eos_token_ids,
             add_bos_token,
@@ -144,6 +151,29 @@ impl Tokenizer {
             .map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
+    /// The raw bytes a token stands for (part of a UTF-8 character, possibly).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(tok) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        let added = self.inner.get_added_tokens_decoder().contains_key(&id);
+        if self.byte_level && !added {
+            let table = byte_decoder();
+            let mut out = Vec::with_capacity(tok.len());
+            for c in tok.chars() {
+                match table.get(&c) {
+                    Some(&b) => out.push(b),
+                    None => out.extend_from_slice(c.to_string().as_bytes()),
+                }
+            }
+            out
+        } else if added {
+            tok.into_bytes()
+        } else {
+            self.decode(&[id], false).unwrap_or_default().into_bytes()
+        }
+    }
+
     pub fn eos_token_ids(&self) -> &[u32] {
         &self.eos_token_ids
     }
@@ -159,6 +189,29 @@ impl Tokenizer {
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
+}
+
+/// GPT-2's printable character → byte table (the inverse of `bytes_to_unicode`).
+fn byte_decoder() -> &'static std::collections::HashMap<char, u8> {
+    static TABLE: std::sync::OnceLock<std::collections::HashMap<char, u8>> =
+        std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let printable = |b: u32| {
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b)
+        };
+        let mut extra = 0;
+        (0..256u32)
+            .map(|b| {
+                let c = if printable(b) {
+                    b
+                } else {
+                    extra += 1;
+                    255 + extra
+                };
+                (char::from_u32(c).unwrap_or('?'), b as u8)
+            })
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -185,5 +238,9 @@ mod tests {
         assert_eq!(t.encode("abab<|im_end|>", false).unwrap(), vec![2, 2, 3]);
         assert_eq!(t.eos_token_ids(), &[3]);
         assert_eq!(t.decode(&[2, 0, 3], true).unwrap(), "aba");
+        assert_eq!(t.token_bytes(2), b"ab".to_vec());
+        assert_eq!(t.token_bytes(3), b"<|im_end|>".to_vec());
+        assert_eq!(byte_decoder()[&'\u{120}'], b' ', "Ġ is the space byte");
+        assert_eq!(byte_decoder()[&'\u{10a}'], b'\n', "Ċ is the newline byte");
     }
 }

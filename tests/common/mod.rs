@@ -28,6 +28,7 @@ pub fn config(model: PathBuf, name: &str, engine: EngineSettings) -> Config {
     Config {
         host: "127.0.0.1".into(),
         port: 0,
+        api_key: None,
         model_path: model,
         served_model_name: name.into(),
         engine,

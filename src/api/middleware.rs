@@ -1,0 +1,74 @@
+//! Cross-cutting HTTP layers: request ids (`x-request-id`, echoed when the client sends one)
+//! and the API key check on `/v1/*` routes.
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{ApiError, AppState, RequestId};
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// A client's id is kept when it is a reasonable header token; otherwise one is generated.
+fn usable(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+pub async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| usable(s))
+        .map(String::from)
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// With `--api-key`, every `/v1/*` request must carry `Authorization: Bearer <key>`.
+pub async fn api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(key) = state.api_key.as_deref() {
+        if req.uri().path().starts_with("/v1/") {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+                return ApiError::Unauthorized.into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Compare without an early exit, so timing does not reveal how much of a key matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_and_key_comparison() {
+        assert!(usable("abc-123"));
+        assert!(!usable(""));
+        assert!(!usable("has space"));
+        assert!(!usable(&"x".repeat(200)));
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

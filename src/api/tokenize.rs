@@ -1,0 +1,97 @@
+//! vLLM's `/tokenize` and `/detokenize`, and `/version`.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::handlers::{chat_messages, parse, parse_body};
+use super::types::ChatMessageIn;
+use super::AppState;
+
+#[derive(Debug, Deserialize)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<ChatMessageIn>>,
+    add_generation_prompt: Option<bool>,
+    add_special_tokens: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+pub async fn tokenize(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: TokenizeRequest = parse(&parse_body(body)?)?;
+    let model = state.model_or_default(req.model.as_deref())?;
+    let m = model.clone();
+    let tokens = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
+        let internal = |e: crate::tokenizer::TokenizerError| ApiError::Internal(e.to_string());
+        match (req.prompt, req.messages) {
+            (Some(p), None) => m
+                .tokenizer
+                .encode(&p, req.add_special_tokens.unwrap_or(true))
+                .map_err(internal),
+            (None, Some(msgs)) => {
+                let template = m.tokenizer.chat_template().ok_or_else(|| {
+                    ApiError::param("messages", "this model has no chat template")
+                })?;
+                let text = template
+                    .render(
+                        &chat_messages(msgs)?,
+                        req.add_generation_prompt.unwrap_or(true),
+                    )
+                    .map_err(|e| ApiError::param("messages", e.to_string()))?;
+                m.tokenizer
+                    .encode(&text, req.add_special_tokens.unwrap_or(false))
+                    .map_err(internal)
+            }
+            _ => Err(ApiError::param(
+                "prompt",
+                "give exactly one of prompt or messages",
+            )),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(Json(json!({
+        "count": tokens.len(),
+        "max_model_len": model.engine.limits().max_model_len,
+        "tokens": tokens,
+    })))
+}
+
+pub async fn detokenize(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let req: DetokenizeRequest = parse(&parse_body(body)?)?;
+    let model = state.model_or_default(req.model.as_deref())?;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= model.vocab_size) {
+        return Err(ApiError::param(
+            "tokens",
+            format!(
+                "token id {bad} is out of range for a vocabulary of {}",
+                model.vocab_size
+            ),
+        ));
+    }
+    let text = model
+        .tokenizer
+        .decode(&req.tokens, false)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(json!({ "prompt": text })))
+}
+
+pub async fn version() -> Json<Value> {
+    Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
+}
