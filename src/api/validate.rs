@@ -210,13 +210,17 @@ fn logprobs(p: &CommonParams, endpoint: Endpoint) -> Result<Option<usize>, ApiEr
                     ))
                 }
             };
-            match (on, p.top_logprobs) {
+            let top = p
+                .top_logprobs
+                .map(|k| range("top_logprobs", k))
+                .transpose()?;
+            match (on, top) {
                 (false, Some(k)) if k > 0 => Err(ApiError::param(
                     "top_logprobs",
                     "top_logprobs requires logprobs to be true",
                 )),
                 (false, _) => Ok(None),
-                (true, k) => Ok(Some(range("top_logprobs", k.unwrap_or(0))?)),
+                (true, k) => Ok(Some(k.unwrap_or(0))),
             }
         }
         Endpoint::Completion => match p.logprobs {
