@@ -21,15 +21,6 @@ fn chat(content: &str, max_tokens: u32) -> Value {
            "temperature": 0, "max_tokens": max_tokens})
 }
 
-async fn chat_text(body: &Value) -> String {
-    let (status, v) = post(base(), "/v1/chat/completions", body).await;
-    assert_eq!(status, 200, "{v}");
-    v["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test]
 async fn answers_in_english_and_chinese() {
     let (status, v) = post(
@@ -54,14 +45,14 @@ async fn answers_in_english_and_chinese() {
         u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
     );
 
-    let zh = chat_text(&chat("法国的首都是哪里？", 32)).await;
+    let zh = chat_text(base(), &chat("法国的首都是哪里？", 32)).await;
     assert!(zh.contains("巴黎"), "{zh}");
 }
 
 #[tokio::test]
 async fn streaming_chunks_concatenate_to_the_non_streaming_text() {
     let mut body = chat("Write a haiku about the sea.", 40);
-    let whole = chat_text(&body).await;
+    let whole = chat_text(base(), &body).await;
     body["stream"] = json!(true);
     body["stream_options"] = json!({"include_usage": true});
     let (status, text, ctype) = stream_body(base(), "/v1/chat/completions", &body).await;
@@ -114,12 +105,12 @@ async fn batching_is_invisible_to_greedy_requests() {
     ];
     let mut alone = Vec::new();
     for p in prompts {
-        alone.push(chat_text(&chat(p, 24)).await);
+        alone.push(chat_text(base(), &chat(p, 24)).await);
     }
     let together = futures::future::join_all(
         prompts
             .iter()
-            .map(|p| async move { chat_text(&chat(p, 24)).await }),
+            .map(|p| async move { chat_text(base(), &chat(p, 24)).await }),
     )
     .await;
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
@@ -237,9 +228,11 @@ async fn bad_input_gets_openai_shaped_4xx_and_the_daemon_keeps_serving() {
     assert_openai_error(&v);
 
     // Still serving.
-    assert!(chat_text(&chat("What is the capital of France?", 16))
-        .await
-        .contains("Paris"));
+    assert!(
+        chat_text(base(), &chat("What is the capital of France?", 16))
+            .await
+            .contains("Paris")
+    );
 }
 
 #[tokio::test]

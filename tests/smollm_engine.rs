@@ -55,15 +55,6 @@ fn chat(content: &str, max_tokens: u32) -> Value {
            "temperature": 0, "max_tokens": max_tokens, "ignore_eos": true})
 }
 
-async fn text_of(base: &str, body: &Value) -> String {
-    let (status, v) = post(base, "/v1/chat/completions", body).await;
-    assert_eq!(status, 200, "{v}");
-    v["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test]
 async fn loads_and_generates() {
     let (status, v) = post(
@@ -92,7 +83,7 @@ async fn preemption_by_recompute_is_invisible() {
     ];
     let mut alone = Vec::new();
     for p in prompts {
-        alone.push(text_of(base, &chat(p, 64)).await);
+        alone.push(chat_text(base, &chat(p, 64)).await);
     }
     let before = engine_stats(base).await["num_preemptions"]
         .as_u64()
@@ -100,7 +91,7 @@ async fn preemption_by_recompute_is_invisible() {
     let together = futures::future::join_all(
         prompts
             .iter()
-            .map(|p| async move { text_of(base, &chat(p, 64)).await }),
+            .map(|p| async move { chat_text(base, &chat(p, 64)).await }),
     )
     .await;
     let after = wait_until_idle(base).await;
@@ -171,5 +162,5 @@ async fn a_full_waiting_queue_is_a_503_and_nothing_hangs() {
     drop(b);
     let s = wait_until_idle(base).await;
     assert_eq!(s["num_free_blocks"], s["num_total_blocks"], "{s}");
-    assert!(!text_of(base, &chat("hi", 4)).await.is_empty());
+    assert!(!chat_text(base, &chat("hi", 4)).await.is_empty());
 }

@@ -99,6 +99,16 @@ pub async fn get(base: &str, path: &str) -> (u16, Value) {
     (status, r.json::<Value>().await.expect("json body"))
 }
 
+/// The assistant text of a successful chat completion.
+pub async fn chat_text(base: &str, body: &Value) -> String {
+    let (status, v) = post(base, "/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string()
+}
+
 /// `data:` payloads of an SSE body, in order.
 pub fn sse_data(body: &str) -> Vec<String> {
     body.split("\n\n")
