@@ -96,6 +96,11 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_MAX_MODEL_LEN")]
     pub max_model_len: Option<usize>,
 
+    /// Turn off automatic prefix caching (reusing the KV blocks of identical prompt prefixes,
+    /// e.g. a system prompt or an earlier chat turn). [default: on]
+    #[arg(long, env = "INFERD_NO_PREFIX_CACHING")]
+    pub no_prefix_caching: bool,
+
     /// Requests that may wait for admission; beyond this, new requests get a 503. [default: 256]
     #[arg(long, env = "INFERD_MAX_WAITING_REQUESTS")]
     pub max_waiting_requests: Option<usize>,
@@ -137,6 +142,7 @@ pub struct FileEngine {
     pub kv_cache_memory: Option<String>,
     pub max_model_len: Option<usize>,
     pub max_waiting_requests: Option<usize>,
+    pub enable_prefix_caching: Option<bool>,
 }
 
 /// Fully resolved settings.
@@ -158,6 +164,7 @@ pub struct EngineSettings {
     pub kv_cache_memory: u64,
     pub max_model_len: Option<usize>,
     pub max_waiting_requests: usize,
+    pub enable_prefix_caching: bool,
 }
 
 impl Config {
@@ -214,6 +221,8 @@ impl Config {
                 .max_waiting_requests
                 .or(f.engine.max_waiting_requests)
                 .unwrap_or(256),
+            enable_prefix_caching: !a.no_prefix_caching
+                && f.engine.enable_prefix_caching.unwrap_or(true),
         };
         Ok(Self {
             host: a

@@ -83,6 +83,7 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
             num_blocks,
             max_model_len,
             max_waiting_requests: e.max_waiting_requests,
+            enable_prefix_caching: e.enable_prefix_caching,
         },
     )?;
     let created = std::time::SystemTime::now()

@@ -300,3 +300,89 @@ async fn seeded_sampling_is_reproducible_and_completion_streams_work() {
         .collect();
     assert_eq!(streamed, a["choices"][0]["text"].as_str().unwrap());
 }
+
+/// Time to the first content chunk of a streamed chat completion, and the streamed text.
+async fn ttft(body: &Value) -> (std::time::Duration, String) {
+    let mut body = body.clone();
+    body["stream"] = json!(true);
+    let t0 = std::time::Instant::now();
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", base()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    let (mut first, mut raw) = (None, String::new());
+    while let Some(chunk) = stream.next().await {
+        raw.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        if first.is_none() && raw.contains("\"content\":\"") && raw.matches("data:").count() >= 2 {
+            first = Some(t0.elapsed());
+        }
+    }
+    let text = sse_data(&raw)
+        .iter()
+        .filter(|d| d.as_str() != "[DONE]")
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    (first.expect("a content chunk"), text)
+}
+
+#[tokio::test]
+async fn a_repeated_long_prompt_and_a_grown_chat_reuse_cached_blocks() {
+    let doc = "The quick brown fox jumps over the lazy dog. ".repeat(60);
+    let body = chat(
+        &format!("{doc}\nHow many times does the word fox appear above?"),
+        8,
+    );
+    let before = engine_stats(base()).await;
+    let (cold, a) = ttft(&body).await;
+    let mid = engine_stats(base()).await;
+    let (warm, b) = ttft(&body).await;
+    let after = engine_stats(base()).await;
+    assert_eq!(a, b, "a prefix hit changes nothing in the output");
+    let n_prompt =
+        mid["prompt_tokens"].as_u64().unwrap() - before["prompt_tokens"].as_u64().unwrap();
+    let hits =
+        after["prefix_cache_hits"].as_u64().unwrap() - mid["prefix_cache_hits"].as_u64().unwrap();
+    // Every full block but the one holding the last prompt token comes from cache.
+    assert!(
+        hits >= (n_prompt / 16 - 1) * 16,
+        "{hits} of {n_prompt} prompt tokens hit"
+    );
+    eprintln!(
+        "prefix cache: {n_prompt}-token prompt, TTFT cold {:?} vs warm {:?} (ratio {:.1}x)",
+        cold,
+        warm,
+        cold.as_secs_f64() / warm.as_secs_f64()
+    );
+
+    // A chat re-sent with the reply and one more message recomputes only the new tail.
+    let mut turn = body.clone();
+    turn["messages"] = json!([
+        body["messages"][0],
+        {"role": "assistant", "content": a},
+        {"role": "user", "content": "Answer in one word."}
+    ]);
+    let s0 = engine_stats(base()).await;
+    chat_text(base(), &turn).await;
+    let s1 = engine_stats(base()).await;
+    let hits =
+        s1["prefix_cache_hits"].as_u64().unwrap() - s0["prefix_cache_hits"].as_u64().unwrap();
+    let queried =
+        s1["prefix_cache_queries"].as_u64().unwrap() - s0["prefix_cache_queries"].as_u64().unwrap();
+    assert!(
+        hits >= (n_prompt / 16 - 1) * 16,
+        "turn 2: {hits} of {queried} tokens hit"
+    );
+    assert!(
+        queried - hits < 64,
+        "turn 2 recomputed {} tokens",
+        queried - hits
+    );
+}

@@ -29,6 +29,7 @@ fn tiny_pool() -> &'static str {
                 kv_cache_memory: 16 * 16 * BYTES_PER_TOKEN,
                 max_model_len: None,
                 max_waiting_requests: 64,
+                enable_prefix_caching: true,
             },
         ))
     })

@@ -32,6 +32,7 @@ pub struct EngineConfig {
     pub num_blocks: usize,
     pub max_model_len: usize,
     pub max_waiting_requests: usize,
+    pub enable_prefix_caching: bool,
 }
 
 /// Per-request state that is not the scheduler's business.
@@ -80,7 +81,12 @@ pub fn spawn_engine(
             max_num_seqs: cfg.max_num_seqs,
             max_num_batched_tokens: cfg.max_num_batched_tokens,
         }),
-        kv: KvManager::new(cfg.num_blocks, cfg.block_size),
+        kv: KvManager::with_prefix_caching(
+            cfg.num_blocks,
+            cfg.block_size,
+            cfg.enable_prefix_caching,
+            name,
+        ),
         cache,
         requests: HashMap::new(),
         stats: stats.clone(),
@@ -234,7 +240,7 @@ impl Engine {
                 return true;
             }
         };
-        self.scheduler.on_step_computed(&out);
+        self.scheduler.on_step_computed(&out, &mut self.kv);
         self.stats.num_steps.fetch_add(1, Ordering::Relaxed);
 
         let samplers = out.scheduled.iter().filter(|s| s.samples);
@@ -332,6 +338,11 @@ impl Engine {
             .store(self.kv.num_blocks(), Ordering::Relaxed);
         s.num_kv_sequences
             .store(self.kv.num_sequences(), Ordering::Relaxed);
+        let (queries, hits) = self.kv.prefix_cache_counters();
+        s.prefix_cache_queries.store(queries, Ordering::Relaxed);
+        s.prefix_cache_hits.store(hits, Ordering::Relaxed);
+        s.num_cached_blocks
+            .store(self.kv.num_cached_blocks(), Ordering::Relaxed);
         s.num_preemptions
             .store(self.scheduler.num_preemptions(), Ordering::Relaxed);
     }

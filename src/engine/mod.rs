@@ -99,6 +99,9 @@ pub struct EngineStats {
     pub num_steps: AtomicU64,
     pub generation_tokens: AtomicU64,
     pub prompt_tokens: AtomicU64,
+    pub prefix_cache_queries: AtomicU64,
+    pub prefix_cache_hits: AtomicU64,
+    pub num_cached_blocks: AtomicUsize,
 }
 
 /// A point-in-time copy of [`EngineStats`].
@@ -114,6 +117,11 @@ pub struct StatsSnapshot {
     pub num_steps: u64,
     pub generation_tokens: u64,
     pub prompt_tokens: u64,
+    /// Prompt tokens looked up in the prefix cache, and found there.
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    /// Blocks holding a cached prefix (free or in use).
+    pub num_cached_blocks: usize,
 }
 
 impl EngineStats {
@@ -135,6 +143,9 @@ impl EngineStats {
             num_steps: self.num_steps.load(Ordering::Relaxed),
             generation_tokens: self.generation_tokens.load(Ordering::Relaxed),
             prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
+            prefix_cache_queries: self.prefix_cache_queries.load(Ordering::Relaxed),
+            prefix_cache_hits: self.prefix_cache_hits.load(Ordering::Relaxed),
+            num_cached_blocks: self.num_cached_blocks.load(Ordering::Relaxed),
         }
     }
 }

@@ -64,7 +64,7 @@ mod tests {
         });
         s.add(Sequence::new(1, vec![10, 11, 12]));
         let out = s.schedule(&mut kv);
-        s.on_step_computed(&out);
+        s.on_step_computed(&out, &mut kv);
         s.append_token(1, 13);
         s.add(Sequence::new(2, vec![20, 21, 22, 23, 24]));
         let out = s.schedule(&mut kv);

@@ -146,10 +146,20 @@ impl Scheduler {
                 if budget == 0 || self.running.len() >= self.cfg.max_num_seqs {
                     break;
                 }
-                let seq = &self.seqs[&id];
+                let Some(seq) = self.seqs.get_mut(&id) else {
+                    self.waiting.pop_front();
+                    continue;
+                };
+                // A fresh (or preempted) sequence starts from its longest cached prefix.
+                if seq.num_computed_tokens == 0 {
+                    seq.num_computed_tokens = kv.get_computed_blocks(id, &seq.token_ids);
+                }
                 let n = seq.num_uncomputed().min(budget);
                 let target = seq.num_computed_tokens + n;
                 if kv.allocate_slots(id, target).is_err() {
+                    // Give the cached blocks back; it retries from scratch next step.
+                    kv.free(id);
+                    seq.num_computed_tokens = 0;
                     break;
                 }
                 out.scheduled.push(ScheduledSeq {
@@ -165,11 +175,12 @@ impl Scheduler {
         out
     }
 
-    /// Record that a step computed what `out` scheduled.
-    pub fn on_step_computed(&mut self, out: &SchedulerOutput) {
+    /// Record that a step computed what `out` scheduled, publishing blocks that became full.
+    pub fn on_step_computed(&mut self, out: &SchedulerOutput, kv: &mut KvManager) {
         for s in &out.scheduled {
             if let Some(seq) = self.seqs.get_mut(&s.seq_id) {
                 seq.num_computed_tokens += s.num_new_tokens;
+                kv.cache_full_blocks(s.seq_id, &seq.token_ids, seq.num_computed_tokens);
             }
         }
     }
@@ -213,7 +224,7 @@ mod tests {
 
     fn step(s: &mut Scheduler, kv: &mut KvManager) -> SchedulerOutput {
         let out = s.schedule(kv);
-        s.on_step_computed(&out);
+        s.on_step_computed(&out, kv);
         out
     }
 
@@ -360,5 +371,44 @@ mod tests {
         assert!(s.remove(1, &mut kv).is_some());
         assert!(s.is_empty());
         assert_eq!(kv.num_free_blocks(), 4);
+    }
+
+    #[test]
+    fn a_prefix_hit_computes_only_the_rest_and_resumes_preempted_work_cheaply() {
+        let mut kv = KvManager::with_prefix_caching(8, 4, true, "m");
+        let mut s = sched(8, 64);
+        let prompt: Vec<u32> = (0..10).collect();
+        s.add(Sequence::new(1, prompt.clone()));
+        assert_eq!(step(&mut s, &mut kv).scheduled, vec![sch(1, 10, true)]);
+        s.remove(1, &mut kv);
+
+        // The same prompt again: 8 tokens come from cache, 2 are computed.
+        s.add(Sequence::new(2, prompt.clone()));
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(2, 2, true)]);
+        assert_eq!(kv.block_table(2), &[0, 1, 3]);
+        assert_eq!(kv.prefix_cache_counters(), (20, 8));
+    }
+
+    #[test]
+    fn a_failed_admission_returns_the_cached_blocks() {
+        let mut kv = KvManager::with_prefix_caching(3, 4, true, "m");
+        let mut s = sched(8, 64);
+        s.add(Sequence::new(1, (0..8).collect()));
+        step(&mut s, &mut kv);
+        s.remove(1, &mut kv);
+        s.add(Sequence::new(9, (100..108).collect())); // takes blocks 2 and 1 (evicting 1)
+        step(&mut s, &mut kv);
+        // Seq 2 hits cached block 0 but needs one more block and none is free: it keeps
+        // waiting and holds nothing.
+        let mut prompt: Vec<u32> = (0..4).collect();
+        prompt.extend(200..204);
+        s.add(Sequence::new(2, prompt));
+        let out = step(&mut s, &mut kv);
+        assert!(out.scheduled.iter().all(|x| x.seq_id != 2));
+        assert_eq!(kv.block_table(2), &[] as &[u32]);
+        assert_eq!(s.get(2).unwrap().num_computed_tokens, 0);
+        assert_eq!(kv.num_free_blocks(), 1);
+        assert_eq!(kv.ref_count(0), 0);
     }
 }

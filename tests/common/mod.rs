@@ -43,6 +43,7 @@ pub fn default_engine() -> EngineSettings {
         kv_cache_memory: 256 << 20,
         max_model_len: Some(4096),
         max_waiting_requests: 256,
+        enable_prefix_caching: true,
     }
 }
 

@@ -1,58 +1,183 @@
-//! The physical block pool: block ids `0..num_blocks` and a FIFO free list. Blocks are handed
-//! out from the front and returned to the back, so the list stays in eviction order (the
-//! least recently freed block is reused first).
+//! The physical block pool: block ids `0..num_blocks`, reference counts, and the free list in
+//! eviction order (least recently freed first). Freed blocks keep their prefix-cache entry until
+//! they are handed out again, so a later request can revive them; handing one out evicts it.
+//! The free list is intrusive and doubly linked, so reviving a block from its middle is O(1).
 
-use std::collections::VecDeque;
+use std::collections::HashMap;
 
 pub type BlockId = u32;
 
+const NONE: u32 = u32::MAX;
+
+/// A full block's identity in the prefix cache: the chained hash of its tokens and everything
+/// before them, plus the tokens themselves (compared on lookup, so a hash collision can never
+/// hand out the wrong K/V).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CacheEntry {
+    hash: u64,
+    tokens: Vec<u32>,
+}
+
 #[derive(Debug)]
 pub struct BlockPool {
-    num_blocks: usize,
-    free: VecDeque<BlockId>,
-    in_use: Vec<bool>,
+    ref_cnt: Vec<u32>,
+    entry: Vec<Option<CacheEntry>>,
+    cached: HashMap<u64, BlockId>,
+    // Free list: prev/next links per block, NONE-terminated.
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    head: u32,
+    tail: u32,
+    num_free: usize,
 }
 
 impl BlockPool {
     pub fn new(num_blocks: usize) -> Self {
-        let num_blocks = num_blocks.min(BlockId::MAX as usize);
-        Self {
-            num_blocks,
-            free: (0..num_blocks as BlockId).collect(),
-            in_use: vec![false; num_blocks],
+        let n = num_blocks.min(NONE as usize - 1);
+        let mut p = Self {
+            ref_cnt: vec![0; n],
+            entry: vec![None; n],
+            cached: HashMap::new(),
+            prev: vec![NONE; n],
+            next: vec![NONE; n],
+            head: NONE,
+            tail: NONE,
+            num_free: 0,
+        };
+        for b in 0..n as u32 {
+            p.push_back(b);
         }
+        p
     }
 
     pub fn num_blocks(&self) -> usize {
-        self.num_blocks
+        self.ref_cnt.len()
     }
 
+    /// Blocks not referenced by any sequence (some may still hold cached prefixes).
     pub fn num_free(&self) -> usize {
-        self.free.len()
+        self.num_free
     }
 
-    /// Take `n` blocks, or none at all if fewer than `n` are free.
+    /// Blocks holding a prefix-cache entry.
+    pub fn num_cached(&self) -> usize {
+        self.cached.len()
+    }
+
+    pub fn ref_count(&self, b: BlockId) -> u32 {
+        self.ref_cnt[b as usize]
+    }
+
+    /// Take `n` blocks from the head of the free list (evicting any cache entry they hold), or
+    /// none at all if fewer than `n` are free.
     pub fn allocate(&mut self, n: usize) -> Option<Vec<BlockId>> {
-        if n > self.free.len() {
+        if n > self.num_free {
             return None;
         }
-        let blocks: Vec<BlockId> = self.free.drain(..n).collect();
-        for &b in &blocks {
-            self.in_use[b as usize] = true;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let b = self.head;
+            self.unlink(b);
+            if let Some(e) = self.entry[b as usize].take() {
+                self.cached.remove(&e.hash);
+            }
+            self.ref_cnt[b as usize] = 1;
+            out.push(b);
         }
-        Some(blocks)
+        Some(out)
     }
 
-    /// Return blocks to the back of the free list. A block that is already free is ignored,
-    /// so a double free cannot hand one block to two sequences.
+    /// Drop one reference to each block; blocks nobody references join the back of the free
+    /// list, keeping their cache entry. A block that is already free is ignored.
     pub fn free(&mut self, blocks: impl IntoIterator<Item = BlockId>) {
         for b in blocks {
-            if let Some(used) = self.in_use.get_mut(b as usize) {
-                if std::mem::replace(used, false) {
-                    self.free.push_back(b);
-                }
+            let Some(rc) = self.ref_cnt.get_mut(b as usize) else {
+                continue;
+            };
+            if *rc == 0 {
+                continue;
+            }
+            *rc -= 1;
+            if *rc == 0 {
+                self.push_back(b);
             }
         }
+    }
+
+    /// The cached block holding exactly `tokens` under `hash`, if any.
+    pub fn lookup(&self, hash: u64, tokens: &[u32]) -> Option<BlockId> {
+        let &b = self.cached.get(&hash)?;
+        let e = self.entry[b as usize].as_ref()?;
+        (e.tokens == tokens).then_some(b)
+    }
+
+    /// Take a reference to a (cached) block, reviving it from the free list if unreferenced.
+    pub fn touch(&mut self, b: BlockId) {
+        if self.ref_cnt[b as usize] == 0 {
+            self.unlink(b);
+        }
+        self.ref_cnt[b as usize] += 1;
+    }
+
+    /// Record that block `b` now holds the full block `tokens` with chained hash `hash`. The
+    /// first block registered under a hash stays the cached one.
+    pub fn register(&mut self, b: BlockId, hash: u64, tokens: &[u32]) {
+        if self.entry[b as usize].is_some() || self.cached.contains_key(&hash) {
+            return;
+        }
+        self.entry[b as usize] = Some(CacheEntry {
+            hash,
+            tokens: tokens.to_vec(),
+        });
+        self.cached.insert(hash, b);
+    }
+
+    /// Forget every cache entry (blocks stay where they are).
+    pub fn clear_cache(&mut self) {
+        self.cached.clear();
+        self.entry.iter_mut().for_each(|e| *e = None);
+    }
+
+    fn push_back(&mut self, b: BlockId) {
+        let i = b as usize;
+        self.prev[i] = self.tail;
+        self.next[i] = NONE;
+        if self.tail == NONE {
+            self.head = b;
+        } else {
+            self.next[self.tail as usize] = b;
+        }
+        self.tail = b;
+        self.num_free += 1;
+    }
+
+    fn unlink(&mut self, b: BlockId) {
+        let i = b as usize;
+        let (p, n) = (self.prev[i], self.next[i]);
+        if p == NONE {
+            self.head = n;
+        } else {
+            self.next[p as usize] = n;
+        }
+        if n == NONE {
+            self.tail = p;
+        } else {
+            self.prev[n as usize] = p;
+        }
+        self.prev[i] = NONE;
+        self.next[i] = NONE;
+        self.num_free -= 1;
+    }
+
+    #[cfg(test)]
+    fn free_order(&self) -> Vec<BlockId> {
+        let mut out = Vec::new();
+        let mut b = self.head;
+        while b != NONE {
+            out.push(b);
+            b = self.next[b as usize];
+        }
+        out
     }
 }
 
@@ -69,5 +194,32 @@ mod tests {
         assert_eq!(p.num_free(), 4);
         assert_eq!(p.allocate(4), Some(vec![2, 3, 1, 0]));
         assert_eq!(p.allocate(1), None);
+    }
+
+    #[test]
+    fn ref_counts_revival_and_eviction_on_reuse() {
+        let mut p = BlockPool::new(3);
+        let b = p.allocate(2).unwrap();
+        p.register(b[0], 11, &[1, 2]);
+        p.touch(b[0]); // a second sequence shares it
+        assert_eq!(p.ref_count(0), 2);
+        p.free([0, 1]);
+        assert_eq!((p.ref_count(0), p.num_free()), (1, 2));
+        p.free([0]);
+        assert_eq!(p.free_order(), vec![2, 1, 0]);
+        // Revive block 0 from the back of the free list: O(1) unlink from the middle or end.
+        assert_eq!(p.lookup(11, &[1, 2]), Some(0));
+        assert_eq!(
+            p.lookup(11, &[1, 3]),
+            None,
+            "tokens are compared, not just the hash"
+        );
+        p.touch(0);
+        assert_eq!(p.free_order(), vec![2, 1]);
+        p.free([0]);
+        // Allocating everything reaches block 0 last and evicts its entry.
+        assert_eq!(p.allocate(3), Some(vec![2, 1, 0]));
+        assert_eq!(p.lookup(11, &[1, 2]), None);
+        assert_eq!(p.num_cached(), 0);
     }
 }

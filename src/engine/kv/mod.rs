@@ -1,26 +1,45 @@
-//! The KV block manager: the only owner of KV-cache blocks (ids, free list, per-sequence block
-//! tables). Pure Rust — it never sees a tensor; the tensors live in `models::KvCache`, indexed by
-//! the block ids handed out here.
+//! The KV block manager: the only owner of KV-cache blocks (ids, ref counts, free list,
+//! per-sequence block tables, and the prefix cache). Pure Rust — it never sees a tensor; the
+//! tensors live in `models::KvCache`, indexed by the block ids handed out here.
 //!
-//! The scheduler talks to it through three calls: [`KvManager::allocate_slots`] (grow a
-//! sequence's block table to cover n tokens, all or nothing), [`KvManager::free`], and
-//! [`KvManager::block_table`].
+//! The scheduler talks to it through a few calls: [`KvManager::get_computed_blocks`] (reuse the
+//! cached blocks of a new sequence's longest cached prefix), [`KvManager::allocate_slots`] (grow
+//! a block table to cover n tokens, all or nothing), [`KvManager::cache_full_blocks`] (publish
+//! blocks that became full), and [`KvManager::free`].
+//!
+//! Prefix caching: a full block is identified by a chained hash of its token ids, its
+//! predecessors' and the model's; blocks freed by finished sequences keep that identity in the
+//! free list (in LRU order) until the pool hands them out again.
 
 mod block_pool;
 
 pub use block_pool::{BlockId, BlockPool};
 
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 
 /// Sequence ids as the engine assigns them.
 pub type SeqId = u64;
+
+#[derive(Debug, Default)]
+struct SeqBlocks {
+    blocks: Vec<BlockId>,
+    /// Chained hashes of the leading full blocks already published to the cache.
+    hashes: Vec<u64>,
+}
 
 /// Per-sequence block tables over one [`BlockPool`].
 #[derive(Debug)]
 pub struct KvManager {
     pool: BlockPool,
     block_size: usize,
-    tables: HashMap<SeqId, Vec<BlockId>>,
+    tables: HashMap<SeqId, SeqBlocks>,
+    prefix_caching: bool,
+    /// The root of every hash chain (identifies the model).
+    seed: u64,
+    /// Prompt tokens looked up in / found in the prefix cache.
+    queries: u64,
+    hits: u64,
 }
 
 /// Not enough free blocks to grow a sequence; nothing was allocated.
@@ -30,13 +49,37 @@ pub struct OutOfBlocks {
     pub free: usize,
 }
 
+fn chain(parent: u64, tokens: &[u32]) -> u64 {
+    // SipHash with fixed keys: deterministic, and the tokens are compared on lookup anyway.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
 impl KvManager {
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        Self::with_prefix_caching(num_blocks, block_size, false, "")
+    }
+
+    /// `model` keys the cache, so blocks of different models never match.
+    pub fn with_prefix_caching(
+        num_blocks: usize,
+        block_size: usize,
+        enabled: bool,
+        model: &str,
+    ) -> Self {
         assert!(block_size > 0, "block_size must be positive");
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        model.hash(&mut h);
         Self {
             pool: BlockPool::new(num_blocks),
             block_size,
             tables: HashMap::new(),
+            prefix_caching: enabled,
+            seed: h.finish(),
+            queries: 0,
+            hits: 0,
         }
     }
 
@@ -52,15 +95,57 @@ impl KvManager {
         self.pool.num_free()
     }
 
+    pub fn num_cached_blocks(&self) -> usize {
+        self.pool.num_cached()
+    }
+
+    /// `(tokens queried, tokens found)` in the prefix cache so far.
+    pub fn prefix_cache_counters(&self) -> (u64, u64) {
+        (self.queries, self.hits)
+    }
+
+    pub fn ref_count(&self, b: BlockId) -> u32 {
+        self.pool.ref_count(b)
+    }
+
     /// Blocks needed to hold `num_tokens` token positions.
     pub fn blocks_for(&self, num_tokens: usize) -> usize {
         num_tokens.div_ceil(self.block_size)
     }
 
+    /// Give a sequence that holds no blocks yet the cached blocks of its longest cached prefix;
+    /// returns how many of its tokens they hold. At least one token is always left to compute,
+    /// so the step that finishes the prompt has logits to sample from.
+    pub fn get_computed_blocks(&mut self, seq: SeqId, tokens: &[u32]) -> usize {
+        if !self.prefix_caching || self.tables.contains_key(&seq) || tokens.is_empty() {
+            return 0;
+        }
+        self.queries += tokens.len() as u64;
+        let bs = self.block_size;
+        let mut entry = SeqBlocks::default();
+        let mut parent = self.seed;
+        for chunk in tokens[..tokens.len() - 1].chunks_exact(bs) {
+            let hash = chain(parent, chunk);
+            let Some(b) = self.pool.lookup(hash, chunk) else {
+                break;
+            };
+            self.pool.touch(b);
+            entry.blocks.push(b);
+            entry.hashes.push(hash);
+            parent = hash;
+        }
+        let cached = entry.blocks.len() * bs;
+        self.hits += cached as u64;
+        if !entry.blocks.is_empty() {
+            self.tables.insert(seq, entry);
+        }
+        cached
+    }
+
     /// Make `seq`'s block table cover `num_tokens` positions, allocating the missing blocks.
     /// All or nothing: on failure the table is unchanged.
     pub fn allocate_slots(&mut self, seq: SeqId, num_tokens: usize) -> Result<(), OutOfBlocks> {
-        let have = self.tables.get(&seq).map_or(0, Vec::len);
+        let have = self.tables.get(&seq).map_or(0, |t| t.blocks.len());
         let want = self.blocks_for(num_tokens);
         if want <= have {
             return Ok(());
@@ -70,27 +155,50 @@ impl KvManager {
             needed,
             free: self.pool.num_free(),
         })?;
-        self.tables.entry(seq).or_default().extend(new_blocks);
+        self.tables
+            .entry(seq)
+            .or_default()
+            .blocks
+            .extend(new_blocks);
         Ok(())
+    }
+
+    /// Publish the blocks of `seq` that the first `num_computed` of its `tokens` fill.
+    pub fn cache_full_blocks(&mut self, seq: SeqId, tokens: &[u32], num_computed: usize) {
+        if !self.prefix_caching {
+            return;
+        }
+        let Some(t) = self.tables.get_mut(&seq) else {
+            return;
+        };
+        let bs = self.block_size;
+        let full = (num_computed.min(tokens.len()) / bs).min(t.blocks.len());
+        for i in t.hashes.len()..full {
+            let parent = if i == 0 { self.seed } else { t.hashes[i - 1] };
+            let chunk = &tokens[i * bs..(i + 1) * bs];
+            let hash = chain(parent, chunk);
+            self.pool.register(t.blocks[i], hash, chunk);
+            t.hashes.push(hash);
+        }
     }
 
     /// Return all of `seq`'s blocks to the pool. Freeing an unknown sequence is a no-op.
     pub fn free(&mut self, seq: SeqId) {
-        if let Some(table) = self.tables.remove(&seq) {
-            // Tail blocks first, so the head of a sequence (the part most likely to be shared as
-            // a prefix later) is the last to be reused.
-            self.pool.free(table.into_iter().rev());
+        if let Some(t) = self.tables.remove(&seq) {
+            // Tail blocks first: they join the free list ahead of the head blocks, so the head
+            // of a sequence (the part most likely to be shared as a prefix) is evicted last.
+            self.pool.free(t.blocks.into_iter().rev());
         }
     }
 
     pub fn block_table(&self, seq: SeqId) -> &[BlockId] {
-        self.tables.get(&seq).map_or(&[], Vec::as_slice)
+        self.tables.get(&seq).map_or(&[], |t| t.blocks.as_slice())
     }
 
     /// The physical slot of token position `pos` of `seq` (which must be allocated).
     pub fn slot(&self, seq: SeqId, pos: usize) -> Option<usize> {
         let table = self.tables.get(&seq)?;
-        let block = *table.get(pos / self.block_size)?;
+        let block = *table.blocks.get(pos / self.block_size)?;
         Some(block as usize * self.block_size + pos % self.block_size)
     }
 
@@ -149,5 +257,95 @@ mod tests {
         kv.free(3); // double free is a no-op
         assert_eq!(kv.num_free_blocks(), 6);
         assert_eq!(kv.num_sequences(), 0);
+    }
+
+    fn cached_kv(num_blocks: usize) -> KvManager {
+        KvManager::with_prefix_caching(num_blocks, 4, true, "m")
+    }
+
+    /// Run a sequence's prompt through: cache lookup, allocation, publish after computing.
+    fn prefill(kv: &mut KvManager, seq: SeqId, tokens: &[u32]) -> usize {
+        let cached = kv.get_computed_blocks(seq, tokens);
+        kv.allocate_slots(seq, tokens.len()).unwrap();
+        kv.cache_full_blocks(seq, tokens, tokens.len());
+        cached
+    }
+
+    #[test]
+    fn a_shared_prefix_reuses_the_exact_blocks() {
+        let mut kv = cached_kv(10);
+        let a: Vec<u32> = (0..10).collect(); // blocks [0..4) [4..8) + 2 tokens
+        assert_eq!(prefill(&mut kv, 1, &a), 0);
+        assert_eq!(kv.block_table(1), &[0, 1, 2]);
+        assert_eq!(kv.num_cached_blocks(), 2, "only full blocks are cached");
+
+        // Same first 8 tokens, different tail: both full blocks are reused, shared.
+        let mut b = a[..8].to_vec();
+        b.extend([77, 78, 79]);
+        assert_eq!(prefill(&mut kv, 2, &b), 8);
+        assert_eq!(kv.block_table(2), &[0, 1, 3]);
+        assert_eq!((kv.ref_count(0), kv.ref_count(1)), (2, 2));
+        assert_eq!(kv.prefix_cache_counters(), (21, 8));
+
+        // A prompt that is exactly the cached blocks still computes its last token.
+        assert_eq!(prefill(&mut kv, 3, &a[..8]), 4);
+        assert_eq!(kv.block_table(3), &[0, 4]);
+
+        // Diverging inside the first block: no hit.
+        let mut c = a.clone();
+        c[1] = 99;
+        assert_eq!(prefill(&mut kv, 4, &c), 0);
+    }
+
+    #[test]
+    fn freed_blocks_stay_cached_and_are_evicted_lru() {
+        let mut kv = cached_kv(4);
+        let a: Vec<u32> = (0..8).collect();
+        let b: Vec<u32> = (100..108).collect();
+        prefill(&mut kv, 1, &a); // blocks 0 1
+        prefill(&mut kv, 2, &b); // blocks 2 3
+        kv.free(1); // free list: [1, 0]
+        kv.free(2); // free list: [1, 0, 3, 2]
+        assert_eq!(kv.num_free_blocks(), 4);
+        assert_eq!(kv.num_cached_blocks(), 4);
+
+        // A revived prefix comes back from the middle of the free list.
+        let mut a2 = a.clone();
+        a2.push(8);
+        assert_eq!(prefill(&mut kv, 3, &a2), 8);
+        assert_eq!(
+            kv.block_table(3),
+            &[0, 1, 3],
+            "the third block evicts b's tail (LRU)"
+        );
+        assert_eq!(kv.num_cached_blocks(), 3);
+        kv.free(3);
+
+        // b lost its second block: only its first block still hits.
+        let mut b2 = b.clone();
+        b2.push(9);
+        assert_eq!(prefill(&mut kv, 4, &b2), 4);
+        assert_eq!(kv.block_table(4)[0], 2);
+    }
+
+    #[test]
+    fn generated_tokens_fill_blocks_too_and_caching_can_be_off() {
+        let mut kv = cached_kv(8);
+        let mut toks: Vec<u32> = (0..3).collect();
+        prefill(&mut kv, 1, &toks);
+        for t in 3..9 {
+            toks.push(t);
+            kv.allocate_slots(1, toks.len()).unwrap();
+            kv.cache_full_blocks(1, &toks, toks.len());
+        }
+        assert_eq!(kv.num_cached_blocks(), 2);
+        kv.free(1);
+        assert_eq!(prefill(&mut kv, 2, &toks), 8);
+
+        let mut off = KvManager::new(8, 4);
+        prefill(&mut off, 1, &toks);
+        off.free(1);
+        assert_eq!(prefill(&mut off, 2, &toks), 0);
+        assert_eq!(off.num_cached_blocks(), 0);
     }
 }
