@@ -116,6 +116,19 @@ pub struct FileConfig {
     pub model: FileModel,
     #[serde(default)]
     pub engine: FileEngine,
+    /// Several models in one daemon; each gets its own engine thread and KV pool.
+    #[serde(default)]
+    pub models: Vec<FileModelEntry>,
+}
+
+/// One `[[models]]` entry; its `[models.engine]` table overrides the engine settings for it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileModelEntry {
+    pub path: PathBuf,
+    pub served_model_name: Option<String>,
+    #[serde(default)]
+    pub engine: FileEngine,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,7 +146,7 @@ pub struct FileModel {
     pub served_model_name: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileEngine {
     pub max_num_seqs: Option<usize>,
@@ -145,13 +158,73 @@ pub struct FileEngine {
     pub enable_prefix_caching: Option<bool>,
 }
 
+impl FileEngine {
+    /// Each value from `self`, else from `lower`.
+    fn over(self, lower: &FileEngine) -> FileEngine {
+        FileEngine {
+            max_num_seqs: self.max_num_seqs.or(lower.max_num_seqs),
+            max_num_batched_tokens: self.max_num_batched_tokens.or(lower.max_num_batched_tokens),
+            block_size: self.block_size.or(lower.block_size),
+            kv_cache_memory: self
+                .kv_cache_memory
+                .or_else(|| lower.kv_cache_memory.clone()),
+            max_model_len: self.max_model_len.or(lower.max_model_len),
+            max_waiting_requests: self.max_waiting_requests.or(lower.max_waiting_requests),
+            enable_prefix_caching: self.enable_prefix_caching.or(lower.enable_prefix_caching),
+        }
+    }
+
+    fn resolve(&self) -> Result<EngineSettings, ConfigError> {
+        let kv = self.kv_cache_memory.as_deref().unwrap_or("512MiB");
+        Ok(EngineSettings {
+            max_num_seqs: positive("max_num_seqs", self.max_num_seqs.unwrap_or(32))?,
+            max_num_batched_tokens: positive(
+                "max_num_batched_tokens",
+                self.max_num_batched_tokens.unwrap_or(512),
+            )?,
+            block_size: positive("block_size", self.block_size.unwrap_or(16))?,
+            kv_cache_memory: parse_bytes(kv).map_err(|message| ConfigError::Invalid {
+                field: "kv_cache_memory",
+                message,
+            })?,
+            max_model_len: self
+                .max_model_len
+                .map(|v| positive("max_model_len", v))
+                .transpose()?,
+            max_waiting_requests: self.max_waiting_requests.unwrap_or(256),
+            enable_prefix_caching: self.enable_prefix_caching.unwrap_or(true),
+        })
+    }
+}
+
+impl ServeArgs {
+    /// The engine settings given as flags.
+    fn engine(&self) -> FileEngine {
+        FileEngine {
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            block_size: self.block_size,
+            kv_cache_memory: self.kv_cache_memory.clone(),
+            max_model_len: self.max_model_len,
+            max_waiting_requests: self.max_waiting_requests,
+            enable_prefix_caching: self.no_prefix_caching.then_some(false),
+        }
+    }
+}
+
 /// Fully resolved settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub host: String,
     pub port: u16,
     pub api_key: Option<String>,
-    pub model_path: PathBuf,
+    pub models: Vec<ModelConfig>,
+}
+
+/// One served model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub path: PathBuf,
     pub served_model_name: String,
     pub engine: EngineSettings,
 }
@@ -177,53 +250,60 @@ impl Config {
         Self::resolve(args, file)
     }
 
+    /// Models: `--model` serves that one model; otherwise the file's `[[models]]`, or its
+    /// `[model]`, or the default model. Engine settings: a model's own `[models.engine]` >
+    /// flags > the file's `[engine]` > defaults.
     pub fn resolve(a: &ServeArgs, f: FileConfig) -> Result<Self, ConfigError> {
-        let model_path = a
-            .model
-            .clone()
-            .or(f.model.path)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_PATH));
-        let served_model_name = a
-            .served_model_name
-            .clone()
-            .or(f.model.served_model_name)
-            .unwrap_or_else(|| default_served_name(&model_path));
-        let kv = a
-            .kv_cache_memory
-            .clone()
-            .or(f.engine.kv_cache_memory)
-            .unwrap_or_else(|| "512MiB".into());
-        let engine = EngineSettings {
-            max_num_seqs: positive(
-                "max_num_seqs",
-                a.max_num_seqs.or(f.engine.max_num_seqs).unwrap_or(32),
-            )?,
-            max_num_batched_tokens: positive(
-                "max_num_batched_tokens",
-                a.max_num_batched_tokens
-                    .or(f.engine.max_num_batched_tokens)
-                    .unwrap_or(512),
-            )?,
-            block_size: positive(
-                "block_size",
-                a.block_size.or(f.engine.block_size).unwrap_or(16),
-            )?,
-            kv_cache_memory: parse_bytes(&kv).map_err(|message| ConfigError::Invalid {
-                field: "kv_cache_memory",
-                message,
-            })?,
-            max_model_len: a
-                .max_model_len
-                .or(f.engine.max_model_len)
-                .map(|v| positive("max_model_len", v))
-                .transpose()?,
-            max_waiting_requests: a
-                .max_waiting_requests
-                .or(f.engine.max_waiting_requests)
-                .unwrap_or(256),
-            enable_prefix_caching: !a.no_prefix_caching
-                && f.engine.enable_prefix_caching.unwrap_or(true),
+        let base = a.engine().over(&f.engine);
+        let models = if a.model.is_some() || f.models.is_empty() {
+            if !f.models.is_empty()
+                && (f.model.path.is_some() || f.model.served_model_name.is_some())
+            {
+                return Err(ConfigError::Invalid {
+                    field: "models",
+                    message: "use either [model] or [[models]], not both".into(),
+                });
+            }
+            let path = a
+                .model
+                .clone()
+                .or(f.model.path)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_PATH));
+            let name = a
+                .served_model_name
+                .clone()
+                .or(f.model.served_model_name)
+                .unwrap_or_else(|| default_served_name(&path));
+            vec![ModelConfig {
+                served_model_name: name,
+                path,
+                engine: base.resolve()?,
+            }]
+        } else {
+            f.models
+                .into_iter()
+                .map(|m| {
+                    Ok(ModelConfig {
+                        served_model_name: m
+                            .served_model_name
+                            .unwrap_or_else(|| default_served_name(&m.path)),
+                        engine: m.engine.over(&base).resolve()?,
+                        path: m.path,
+                    })
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?
         };
+        let mut names: Vec<&str> = models
+            .iter()
+            .map(|m| m.served_model_name.as_str())
+            .collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::Invalid {
+                field: "served_model_name",
+                message: format!("`{}` names two models", w[0]),
+            });
+        }
         Ok(Self {
             host: a
                 .host
@@ -236,9 +316,7 @@ impl Config {
                 .clone()
                 .or(f.server.api_key)
                 .filter(|k| !k.is_empty()),
-            model_path,
-            served_model_name,
-            engine,
+            models,
         })
     }
 }
@@ -330,10 +408,11 @@ mod tests {
         let c = Config::resolve(&args, file).unwrap();
         assert_eq!(c.port, 1234);
         assert_eq!(c.host, "0.0.0.0");
-        assert_eq!(c.engine.max_num_seqs, 4);
-        assert_eq!(c.engine.kv_cache_memory, 1 << 30);
-        assert_eq!(c.engine.block_size, 16);
-        assert_eq!(c.served_model_name, "m");
+        let m = &c.models[0];
+        assert_eq!(m.engine.max_num_seqs, 4);
+        assert_eq!(m.engine.kv_cache_memory, 1 << 30);
+        assert_eq!(m.engine.block_size, 16);
+        assert_eq!(m.served_model_name, "m");
     }
 
     #[test]
@@ -341,10 +420,50 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/inferd.toml");
         let from_file = Config::resolve(&ServeArgs::default(), read_file(&path).unwrap()).unwrap();
         let defaults = Config::resolve(&ServeArgs::default(), FileConfig::default()).unwrap();
-        assert_eq!(from_file.engine, defaults.engine);
-        assert_eq!(from_file.host, defaults.host);
-        assert_eq!(from_file.port, defaults.port);
-        assert_eq!(from_file.model_path, defaults.model_path);
+        assert_eq!(from_file, defaults);
+    }
+
+    #[test]
+    fn several_models_with_their_own_engine_settings() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            [engine]
+            max_num_seqs = 8
+            [[models]]
+            path = "models/a.gguf"
+            [[models]]
+            path = "models/b"
+            served_model_name = "bee"
+            [models.engine]
+            kv_cache_memory = "64MiB"
+            max_num_seqs = 2
+            "#,
+        )
+        .unwrap();
+        let args = ServeArgs {
+            max_num_seqs: Some(6),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args, file).unwrap();
+        let names: Vec<_> = c
+            .models
+            .iter()
+            .map(|m| m.served_model_name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "bee"]);
+        assert_eq!(c.models[0].engine.max_num_seqs, 6, "flags over [engine]");
+        assert_eq!(
+            c.models[1].engine.max_num_seqs, 2,
+            "a model's own settings win"
+        );
+        assert_eq!(c.models[1].engine.kv_cache_memory, 64 << 20);
+        assert_eq!(c.models[0].engine.kv_cache_memory, 512 << 20);
+
+        let dup: FileConfig =
+            toml::from_str("[[models]]\npath = \"x/a.gguf\"\n[[models]]\npath = \"y/a.gguf\"\n")
+                .unwrap();
+        let err = Config::resolve(&ServeArgs::default(), dup).unwrap_err();
+        assert_eq!(err.to_string(), "served_model_name: `a` names two models");
     }
 
     #[test]

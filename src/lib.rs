@@ -18,13 +18,26 @@ use candle_core::Device;
 use tokio::net::TcpListener;
 
 use api::{AppState, ServedModel};
-use config::Config;
+use config::{Config, ModelConfig};
 use engine::{spawn_engine, EngineConfig};
 use tokenizer::Tokenizer;
 
-/// Load the configured model and start its engine thread. Blocking (reads weights).
+/// Load every configured model and start its engine thread. Blocking (reads weights).
 pub fn load(config: &Config) -> anyhow::Result<AppState> {
-    let path = &config.model_path;
+    let models = config
+        .models
+        .iter()
+        .map(|m| load_model(m).map(Arc::new))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(AppState {
+        models: Arc::new(models),
+        api_key: config.api_key.as_deref().map(Arc::from),
+    })
+}
+
+/// Load one model (weights, tokenizer), size its KV pool and start its engine.
+fn load_model(config: &ModelConfig) -> anyhow::Result<ServedModel> {
+    let path = &config.path;
     if !path.exists() {
         bail!(
             "model {} not found (run scripts/fetch-models.sh to fetch the default models, or pass --model)",
@@ -33,8 +46,9 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
     }
     let device = Device::Cpu;
     let started = std::time::Instant::now();
-    tracing::info!(model = %path.display(), "loading model");
-    let loaded = models::load_model(path, &device, config.engine.max_model_len)
+    tracing::info!(model = %path.display(), name = %config.served_model_name, "loading model");
+    let e = &config.engine;
+    let loaded = models::load_model(path, &device, e.max_model_len)
         .with_context(|| format!("loading {}", path.display()))?;
     let tokenizer = if path.is_dir() {
         Tokenizer::from_hf_dir(path)?
@@ -42,7 +56,6 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
         Tokenizer::from_gguf(&models::loader::read_gguf_header(path)?)?
     };
     let model = loaded.model;
-    let e = &config.engine;
     let spec = model.cache_spec();
     let block_bytes = (spec.bytes_per_token() * e.block_size) as u64;
     let num_blocks = (e.kv_cache_memory / block_bytes) as usize;
@@ -62,11 +75,13 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
         None => model.max_position_embeddings().min(pool_tokens),
     };
     tracing::info!(
+        name = %config.served_model_name,
         architecture = %loaded.architecture,
         seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
         num_blocks,
         kv_tokens = pool_tokens,
         max_model_len,
+        prefix_caching = e.enable_prefix_caching,
         threads = candle_core::utils::get_num_threads(),
         "model loaded"
     );
@@ -89,15 +104,12 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    Ok(AppState {
-        models: Arc::new(vec![Arc::new(ServedModel {
-            name: config.served_model_name.clone(),
-            engine,
-            tokenizer,
-            vocab_size,
-            created,
-        })]),
-        api_key: config.api_key.as_deref().map(Arc::from),
+    Ok(ServedModel {
+        name: config.served_model_name.clone(),
+        engine,
+        tokenizer,
+        vocab_size,
+        created,
     })
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use inferd::config::{Config, EngineSettings};
+use inferd::config::{Config, EngineSettings, ModelConfig};
 use serde_json::Value;
 
 pub const QWEN: &str = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf";
@@ -29,9 +29,11 @@ pub fn config(model: PathBuf, name: &str, engine: EngineSettings) -> Config {
         host: "127.0.0.1".into(),
         port: 0,
         api_key: None,
-        model_path: model,
-        served_model_name: name.into(),
-        engine,
+        models: vec![ModelConfig {
+            path: model,
+            served_model_name: name.into(),
+            engine,
+        }],
     }
 }
 
