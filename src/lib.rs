@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 pub mod engine;
 pub mod models;
+pub mod telemetry;
 pub mod tokenizer;
 
 use std::future::Future;
@@ -32,6 +33,7 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
     Ok(AppState {
         models: Arc::new(models),
         api_key: config.api_key.as_deref().map(Arc::from),
+        metrics: telemetry::install(),
     })
 }
 

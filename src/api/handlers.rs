@@ -101,6 +101,24 @@ pub async fn stats(State(state): State<AppState>) -> Json<Value> {
     Json(json!({ "models": models }))
 }
 
+/// Prometheus exposition, vLLM's metric names.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return ApiError::RouteNotFound("/metrics (no metrics recorder)".into()).into_response();
+    };
+    for m in state.models.iter() {
+        crate::telemetry::publish_engine(&m.name, &m.engine.stats());
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        handle.render(),
+    )
+        .into_response()
+}
+
 pub async fn not_found(uri: Uri) -> ApiError {
     ApiError::RouteNotFound(uri.path().to_string())
 }

@@ -35,6 +35,8 @@ pub struct AppState {
     pub models: Arc<Vec<Arc<ServedModel>>>,
     /// Required as `Authorization: Bearer <key>` on `/v1/*` when set.
     pub api_key: Option<Arc<str>>,
+    /// Renders `/metrics` (`None` when another metrics recorder owns the process).
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 /// The id of one HTTP request (`x-request-id`), set by [`middleware::request_id`].
@@ -71,6 +73,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/health"),
     ("get", "/version"),
     ("get", "/stats"),
+    ("get", "/metrics"),
     ("post", "/tokenize"),
     ("post", "/detokenize"),
     ("get", "/v1/models"),
@@ -83,6 +86,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(handlers::health))
         .route("/version", get(tokenize::version))
         .route("/stats", get(handlers::stats))
+        .route("/metrics", get(handlers::metrics))
         .route("/tokenize", post(tokenize::tokenize))
         .route("/detokenize", post(tokenize::detokenize))
         .route("/v1/models", get(handlers::list_models))

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -22,6 +22,7 @@ use super::{
     GenerationRequest, Usage,
 };
 use crate::models::{CausalLm, KvCache};
+use crate::telemetry;
 use crate::tokenizer::{IncrementalDecoder, StopMatcher, Tokenizer};
 
 #[derive(Debug, Clone, Copy)]
@@ -47,9 +48,12 @@ struct Request {
     end_tokens: Vec<u32>,
     /// Has left the waiting queue once (so it no longer counts against `pending`).
     admitted: bool,
+    arrival: Instant,
+    last_token: Option<Instant>,
 }
 
 struct Engine {
+    name: String,
     model: Box<dyn CausalLm>,
     tokenizer: Arc<Tokenizer>,
     cfg: EngineConfig,
@@ -74,6 +78,7 @@ pub fn spawn_engine(
     let pending = Arc::new(AtomicUsize::new(0));
     let cache = KvCache::new(model.cache_spec(), cfg.num_blocks, cfg.block_size);
     let engine = Engine {
+        name: name.to_string(),
         model,
         tokenizer,
         cfg,
@@ -145,6 +150,7 @@ impl Engine {
             id,
             request,
             events,
+            arrival,
         } = msg;
         let needed = request.prompt_ids.len() + request.max_tokens;
         if needed > self.cfg.max_model_len || !Scheduler::fits(&self.kv, needed) {
@@ -180,6 +186,8 @@ impl Engine {
                 events,
                 rng,
                 admitted: false,
+                arrival,
+                last_token: None,
             },
         );
     }
@@ -194,6 +202,7 @@ impl Engine {
             .collect();
         for id in gone {
             tracing::debug!(seq = id, "client disconnected; aborting");
+            telemetry::request_finished(&self.name, "abort");
             self.finish(id);
         }
     }
@@ -221,6 +230,8 @@ impl Engine {
                 if !r.admitted {
                     r.admitted = true;
                     self.pending.fetch_sub(1, Ordering::SeqCst);
+                    let queued = r.arrival.elapsed().as_secs_f64();
+                    telemetry::observe(telemetry::QUEUE, &self.name, queued);
                 }
             }
         }
@@ -261,6 +272,15 @@ impl Engine {
             .logprobs
             .map(|k| logprobs(&logits, sp.temperature, token, k));
         r.history.push(token);
+        let now = Instant::now();
+        match r.last_token.replace(now) {
+            None => {
+                telemetry::observe(telemetry::TTFT, &self.name, (now - r.arrival).as_secs_f64())
+            }
+            Some(prev) => {
+                telemetry::observe(telemetry::TPOT, &self.name, (now - prev).as_secs_f64())
+            }
+        }
         self.scheduler.append_token(id, token);
         self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
         let Some(seq) = self.scheduler.get(id) else {
@@ -322,6 +342,16 @@ impl Engine {
                 reason,
                 usage,
             });
+            telemetry::observe(
+                telemetry::E2E,
+                &self.name,
+                r.arrival.elapsed().as_secs_f64(),
+            );
+            let label = match reason {
+                FinishReason::Stop => "stop",
+                FinishReason::Length => "length",
+            };
+            telemetry::request_finished(&self.name, label);
             self.finish(id);
         }
     }

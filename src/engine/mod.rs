@@ -155,6 +155,7 @@ pub(crate) enum EngineMsg {
         id: u64,
         request: Box<GenerationRequest>,
         events: tokio::sync::mpsc::UnboundedSender<EngineEvent>,
+        arrival: std::time::Instant,
     },
 }
 
@@ -201,6 +202,7 @@ impl EngineHandle {
             id,
             request: Box::new(request),
             events,
+            arrival: std::time::Instant::now(),
         };
         if self.tx.send(msg).is_err() {
             self.pending.fetch_sub(1, Ordering::SeqCst);
