@@ -42,6 +42,9 @@ pub struct Cli {
 pub enum Command {
     /// Load a model and serve the OpenAI API over HTTP.
     Serve(ServeArgs),
+    /// Benchmark an OpenAI-compatible server (this one, vLLM, llama.cpp...): throughput and
+    /// latency at a given concurrency, as a table and one JSON line.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]

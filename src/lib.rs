@@ -5,6 +5,7 @@
 //! shutdown future resolves, so tests can bind port 0.
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod models;

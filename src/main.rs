@@ -28,6 +28,15 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(serve(config))
         }
+        Command::Bench(args) => {
+            let report = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(inferd::bench::run(&args))?;
+            println!("{}", report.table());
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
     }
 }
 

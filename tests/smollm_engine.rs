@@ -165,3 +165,31 @@ async fn a_full_waiting_queue_is_a_503_and_nothing_hangs() {
     assert_eq!(s["num_free_blocks"], s["num_total_blocks"], "{s}");
     assert!(!chat_text(base, &chat("hi", 4)).await.is_empty());
 }
+
+#[tokio::test]
+async fn the_bench_client_measures_a_run() {
+    let args = inferd::bench::BenchArgs {
+        base_url: tiny_pool().to_string(),
+        model: None,
+        concurrency: 3,
+        num_requests: 6,
+        prompt_tokens: 32,
+        max_tokens: 16,
+        stream: true,
+        seed: 0,
+        request_timeout: 120,
+        max_duration: 600,
+        allow_remote: false,
+    };
+    let r = inferd::bench::run(&args).await.unwrap();
+    assert_eq!(r.model, NAME);
+    assert_eq!((r.completed, r.failed), (6, 0));
+    assert_eq!(r.total_input_tokens, 6 * 32);
+    assert_eq!(
+        r.total_output_tokens,
+        6 * 16,
+        "usage from the stream counts every token"
+    );
+    assert!(r.ttft.mean_ms > 0.0 && r.ttft.mean_ms <= r.e2el.mean_ms);
+    assert!(r.output_throughput > 0.0 && r.itl.median_ms > 0.0);
+}

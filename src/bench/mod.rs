@@ -1,0 +1,293 @@
+//! `inferd bench`: a serving benchmark for any OpenAI-compatible endpoint (inferd, vLLM,
+//! llama.cpp's server...). It sends `--num-requests` completions with `--concurrency` in
+//! flight, prompts of exactly `--prompt-tokens` token ids drawn from a fixed seeded sequence
+//! (so runs are comparable), `ignore_eos` so every request generates `--max-tokens`, and reports
+//! what `vllm bench serve` reports. It only targets loopback addresses unless
+//! `--allow-remote` is given, and every loop is bounded in count and time.
+
+pub mod stats;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+pub use stats::{Report, RequestResult};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Server to benchmark (its OpenAI API lives under /v1).
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    pub base_url: String,
+
+    /// Model name to request. [default: the first one /v1/models lists]
+    #[arg(long)]
+    pub model: Option<String>,
+
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+
+    /// Requests to send in all.
+    #[arg(long, default_value_t = 32)]
+    pub num_requests: usize,
+
+    /// Prompt length in tokens (token ids from a fixed seeded sequence).
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+
+    /// Tokens to generate per request (EOS is ignored, so every request generates them all).
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+
+    /// Stream responses (needed for time-to-first-token and inter-token latency).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub stream: bool,
+
+    /// Seed of the prompt corpus.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Give up on one request after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+
+    /// Stop sending new requests after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub max_duration: u64,
+
+    /// Allow a base URL that is not a loopback address.
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+/// Token ids below this are avoided (special and byte tokens live there in most vocabularies);
+/// ids stay below `FIRST_ID + ID_RANGE`, inside every supported model's vocabulary.
+const FIRST_ID: u64 = 1000;
+const ID_RANGE: u64 = 8000;
+
+/// The prompts of a run: request `i` gets the `i`-th slice of one seeded id sequence.
+pub fn corpus(seed: u64, n: usize, len: usize) -> Vec<Vec<u32>> {
+    let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (FIRST_ID + s % ID_RANGE) as u32
+    };
+    (0..n).map(|_| (0..len).map(|_| next()).collect()).collect()
+}
+
+fn check_loopback(url: &reqwest::Url, allow_remote: bool) -> anyhow::Result<()> {
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    if !loopback && !allow_remote {
+        bail!("{url} is not a loopback address; pass --allow-remote to benchmark it");
+    }
+    Ok(())
+}
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+    let base = args.base_url.trim_end_matches('/').to_string();
+    let url = reqwest::Url::parse(&base).context("--base-url")?;
+    check_loopback(&url, args.allow_remote)?;
+    if args.concurrency == 0
+        || args.num_requests == 0
+        || args.max_tokens == 0
+        || args.prompt_tokens == 0
+    {
+        bail!("--concurrency, --num-requests, --prompt-tokens and --max-tokens must be at least 1");
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(args.request_timeout))
+        .build()?;
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let v: Value = client
+                .get(format!("{base}/v1/models"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            v["data"][0]["id"]
+                .as_str()
+                .context("/v1/models lists no model; pass --model")?
+                .to_string()
+        }
+    };
+    let prompts = Arc::new(corpus(args.seed, args.num_requests, args.prompt_tokens));
+    let progress = indicatif::ProgressBar::new(args.num_requests as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} requests ({elapsed})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    progress.set_message(format!("benchmarking {model}"));
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.max_duration);
+    let workers = (0..args.concurrency.min(args.num_requests)).map(|_| {
+        let (client, base, model, prompts, next, progress) = (
+            client.clone(),
+            base.clone(),
+            model.clone(),
+            prompts.clone(),
+            next.clone(),
+            progress.clone(),
+        );
+        let (max_tokens, stream) = (args.max_tokens, args.stream);
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= prompts.len() || Instant::now() > deadline {
+                    return results;
+                }
+                let r = one_request(&client, &base, &model, &prompts[i], max_tokens, stream).await;
+                progress.inc(1);
+                results.push(r);
+            }
+        })
+    });
+    let mut results = Vec::new();
+    for w in futures::future::join_all(workers).await {
+        results.extend(w?);
+    }
+    let duration = started.elapsed().as_secs_f64();
+    progress.finish_and_clear();
+    if let Some(e) = results.iter().find_map(|r| r.error.as_ref()) {
+        tracing::warn!(error = %e, failed = results.iter().filter(|r| !r.ok).count(), "some requests failed");
+    }
+    Ok(Report::new(
+        &base,
+        &model,
+        args.concurrency,
+        duration,
+        &results,
+    ))
+}
+
+async fn one_request(
+    client: &reqwest::Client,
+    base: &str,
+    model: &str,
+    prompt: &[u32],
+    max_tokens: usize,
+    stream: bool,
+) -> RequestResult {
+    let mut body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                          "temperature": 0, "ignore_eos": true, "stream": stream});
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    let t0 = Instant::now();
+    let mut r = RequestResult {
+        prompt_tokens: prompt.len(),
+        ..Default::default()
+    };
+    let fail = |mut r: RequestResult, e: String| {
+        r.error = Some(e);
+        r
+    };
+    let resp = match client
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(resp) if resp.status().is_success() => resp,
+        Ok(resp) => return fail(r, format!("HTTP {}", resp.status())),
+        Err(e) => return fail(r, e.to_string()),
+    };
+    if !stream {
+        return match resp.json::<Value>().await {
+            Ok(v) => {
+                r.e2e = t0.elapsed().as_secs_f64();
+                r.ttft = r.e2e;
+                r.output_tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                r.ok = true;
+                r
+            }
+            Err(e) => fail(r, e.to_string()),
+        };
+    }
+    let mut bytes = resp.bytes_stream();
+    let (mut buf, mut chunks, mut last) = (String::new(), 0usize, None::<Instant>);
+    let mut usage_tokens = None;
+    while let Some(piece) = bytes.next().await {
+        let piece = match piece {
+            Ok(p) => p,
+            Err(e) => return fail(r, e.to_string()),
+        };
+        buf.push_str(&String::from_utf8_lossy(&piece));
+        while let Some(end) = buf.find('\n') {
+            let line: String = buf.drain(..=end).collect();
+            let Some(data) = line.trim().strip_prefix("data:").map(str::trim) else {
+                continue;
+            };
+            if data == "[DONE]" {
+                continue;
+            }
+            let Ok(v) = serde_json::from_str::<Value>(data) else {
+                continue;
+            };
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                usage_tokens = Some(n as usize);
+            }
+            let text = v["choices"][0]["text"].as_str().unwrap_or("");
+            if !text.is_empty() {
+                let now = Instant::now();
+                match last {
+                    None => r.ttft = (now - t0).as_secs_f64(),
+                    Some(prev) => r.itl.push((now - prev).as_secs_f64()),
+                }
+                last = Some(now);
+                chunks += 1;
+            }
+        }
+    }
+    r.e2e = t0.elapsed().as_secs_f64();
+    r.output_tokens = usage_tokens.unwrap_or(chunks);
+    r.ok = chunks > 0 || r.output_tokens > 0;
+    if !r.ok {
+        r.error = Some("no tokens in the stream".into());
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corpus_is_fixed_by_seed_and_in_range() {
+        let a = corpus(0, 3, 5);
+        assert_eq!(a, corpus(0, 3, 5));
+        assert_ne!(a, corpus(1, 3, 5));
+        assert_eq!((a.len(), a[0].len()), (3, 5));
+        assert!(a.iter().flatten().all(|&t| (1000..9000).contains(&t)));
+        assert_ne!(a[0], a[1]);
+    }
+
+    #[test]
+    fn only_loopback_unless_allowed() {
+        let ok = |u: &str| check_loopback(&reqwest::Url::parse(u).unwrap(), false).is_ok();
+        assert!(ok("http://127.0.0.1:8000"));
+        assert!(ok("http://127.3.4.5:1"));
+        assert!(ok("http://localhost:8000"));
+        assert!(ok("http://[::1]:8000"));
+        assert!(!ok("http://10.0.0.1:8000"));
+        assert!(!ok("http://example.com"));
+        assert!(check_loopback(&reqwest::Url::parse("http://10.0.0.1").unwrap(), true).is_ok());
+    }
+}
