@@ -27,7 +27,8 @@ if [ ! -x "$server" ]; then
   command -v cmake >/dev/null || python3 -m pip install --quiet cmake
   mkdir -p "$cache/sdist"
   if [ ! -d "$cache/src" ]; then
-    python3 -m pip download --quiet --no-deps --no-binary :all: -d "$cache/sdist" llama-cpp-python==0.3.36
+    # Only this package from source (its build tools as wheels), so the download stays quick.
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python -d "$cache/sdist" llama-cpp-python==0.3.36
     tar -xzf "$cache"/sdist/llama_cpp_python-0.3.36.tar.gz -C "$cache/sdist"
     mv "$cache/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp" "$cache/src"
   fi
