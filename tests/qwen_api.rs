@@ -302,12 +302,12 @@ async fn seeded_sampling_is_reproducible_and_completion_streams_work() {
 }
 
 /// Time to the first content chunk of a streamed chat completion, and the streamed text.
-async fn ttft(body: &Value) -> (std::time::Duration, String) {
+async fn ttft(base: &str, body: &Value) -> (std::time::Duration, String) {
     let mut body = body.clone();
     body["stream"] = json!(true);
     let t0 = std::time::Instant::now();
     let resp = client()
-        .post(format!("{}/v1/chat/completions", base()))
+        .post(format!("{base}/v1/chat/completions"))
         .json(&body)
         .send()
         .await
@@ -333,18 +333,32 @@ async fn ttft(body: &Value) -> (std::time::Duration, String) {
     (first.expect("a content chunk"), text)
 }
 
+/// A daemon of its own, so that its counters see only this test's requests.
+fn cache_base() -> &'static str {
+    static BASE: OnceLock<String> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let engine = inferd::config::EngineSettings {
+            kv_cache_memory: 96 << 20,
+            max_model_len: Some(2048),
+            ..default_engine()
+        };
+        start(config(model_path(QWEN), NAME, engine))
+    })
+}
+
 #[tokio::test]
 async fn a_repeated_long_prompt_and_a_grown_chat_reuse_cached_blocks() {
+    let base = cache_base();
     let doc = "The quick brown fox jumps over the lazy dog. ".repeat(60);
     let body = chat(
         &format!("{doc}\nHow many times does the word fox appear above?"),
         8,
     );
-    let before = engine_stats(base()).await;
-    let (cold, a) = ttft(&body).await;
-    let mid = engine_stats(base()).await;
-    let (warm, b) = ttft(&body).await;
-    let after = engine_stats(base()).await;
+    let before = engine_stats(base).await;
+    let (cold, a) = ttft(base, &body).await;
+    let mid = engine_stats(base).await;
+    let (warm, b) = ttft(base, &body).await;
+    let after = engine_stats(base).await;
     assert_eq!(a, b, "a prefix hit changes nothing in the output");
     let n_prompt =
         mid["prompt_tokens"].as_u64().unwrap() - before["prompt_tokens"].as_u64().unwrap();
@@ -369,9 +383,9 @@ async fn a_repeated_long_prompt_and_a_grown_chat_reuse_cached_blocks() {
         {"role": "assistant", "content": a},
         {"role": "user", "content": "Answer in one word."}
     ]);
-    let s0 = engine_stats(base()).await;
-    chat_text(base(), &turn).await;
-    let s1 = engine_stats(base()).await;
+    let s0 = engine_stats(base).await;
+    chat_text(base, &turn).await;
+    let s1 = engine_stats(base).await;
     let hits =
         s1["prefix_cache_hits"].as_u64().unwrap() - s0["prefix_cache_hits"].as_u64().unwrap();
     let queried =

@@ -142,10 +142,11 @@ pub async fn engine_stats(base: &str) -> Value {
     v["models"][0]["engine"].clone()
 }
 
-/// Wait (bounded) until the engine holds no sequence and every block is free.
+/// Wait (bounded: 2 minutes) until the engine holds no sequence and every block is free. Other
+/// tests of the same binary may share the daemon, so this waits for theirs to finish too.
 pub async fn wait_until_idle(base: &str) -> Value {
     let mut s = engine_stats(base).await;
-    for _ in 0..400 {
+    for _ in 0..4800 {
         if s["num_kv_sequences"] == 0
             && s["num_running"] == 0
             && s["num_waiting"] == 0
