@@ -12,7 +12,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::tiny::{values, write_checkpoint};
+use common::tiny::{values, write_variant};
 use common::*;
 use inferd::models::{load_model, CausalLm, KvCache};
 
@@ -82,13 +82,18 @@ fn last_logits(m: &dyn CausalLm, kv: &mut KvCache, parts: &[SeqPart]) -> Vec<Vec
 }
 
 fn check_family(qwen2: bool) {
-    let dir = std::env::temp_dir().join(format!(
-        "inferd-ref-{}-{}",
+    check_variant(
+        qwen2,
         if qwen2 { "qwen2" } else { "llama" },
-        std::process::id()
-    ));
+        false,
+        serde_json::json!({}),
+    );
+}
+
+fn check_variant(qwen2: bool, tag: &str, tied: bool, extra: serde_json::Value) {
+    let dir = std::env::temp_dir().join(format!("inferd-ref-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    write_checkpoint(&dir, qwen2, VOCAB);
+    write_variant(&dir, qwen2, VOCAB, tied, extra);
     let loaded = load_model(&dir, &Device::Cpu, Some(512)).unwrap();
     let m = loaded.model.as_ref();
     let mut kv = KvCache::new(m.cache_spec(), 32, BS);
@@ -195,6 +200,17 @@ fn llama_hf_checkpoint_matches_reference() {
 #[test]
 fn qwen2_hf_checkpoint_matches_reference() {
     check_family(true);
+}
+
+/// Llama 3.1/3.2 shape: `rope_scaling` of type llama3 (hub form, at the top level; the
+/// positions used stay short, but the scaling changes low frequencies everywhere) and tied
+/// embeddings, as Llama 3.2 1B/3B ship.
+#[test]
+fn llama3_rope_scaling_and_tied_embeddings_match_reference() {
+    let scaling = serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 32.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        "rope_theta": 500000.0});
+    check_variant(false, "llama3", true, scaling);
 }
 
 #[test]

@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::layers::{
-    paged_attention, AttnDims, Embedding, Linear, RmsNorm, RopeStyle, RotaryEmbedding,
+    paged_attention, AttnDims, Embedding, Linear, RmsNorm, RopeScaling, RopeStyle, RotaryEmbedding,
 };
 use super::weights::Weights;
 use super::{CacheSpec, CausalLm, ForwardBatch, KvCache, ModelError, Result};
@@ -27,6 +27,7 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     pub tie_word_embeddings: bool,
     pub rope_style: RopeStyle,
+    pub rope_scaling: RopeScaling,
 }
 
 /// `config.json` of a Hugging Face Llama or Qwen2 checkpoint.
@@ -41,6 +42,7 @@ pub struct HfLlamaConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: Option<f64>,
     pub rope_parameters: Option<serde_json::Value>,
+    pub rope_scaling: Option<serde_json::Value>,
     pub max_position_embeddings: Option<usize>,
     pub vocab_size: usize,
     pub attention_bias: Option<bool>,
@@ -49,7 +51,7 @@ pub struct HfLlamaConfig {
 }
 
 impl HfLlamaConfig {
-    pub fn into_config(self, qwen2: bool) -> LlamaConfig {
+    pub fn into_config(self, qwen2: bool) -> Result<LlamaConfig> {
         // transformers 5.x moves rope_theta under rope_parameters; hub checkpoints keep it on top.
         let rope_theta = self
             .rope_theta
@@ -60,7 +62,10 @@ impl HfLlamaConfig {
                     .and_then(|v| v.as_f64())
             })
             .unwrap_or(10_000.0);
-        LlamaConfig {
+        let rope_scaling =
+            RopeScaling::from_hf(self.rope_scaling.as_ref().or(self.rope_parameters.as_ref()))
+                .map_err(ModelError::Config)?;
+        Ok(LlamaConfig {
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
             num_hidden_layers: self.num_hidden_layers,
@@ -76,7 +81,8 @@ impl HfLlamaConfig {
             attention_bias: self.attention_bias.unwrap_or(qwen2),
             tie_word_embeddings: self.tie_word_embeddings,
             rope_style: RopeStyle::Neox,
-        }
+            rope_scaling,
+        })
     }
 }
 
@@ -151,8 +157,13 @@ impl Llama {
             None => w.linear("lm_head", false)?,
         };
         w.finish();
-        let rope =
-            RotaryEmbedding::new(cfg.rope_theta, cfg.head_dim, max_positions, cfg.rope_style);
+        let rope = RotaryEmbedding::scaled(
+            cfg.rope_theta,
+            cfg.head_dim,
+            max_positions,
+            cfg.rope_style,
+            cfg.rope_scaling,
+        );
         Ok(Self {
             embed_tokens,
             layers,

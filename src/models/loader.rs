@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 
-use super::layers::RopeStyle;
+use super::layers::{RopeScaling, RopeStyle};
 use super::llama::{HfLlamaConfig, Llama, LlamaConfig};
 use super::weights::Weights;
 use super::{CausalLm, ModelError, Result};
@@ -103,6 +103,7 @@ fn llama_config_from_gguf(md: &GgufMeta, arch: &str) -> Result<LlamaConfig> {
         } else {
             RopeStyle::Neox
         },
+        rope_scaling: RopeScaling::None,
     })
 }
 
@@ -120,7 +121,7 @@ fn load_hf_dir(dir: &Path, device: &Device, max_positions: Option<usize>) -> Res
     };
     let model: Box<dyn CausalLm> = match arch.as_str() {
         "LlamaForCausalLM" | "Qwen2ForCausalLM" => {
-            let cfg = parse(raw)?.into_config(arch == "Qwen2ForCausalLM");
+            let cfg = parse(raw)?.into_config(arch == "Qwen2ForCausalLM")?;
             let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
             let count = (cfg.num_hidden_layers * 9 + 3) as u64;
             let mut w = Weights::safetensors(&files, DType::F32, device, count)?;

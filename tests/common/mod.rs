@@ -237,6 +237,18 @@ pub mod tiny {
     }
 
     pub fn write_checkpoint(dir: &Path, qwen2: bool, vocab: usize) {
+        write_variant(dir, qwen2, vocab, false, serde_json::json!({}));
+    }
+
+    /// With `tied`, no `lm_head.weight` (the embeddings are the output head); `extra` keys are
+    /// merged into config.json.
+    pub fn write_variant(
+        dir: &Path,
+        qwen2: bool,
+        vocab: usize,
+        tied: bool,
+        extra: serde_json::Value,
+    ) {
         let dev = Device::Cpu;
         let mut seed = 0;
         let mut t = |shape: &[usize], scale: f32, offset: f32| {
@@ -299,21 +311,26 @@ pub mod tiny {
             );
         }
         w.insert("model.norm.weight".into(), t(&[H], 0.2, 1.0));
-        w.insert("lm_head.weight".into(), t(&[vocab, H], 0.3, 0.0));
+        if !tied {
+            w.insert("lm_head.weight".into(), t(&[vocab, H], 0.3, 0.0));
+        }
         candle_core::safetensors::save(&w, dir.join("model.safetensors")).unwrap();
         let arch = if qwen2 {
             "Qwen2ForCausalLM"
         } else {
             "LlamaForCausalLM"
         };
-        let cfg = serde_json::json!({
+        let mut cfg = serde_json::json!({
             "architectures": [arch], "hidden_size": H, "intermediate_size": INTER, "vocab_size": vocab,
             "num_hidden_layers": LAYERS, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
             "rms_norm_eps": 1e-6, "rope_theta": if qwen2 { 1_000_000.0 } else { 10_000.0 },
-            "max_position_embeddings": 512, "tie_word_embeddings": false,
+            "max_position_embeddings": 512, "tie_word_embeddings": tied,
             "sliding_window": 512, "max_window_layers": LAYERS, "use_sliding_window": false,
             "hidden_act": "silu"
         });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            cfg[k] = v.clone();
+        }
         std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     }
 }

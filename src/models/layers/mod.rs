@@ -7,4 +7,4 @@ pub mod rope;
 
 pub use attention::{paged_attention, AttnDims};
 pub use linear::{Embedding, Linear, RmsNorm};
-pub use rope::{RopeStyle, RotaryEmbedding};
+pub use rope::{RopeScaling, RopeStyle, RotaryEmbedding};

@@ -10,6 +10,71 @@ pub enum RopeStyle {
     Interleaved,
 }
 
+/// How the base frequencies are rescaled for long contexts.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum RopeScaling {
+    #[default]
+    None,
+    /// Llama 3.1's: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+impl RopeScaling {
+    /// Read Hugging Face's `rope_scaling` (hub configs: `rope_type` or `type`) or transformers
+    /// 5.x's `rope_parameters`; unknown or default types mean no scaling.
+    pub fn from_hf(v: Option<&serde_json::Value>) -> Result<Self, String> {
+        let Some(v) = v.filter(|v| v.is_object()) else {
+            return Ok(Self::None);
+        };
+        let kind = v["rope_type"]
+            .as_str()
+            .or_else(|| v["type"].as_str())
+            .unwrap_or("default");
+        let num = |k: &str| {
+            v[k].as_f64()
+                .ok_or_else(|| format!("rope_scaling.{k} is missing"))
+        };
+        match kind {
+            "default" => Ok(Self::None),
+            "llama3" => Ok(Self::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            }),
+            other => Err(format!("rope scaling type `{other}` is not supported")),
+        }
+    }
+
+    fn apply(&self, inv_freq: f64) -> f64 {
+        match *self {
+            Self::None => inv_freq,
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+                if wavelen < old / high_freq_factor {
+                    inv_freq
+                } else if wavelen > old / low_freq_factor {
+                    inv_freq / factor
+                } else {
+                    let smooth =
+                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
     style: RopeStyle,
@@ -23,9 +88,19 @@ pub struct RotaryEmbedding {
 impl RotaryEmbedding {
     /// Standard RoPE with base `theta` over the first `rotary_dim` dimensions of each head.
     pub fn new(theta: f64, rotary_dim: usize, max_positions: usize, style: RopeStyle) -> Self {
+        Self::scaled(theta, rotary_dim, max_positions, style, RopeScaling::None)
+    }
+
+    pub fn scaled(
+        theta: f64,
+        rotary_dim: usize,
+        max_positions: usize,
+        style: RopeStyle,
+        scaling: RopeScaling,
+    ) -> Self {
         let half = rotary_dim / 2;
         let inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64))
+            .map(|i| scaling.apply(1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64)))
             .collect();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
@@ -84,6 +159,25 @@ impl RotaryEmbedding {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_divides_low_and_ramps_between() {
+        let v = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let s = RopeScaling::from_hf(Some(&v)).unwrap();
+        let tau = 2.0 * std::f64::consts::PI;
+        // Wavelength 1000 < 8192/4: unchanged. Wavelength 10000 > 8192/1: divided by 8.
+        assert_eq!(s.apply(tau / 1000.0), tau / 1000.0);
+        assert!((s.apply(tau / 10000.0) - tau / 10000.0 / 8.0).abs() < 1e-15);
+        // Wavelength 4096: smooth = (8192/4096 - 1) / 3 = 1/3.
+        let f = tau / 4096.0;
+        assert!((s.apply(f) - (2.0 / 3.0 * f / 8.0 + f / 3.0)).abs() < 1e-15);
+        assert_eq!(RopeScaling::from_hf(None), Ok(RopeScaling::None));
+        let legacy = serde_json::json!({"type": "default"});
+        assert_eq!(RopeScaling::from_hf(Some(&legacy)), Ok(RopeScaling::None));
+        let yarn = serde_json::json!({"type": "yarn", "factor": 4.0});
+        assert!(RopeScaling::from_hf(Some(&yarn)).is_err());
+    }
 
     #[test]
     fn position_zero_is_identity_and_styles_pair_differently() {
