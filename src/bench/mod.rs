@@ -105,8 +105,11 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     {
         bail!("--concurrency, --num-requests, --prompt-tokens and --max-tokens must be at least 1");
     }
+    // A fresh connection per request: reusing a pooled keep-alive connection races with servers
+    // that close idle ones (llama-server does), which shows up as failed requests.
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(args.request_timeout))
+        .pool_max_idle_per_host(0)
         .build()?;
     let model = match &args.model {
         Some(m) => m.clone(),
