@@ -33,7 +33,10 @@ def test_openapi_fuzz(smol, tmp_path):
     import xml.etree.ElementTree as ET
     reports = list(tmp_path.glob("*.xml"))
     assert reports, "schemathesis wrote no report"
+    import yaml
+    paths = yaml.safe_load(spec)["paths"].values()
+    operations = sum(1 for ops in paths for m in ops if m in ("get", "post", "put", "delete", "patch"))
     cases = ET.parse(reports[0]).getroot().iter("testcase")
-    assert sum(1 for _ in cases) == 8, "every operation was exercised"
+    assert sum(1 for _ in cases) == operations, "every operation was exercised"
     generated = int(re.search(r"(\d+) generated,", out.stdout).group(1))
     assert generated >= 300, f"only {generated} requests were generated"
