@@ -92,14 +92,6 @@ impl Scheduler {
         self.seqs.is_empty()
     }
 
-    pub fn running(&self) -> &[SeqId] {
-        &self.running
-    }
-
-    pub fn waiting(&self) -> impl Iterator<Item = SeqId> + '_ {
-        self.waiting.iter().copied()
-    }
-
     /// Decide what each sequence computes in the next step, allocating KV slots for it.
     pub fn schedule(&mut self, kv: &mut KvManager) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();

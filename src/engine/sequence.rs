@@ -37,8 +37,4 @@ impl Sequence {
     pub fn num_uncomputed(&self) -> usize {
         self.token_ids.len() - self.num_computed_tokens
     }
-
-    pub fn output_ids(&self) -> &[u32] {
-        &self.token_ids[self.num_prompt_tokens..]
-    }
 }

@@ -55,16 +55,8 @@ impl KvCache {
         }
     }
 
-    pub fn spec(&self) -> CacheSpec {
-        self.spec
-    }
-
     pub fn num_slots(&self) -> usize {
         self.num_blocks * self.block_size
-    }
-
-    pub fn block_size(&self) -> usize {
-        self.block_size
     }
 
     pub fn layer(&self, i: usize) -> &LayerKv {

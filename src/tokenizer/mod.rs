@@ -181,14 +181,6 @@ impl Tokenizer {
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
     }
-
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
-    pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
-    }
 }
 
 /// GPT-2's printable character → byte table (the inverse of `bytes_to_unicode`).

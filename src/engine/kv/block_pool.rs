@@ -132,12 +132,6 @@ impl BlockPool {
         self.cached.insert(hash, b);
     }
 
-    /// Forget every cache entry (blocks stay where they are).
-    pub fn clear_cache(&mut self) {
-        self.cached.clear();
-        self.entry.iter_mut().for_each(|e| *e = None);
-    }
-
     fn push_back(&mut self, b: BlockId) {
         let i = b as usize;
         self.prev[i] = self.tail;

@@ -122,10 +122,6 @@ impl RotaryEmbedding {
         }
     }
 
-    pub fn max_positions(&self) -> usize {
-        self.max_positions
-    }
-
     /// Rotate `x` (`[positions.len(), num_heads, head_dim]`, flat) in place.
     pub fn apply(&self, x: &mut [f32], positions: &[u32], num_heads: usize, head_dim: usize) {
         let half = self.rotary_dim / 2;
