@@ -107,6 +107,19 @@ pub struct ServeArgs {
     /// Requests that may wait for admission; beyond this, new requests get a 503. [default: 256]
     #[arg(long, env = "INFERD_MAX_WAITING_REQUESTS")]
     pub max_waiting_requests: Option<usize>,
+
+    /// Where the model runs: `cpu`, `cuda` or `cuda:N` (GPU N; needs a build with
+    /// `--features cuda`). On CUDA dense weights are bf16 and the KV cache stays on the GPU.
+    /// [default: cpu]
+    #[arg(long, env = "INFERD_DEVICE")]
+    pub device: Option<String>,
+
+    /// On CUDA: the fraction of the GPU's total memory this model may use (weights, activations
+    /// and KV cache together, vLLM's meaning); the KV pool gets what the loaded weights and an
+    /// activation reserve leave of it. Ignored when --kv-cache-memory is given, and on the CPU.
+    /// [default: 0.9]
+    #[arg(long, env = "INFERD_GPU_MEMORY_UTILIZATION")]
+    pub gpu_memory_utilization: Option<f64>,
 }
 
 /// The config file's shape (every key optional).
@@ -159,6 +172,8 @@ pub struct FileEngine {
     pub max_model_len: Option<usize>,
     pub max_waiting_requests: Option<usize>,
     pub enable_prefix_caching: Option<bool>,
+    pub device: Option<String>,
+    pub gpu_memory_utilization: Option<f64>,
 }
 
 impl FileEngine {
@@ -174,11 +189,19 @@ impl FileEngine {
             max_model_len: self.max_model_len.or(lower.max_model_len),
             max_waiting_requests: self.max_waiting_requests.or(lower.max_waiting_requests),
             enable_prefix_caching: self.enable_prefix_caching.or(lower.enable_prefix_caching),
+            device: self.device.or_else(|| lower.device.clone()),
+            gpu_memory_utilization: self.gpu_memory_utilization.or(lower.gpu_memory_utilization),
         }
     }
 
     fn resolve(&self) -> Result<EngineSettings, ConfigError> {
-        let kv = self.kv_cache_memory.as_deref().unwrap_or("512MiB");
+        let utilization = self.gpu_memory_utilization.unwrap_or(0.9);
+        if !(utilization > 0.0 && utilization <= 1.0) {
+            return Err(ConfigError::Invalid {
+                field: "gpu_memory_utilization",
+                message: format!("must be in (0, 1], got {utilization}"),
+            });
+        }
         Ok(EngineSettings {
             max_num_seqs: positive("max_num_seqs", self.max_num_seqs.unwrap_or(32))?,
             max_num_batched_tokens: positive(
@@ -186,17 +209,57 @@ impl FileEngine {
                 self.max_num_batched_tokens.unwrap_or(512),
             )?,
             block_size: positive("block_size", self.block_size.unwrap_or(16))?,
-            kv_cache_memory: parse_bytes(kv).map_err(|message| ConfigError::Invalid {
-                field: "kv_cache_memory",
-                message,
-            })?,
+            kv_cache_memory: self
+                .kv_cache_memory
+                .as_deref()
+                .map(parse_bytes)
+                .transpose()
+                .map_err(|message| ConfigError::Invalid {
+                    field: "kv_cache_memory",
+                    message,
+                })?,
             max_model_len: self
                 .max_model_len
                 .map(|v| positive("max_model_len", v))
                 .transpose()?,
             max_waiting_requests: self.max_waiting_requests.unwrap_or(256),
             enable_prefix_caching: self.enable_prefix_caching.unwrap_or(true),
+            device: DeviceSpec::parse(self.device.as_deref().unwrap_or("cpu"))?,
+            gpu_memory_utilization: utilization,
         })
+    }
+}
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::Invalid {
+            field: "device",
+            message: format!("expected `cpu`, `cuda` or `cuda:N`, got `{s}`"),
+        };
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(Self::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
     }
 }
 
@@ -211,6 +274,8 @@ impl ServeArgs {
             max_model_len: self.max_model_len,
             max_waiting_requests: self.max_waiting_requests,
             enable_prefix_caching: self.no_prefix_caching.then_some(false),
+            device: self.device.clone(),
+            gpu_memory_utilization: self.gpu_memory_utilization,
         }
     }
 }
@@ -237,10 +302,13 @@ pub struct EngineSettings {
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
     pub block_size: usize,
-    pub kv_cache_memory: u64,
+    /// Bytes for the KV pool; `None`: 512 MiB on the CPU, `gpu_memory_utilization` on CUDA.
+    pub kv_cache_memory: Option<u64>,
     pub max_model_len: Option<usize>,
     pub max_waiting_requests: usize,
     pub enable_prefix_caching: bool,
+    pub device: DeviceSpec,
+    pub gpu_memory_utilization: f64,
 }
 
 impl Config {
@@ -413,7 +481,7 @@ mod tests {
         assert_eq!(c.host, "0.0.0.0");
         let m = &c.models[0];
         assert_eq!(m.engine.max_num_seqs, 4);
-        assert_eq!(m.engine.kv_cache_memory, 1 << 30);
+        assert_eq!(m.engine.kv_cache_memory, Some(1 << 30));
         assert_eq!(m.engine.block_size, 16);
         assert_eq!(m.served_model_name, "m");
     }
@@ -459,8 +527,8 @@ mod tests {
             c.models[1].engine.max_num_seqs, 2,
             "a model's own settings win"
         );
-        assert_eq!(c.models[1].engine.kv_cache_memory, 64 << 20);
-        assert_eq!(c.models[0].engine.kv_cache_memory, 512 << 20);
+        assert_eq!(c.models[1].engine.kv_cache_memory, Some(64 << 20));
+        assert_eq!(c.models[0].engine.kv_cache_memory, None);
 
         let dup: FileConfig =
             toml::from_str("[[models]]\npath = \"x/a.gguf\"\n[[models]]\npath = \"y/a.gguf\"\n")

@@ -20,7 +20,7 @@ use candle_core::Device;
 use tokio::net::TcpListener;
 
 use api::{AppState, ServedModel};
-use config::{Config, ModelConfig};
+use config::{Config, DeviceSpec, EngineSettings, ModelConfig};
 use engine::{spawn_engine, EngineConfig};
 use tokenizer::Tokenizer;
 
@@ -41,32 +41,38 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
 /// Load one model (weights, tokenizer), size its KV pool and start its engine.
 fn load_model(config: &ModelConfig) -> anyhow::Result<ServedModel> {
     let path = &config.path;
-    if !path.exists() {
+    let synthetic = models::synthetic::preset_name(path).is_some();
+    if !synthetic && !path.exists() {
         bail!(
             "model {} not found (run scripts/fetch-models.sh to fetch the default models, or pass --model)",
             path.display()
         );
     }
-    let device = Device::Cpu;
-    let started = std::time::Instant::now();
-    tracing::info!(model = %path.display(), name = %config.served_model_name, "loading model");
     let e = &config.engine;
+    let device = models::device::open(match e.device {
+        DeviceSpec::Cpu => None,
+        DeviceSpec::Cuda(n) => Some(n),
+    })?;
+    let started = std::time::Instant::now();
+    tracing::info!(model = %path.display(), name = %config.served_model_name, device = %e.device, "loading model");
     let loaded = models::load_model(path, &device, e.max_model_len)
         .with_context(|| format!("loading {}", path.display()))?;
-    let tokenizer = if path.is_dir() {
+    let model = loaded.model;
+    let tokenizer = if synthetic {
+        Tokenizer::synthetic(model.vocab_size())?
+    } else if path.is_dir() {
         Tokenizer::from_hf_dir(path)?
     } else {
         Tokenizer::from_gguf(&models::loader::read_gguf_header(path)?)?
     };
-    let model = loaded.model;
     let spec = model.cache_spec();
     let block_bytes = (spec.bytes_per_token() * e.block_size) as u64;
-    let num_blocks = (e.kv_cache_memory / block_bytes) as usize;
+    let kv_bytes = kv_budget(e, &device)?;
+    let num_blocks = (kv_bytes / block_bytes) as usize;
     let pool_tokens = num_blocks * e.block_size;
     if num_blocks == 0 {
         bail!(
-            "kv_cache_memory ({} bytes) holds no block of {} tokens ({block_bytes} bytes each)",
-            e.kv_cache_memory,
+            "the KV cache budget ({kv_bytes} bytes) holds no block of {} tokens ({block_bytes} bytes each)",
             e.block_size
         );
     }
@@ -114,6 +120,39 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<ServedModel> {
         vocab_size,
         created,
     })
+}
+
+/// Memory still needed beside the KV pool on a GPU once the weights are loaded: activations of
+/// one forward pass (a prefill chunk's attention scores are the largest), cuBLAS workspaces.
+const GPU_ACTIVATION_RESERVE: u64 = 2 << 30;
+
+/// Bytes for the KV pool: `kv_cache_memory` if given; on a GPU what `gpu_memory_utilization`
+/// of its memory leaves after the weights (already loaded) and the activation reserve;
+/// 512 MiB on the CPU.
+fn kv_budget(e: &EngineSettings, device: &Device) -> anyhow::Result<u64> {
+    if let Some(b) = e.kv_cache_memory {
+        return Ok(b);
+    }
+    let Some((free, total)) = models::device::memory_info(device)? else {
+        return Ok(512 << 20);
+    };
+    let allowed = (total as f64 * e.gpu_memory_utilization) as u64;
+    let used = total.saturating_sub(free);
+    let budget = allowed.saturating_sub(used + GPU_ACTIVATION_RESERVE);
+    tracing::info!(
+        total_gib = format!("{:.1}", total as f64 / (1u64 << 30) as f64),
+        in_use_gib = format!("{:.1}", used as f64 / (1u64 << 30) as f64),
+        kv_gib = format!("{:.1}", budget as f64 / (1u64 << 30) as f64),
+        gpu_memory_utilization = e.gpu_memory_utilization,
+        "sizing the KV cache from GPU memory"
+    );
+    if budget == 0 {
+        bail!(
+            "gpu_memory_utilization {} of {total} bytes leaves nothing for the KV cache ({used} bytes in use after loading)",
+            e.gpu_memory_utilization
+        );
+    }
+    Ok(budget)
 }
 
 /// Serve the API on `listener` until `shutdown` resolves, then stop accepting and let

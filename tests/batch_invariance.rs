@@ -16,7 +16,7 @@ fn server(budget: usize) -> String {
         "smol",
         EngineSettings {
             max_num_batched_tokens: budget,
-            kv_cache_memory: 64 << 20,
+            kv_cache_memory: Some(64 << 20),
             max_model_len: Some(1024),
             ..default_engine()
         },

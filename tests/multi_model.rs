@@ -12,7 +12,7 @@ async fn two_models_served_at_once_route_by_name() {
         path: model_path(file),
         served_model_name: name.into(),
         engine: inferd::config::EngineSettings {
-            kv_cache_memory: 64 << 20,
+            kv_cache_memory: Some(64 << 20),
             max_model_len: Some(1024),
             ..default_engine()
         },

@@ -96,7 +96,19 @@ fn check_variant(qwen2: bool, tag: &str, tied: bool, extra: serde_json::Value) {
     write_variant(&dir, qwen2, VOCAB, tied, extra);
     let loaded = load_model(&dir, &Device::Cpu, Some(512)).unwrap();
     let m = loaded.model.as_ref();
-    let mut kv = KvCache::new(m.cache_spec(), 32, BS);
+    // Both cache storages: host blocks read by the CPU kernel, and device-style tensors read
+    // by the gather path the GPU uses (run here on the CPU).
+    let spec = m.cache_spec();
+    let mut host = KvCache::new(spec, 32, BS);
+    check_cache(&dir, qwen2, m, &mut host, "host cache");
+    let mut tensors = KvCache::tensors(spec, 32, BS, &Device::Cpu).unwrap();
+    check_cache(&dir, qwen2, m, &mut tensors, "tensor cache");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Prefill, decode, a chunk at an offset and a mixed batch through `kv`, against the oracle.
+fn check_cache(dir: &Path, qwen2: bool, m: &dyn CausalLm, kv: &mut KvCache, what: &str) {
+    let dir = dir.to_path_buf();
     let prompt = tokens(11, 7);
 
     // Prefill, with the sequence's blocks scattered over the pool.
@@ -105,7 +117,7 @@ fn check_variant(qwen2: bool, tag: &str, tied: bool, extra: serde_json::Value) {
     let want = oracle.feed(&prompt, 0);
     let got = last_logits(
         m,
-        &mut kv,
+        kv,
         &[SeqPart {
             new: prompt.clone(),
             start: 0,
@@ -113,7 +125,7 @@ fn check_variant(qwen2: bool, tag: &str, tied: bool, extra: serde_json::Value) {
         }],
     );
     let d = max_abs_diff(&got[0], &want);
-    assert!(d < TOL, "prefill differs by {d}");
+    assert!(d < TOL, "{what}: prefill differs by {d}");
 
     // Token-by-token decode through the paged cache.
     let mut oracle = Oracle::new(&dir, qwen2);
@@ -122,7 +134,7 @@ fn check_variant(qwen2: bool, tag: &str, tied: bool, extra: serde_json::Value) {
         let want = oracle.feed(&[t], i);
         let got = last_logits(
             m,
-            &mut kv,
+            kv,
             &[SeqPart {
                 new: vec![t],
                 start: i,
@@ -131,7 +143,7 @@ fn check_variant(qwen2: bool, tag: &str, tied: bool, extra: serde_json::Value) {
         );
         worst = worst.max(max_abs_diff(&got[0], &want));
     }
-    assert!(worst < TOL, "decode differs by {worst}");
+    assert!(worst < TOL, "{what}: decode differs by {worst}");
 
     // Chunked prefill: 5 tokens, then a 6-token chunk at offset 5.
     let mut oracle = Oracle::new(&dir, qwen2);
@@ -140,7 +152,7 @@ fn check_variant(qwen2: bool, tag: &str, tied: bool, extra: serde_json::Value) {
     let table2 = vec![1, 3, 8];
     last_logits(
         m,
-        &mut kv,
+        kv,
         &[SeqPart {
             new: prompt[..5].to_vec(),
             start: 0,
@@ -149,7 +161,7 @@ fn check_variant(qwen2: bool, tag: &str, tied: bool, extra: serde_json::Value) {
     );
     let got = last_logits(
         m,
-        &mut kv,
+        kv,
         &[SeqPart {
             new: prompt[5..].to_vec(),
             start: 5,
@@ -157,7 +169,7 @@ fn check_variant(qwen2: bool, tag: &str, tied: bool, extra: serde_json::Value) {
         }],
     );
     let d = max_abs_diff(&got[0], &want);
-    assert!(d < TOL, "chunk at an offset differs by {d}");
+    assert!(d < TOL, "{what}: chunk at an offset differs by {d}");
 
     // A batch of three sequences of different lengths, one of them decoding.
     let a = tokens(3, 11);
@@ -180,7 +192,7 @@ fn check_variant(qwen2: bool, tag: &str, tied: bool, extra: serde_json::Value) {
         start: 11,
         table: vec![1, 3, 8],
     });
-    let got = last_logits(m, &mut kv, &parts);
+    let got = last_logits(m, kv, &parts);
     let mut o = Oracle::new(&dir, qwen2);
     assert!(max_abs_diff(&got[0], &o.feed(&a, 0)) < TOL, "batched seq a");
     let mut o = Oracle::new(&dir, qwen2);
@@ -188,8 +200,7 @@ fn check_variant(qwen2: bool, tag: &str, tied: bool, extra: serde_json::Value) {
     let mut o = Oracle::new(&dir, qwen2);
     o.feed(&prompt, 0);
     let d = max_abs_diff(&got[2], &o.feed(&[42], 11));
-    assert!(d < TOL, "batched decode differs by {d}");
-    std::fs::remove_dir_all(&dir).ok();
+    assert!(d < TOL, "{what}: batched decode differs by {d}");
 }
 
 #[test]

@@ -338,7 +338,7 @@ fn cache_base() -> &'static str {
     static BASE: OnceLock<String> = OnceLock::new();
     BASE.get_or_init(|| {
         let engine = inferd::config::EngineSettings {
-            kv_cache_memory: 96 << 20,
+            kv_cache_memory: Some(96 << 20),
             max_model_len: Some(2048),
             ..default_engine()
         };

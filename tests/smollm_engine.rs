@@ -26,10 +26,12 @@ fn tiny_pool() -> &'static str {
                 max_num_seqs: 8,
                 max_num_batched_tokens: 64,
                 block_size: 16,
-                kv_cache_memory: 16 * 16 * BYTES_PER_TOKEN,
+                kv_cache_memory: Some(16 * 16 * BYTES_PER_TOKEN),
                 max_model_len: None,
                 max_waiting_requests: 64,
                 enable_prefix_caching: true,
+                device: inferd::config::DeviceSpec::Cpu,
+                gpu_memory_utilization: 0.9,
             },
         ))
     })

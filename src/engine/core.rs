@@ -76,7 +76,13 @@ pub fn spawn_engine(
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::default());
     let pending = Arc::new(AtomicUsize::new(0));
-    let cache = KvCache::new(model.cache_spec(), cfg.num_blocks, cfg.block_size);
+    let cache = KvCache::for_device(
+        model.cache_spec(),
+        cfg.num_blocks,
+        cfg.block_size,
+        model.device(),
+    )
+    .map_err(std::io::Error::other)?;
     let engine = Engine {
         name: name.to_string(),
         model,

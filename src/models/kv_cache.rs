@@ -1,6 +1,14 @@
 //! The paged KV cache tensors: per layer, K and V storage of `num_blocks * block_size` token
 //! slots, each `num_kv_heads * head_dim` wide (layout `[num_blocks, block_size, num_kv_heads,
 //! head_dim]`). Which block belongs to whom is decided by `engine::kv`; this only stores.
+//!
+//! Two storages: plain host vectors (f32) that the CPU attention kernel reads in place, and
+//! device tensors (`[slots, num_kv_heads * head_dim]` in the model's dtype) that stay on the
+//! accelerator and are read by the tensor attention path (`layers::paged_tensor`).
+
+use candle_core::{DType, Device, Tensor};
+
+use super::Result;
 
 /// The shape of one token's cache entry, per layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -8,12 +16,14 @@ pub struct CacheSpec {
     pub num_layers: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// Element type of the cache (the model's activation dtype).
+    pub dtype: DType,
 }
 
 impl CacheSpec {
-    /// Bytes one token position costs across all layers (K and V, f32).
+    /// Bytes one token position costs across all layers (K and V).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.num_layers * self.num_kv_heads * self.head_dim * std::mem::size_of::<f32>()
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.size_in_bytes()
     }
 
     /// Elements of one slot (one token, one layer, K or V).
@@ -22,11 +32,24 @@ impl CacheSpec {
     }
 }
 
-/// One layer's K and V slots.
+/// One layer's K and V slots on the host.
 #[derive(Debug)]
 pub struct LayerKv {
     pub k: Vec<f32>,
     pub v: Vec<f32>,
+}
+
+/// One layer's K and V slots as device tensors, `[slots, slot_width]` each.
+#[derive(Debug)]
+pub struct TensorLayerKv {
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+#[derive(Debug)]
+enum Storage {
+    Host(Vec<LayerKv>),
+    Tensor(Vec<TensorLayerKv>),
 }
 
 #[derive(Debug)]
@@ -34,11 +57,11 @@ pub struct KvCache {
     spec: CacheSpec,
     num_blocks: usize,
     block_size: usize,
-    layers: Vec<LayerKv>,
+    storage: Storage,
 }
 
 impl KvCache {
-    /// Zeroed storage; pages are only touched (and so only resident) once written.
+    /// Zeroed host storage (f32); pages are only touched (and so only resident) once written.
     pub fn new(spec: CacheSpec, num_blocks: usize, block_size: usize) -> Self {
         let n = num_blocks * block_size * spec.slot_width();
         let layers = (0..spec.num_layers)
@@ -48,25 +71,91 @@ impl KvCache {
             })
             .collect();
         Self {
+            spec: CacheSpec {
+                dtype: DType::F32,
+                ..spec
+            },
+            num_blocks,
+            block_size,
+            storage: Storage::Host(layers),
+        }
+    }
+
+    /// Zeroed tensors of `spec.dtype` on `device` (any device; the CPU too, for tests).
+    pub fn tensors(
+        spec: CacheSpec,
+        num_blocks: usize,
+        block_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let shape = (num_blocks * block_size, spec.slot_width());
+        let layers = (0..spec.num_layers)
+            .map(|_| {
+                Ok(TensorLayerKv {
+                    k: Tensor::zeros(shape, spec.dtype, device)?,
+                    v: Tensor::zeros(shape, spec.dtype, device)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
             spec,
             num_blocks,
             block_size,
-            layers,
+            storage: Storage::Tensor(layers),
+        })
+    }
+
+    /// The storage a model on `device` runs fastest with: host vectors on the CPU (read in
+    /// place by the CPU kernel), tensors on an accelerator.
+    pub fn for_device(
+        spec: CacheSpec,
+        num_blocks: usize,
+        block_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        if device.is_cpu() && spec.dtype == DType::F32 {
+            Ok(Self::new(spec, num_blocks, block_size))
+        } else {
+            Self::tensors(spec, num_blocks, block_size, device)
         }
+    }
+
+    pub fn spec(&self) -> CacheSpec {
+        self.spec
     }
 
     pub fn num_slots(&self) -> usize {
         self.num_blocks * self.block_size
     }
 
-    pub fn layer(&self, i: usize) -> &LayerKv {
-        &self.layers[i]
+    /// Layer `i` in host storage, `None` when the cache holds tensors.
+    pub fn host_layer(&self, i: usize) -> Option<&LayerKv> {
+        match &self.storage {
+            Storage::Host(l) => l.get(i),
+            Storage::Tensor(_) => None,
+        }
     }
 
-    /// Write the K/V rows of a batch (`[tokens, slot_width]` each) into their slots.
+    /// Layer `i` in tensor storage, `None` when the cache is on the host.
+    pub fn tensor_layer(&self, i: usize) -> Option<&TensorLayerKv> {
+        match &self.storage {
+            Storage::Tensor(l) => l.get(i),
+            Storage::Host(_) => None,
+        }
+    }
+
+    pub fn is_host(&self) -> bool {
+        matches!(self.storage, Storage::Host(_))
+    }
+
+    /// Write the K/V rows of a batch (`[tokens, slot_width]` each) into their host slots.
+    /// Does nothing on tensor storage (that path writes with `paged_tensor`).
     pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32], slot_mapping: &[usize]) {
         let w = self.spec.slot_width();
-        let l = &mut self.layers[layer];
+        let Storage::Host(layers) = &mut self.storage else {
+            return;
+        };
+        let l = &mut layers[layer];
         for (t, &slot) in slot_mapping.iter().enumerate() {
             l.k[slot * w..(slot + 1) * w].copy_from_slice(&k[t * w..(t + 1) * w]);
             l.v[slot * w..(slot + 1) * w].copy_from_slice(&v[t * w..(t + 1) * w]);

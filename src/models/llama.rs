@@ -1,11 +1,12 @@
 //! The Llama decoder (`LlamaForCausalLM`), which also serves Qwen2 (`Qwen2ForCausalLM`: the
 //! same blocks with q/k/v biases). Fields are named after the checkpoint's tensors.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::layers::{
-    paged_attention, AttnDims, Embedding, Linear, RmsNorm, RopeScaling, RopeStyle, RotaryEmbedding,
+    paged_attention, AttnDims, Embedding, Linear, RmsNorm, RopeRows, RopeScaling, RopeStyle,
+    RopeTables, RotaryEmbedding, TensorAttnPlan,
 };
 use super::weights::Weights;
 use super::{CacheSpec, CausalLm, ForwardBatch, KvCache, ModelError, Result};
@@ -86,6 +87,43 @@ impl HfLlamaConfig {
     }
 }
 
+impl LlamaConfig {
+    /// Every weight's Hugging Face name and shape (for generated checkpoints).
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
+        let mut w = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![self.vocab_size, h],
+            ),
+            ("model.norm.weight".to_string(), vec![h]),
+        ];
+        if !self.tie_word_embeddings {
+            w.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut add = |n: &str, s: Vec<usize>| w.push((format!("{p}.{n}"), s));
+            add("input_layernorm.weight", vec![h]);
+            add("post_attention_layernorm.weight", vec![h]);
+            add("self_attn.q_proj.weight", vec![q, h]);
+            add("self_attn.k_proj.weight", vec![kv, h]);
+            add("self_attn.v_proj.weight", vec![kv, h]);
+            add("self_attn.o_proj.weight", vec![h, q]);
+            if self.attention_bias {
+                add("self_attn.q_proj.bias", vec![q]);
+                add("self_attn.k_proj.bias", vec![kv]);
+                add("self_attn.v_proj.bias", vec![kv]);
+            }
+            add("mlp.gate_proj.weight", vec![i, h]);
+            add("mlp.up_proj.weight", vec![i, h]);
+            add("mlp.down_proj.weight", vec![h, i]);
+        }
+        w
+    }
+}
+
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -113,7 +151,21 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rope: RotaryEmbedding,
+    rope_tables: RopeTables,
     device: Device,
+    /// Activation and KV cache dtype (f32 on the CPU and for GGUF; the weights' dtype otherwise).
+    dtype: DType,
+}
+
+/// How this forward pass reaches the KV cache.
+enum CachePath {
+    /// Host blocks, read in place by the CPU kernel.
+    Host,
+    /// Device tensors, through one plan shared by all layers.
+    Tensor {
+        plan: TensorAttnPlan,
+        rows: RopeRows,
+    },
 }
 
 impl Llama {
@@ -164,13 +216,17 @@ impl Llama {
             cfg.rope_style,
             cfg.rope_scaling,
         );
+        let dtype = w.dtype();
+        let rope_tables = rope.tables(w.device(), dtype)?;
         Ok(Self {
             embed_tokens,
             layers,
             norm,
             lm_head,
             rope,
+            rope_tables,
             device: w.device().clone(),
+            dtype,
             cfg,
         })
     }
@@ -191,19 +247,41 @@ impl Llama {
         x: &Tensor,
         batch: &ForwardBatch,
         kv: &mut KvCache,
+        path: &CachePath,
     ) -> Result<Tensor> {
         let d = self.attn_dims();
         let t = batch.num_tokens();
-        let mut q = a.q_proj.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut k = a.k_proj.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
-        let v = a.v_proj.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
-        self.rope
-            .apply(&mut q, &batch.positions, d.num_heads, d.head_dim);
-        self.rope
-            .apply(&mut k, &batch.positions, d.num_kv_heads, d.head_dim);
-        kv.write(layer, &k, &v, &batch.slot_mapping);
-        let o = paged_attention(&q, kv.layer(layer), batch, d);
-        let o = Tensor::from_vec(o, (t, d.num_heads * d.head_dim), &self.device)?;
+        let q = a.q_proj.forward(x)?;
+        let k = a.k_proj.forward(x)?;
+        let v = a.v_proj.forward(x)?;
+        let o = match path {
+            CachePath::Host => {
+                let mut q = q.flatten_all()?.to_vec1::<f32>()?;
+                let mut k = k.flatten_all()?.to_vec1::<f32>()?;
+                let v = v.flatten_all()?.to_vec1::<f32>()?;
+                self.rope
+                    .apply(&mut q, &batch.positions, d.num_heads, d.head_dim);
+                self.rope
+                    .apply(&mut k, &batch.positions, d.num_kv_heads, d.head_dim);
+                kv.write(layer, &k, &v, &batch.slot_mapping);
+                let cache = kv
+                    .host_layer(layer)
+                    .ok_or_else(|| ModelError::Batch("KV cache layer missing".into()))?;
+                let o = paged_attention(&q, cache, batch, d);
+                Tensor::from_vec(o, (t, d.num_heads * d.head_dim), &self.device)?
+            }
+            CachePath::Tensor { plan, rows } => {
+                let q = self.rope_tables.apply(&q, rows, d.num_heads, d.head_dim)?;
+                let k = self
+                    .rope_tables
+                    .apply(&k, rows, d.num_kv_heads, d.head_dim)?;
+                let cache = kv
+                    .tensor_layer(layer)
+                    .ok_or_else(|| ModelError::Batch("KV cache layer missing".into()))?;
+                plan.write(cache, &k, &v)?;
+                plan.attend(&q, cache, d)?.to_dtype(x.dtype())?
+            }
+        };
         a.o_proj.forward(&o)
     }
 }
@@ -212,10 +290,18 @@ impl CausalLm for Llama {
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<Tensor> {
         batch.validate(kv.num_slots())?;
         let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
-        let mut x = self.embed_tokens.forward(&ids)?;
+        let mut x = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?;
+        let path = if kv.is_host() {
+            CachePath::Host
+        } else {
+            CachePath::Tensor {
+                plan: TensorAttnPlan::new(batch, kv.spec().slot_width(), &self.device)?,
+                rows: self.rope_tables.rows(&batch.positions)?,
+            }
+        };
         for (i, l) in self.layers.iter().enumerate() {
             let h = l.input_layernorm.forward(&x)?;
-            x = (x + self.attention(i, &l.self_attn, &h, batch, kv)?)?;
+            x = (x + self.attention(i, &l.self_attn, &h, batch, kv, &path)?)?;
             let h = l.post_attention_layernorm.forward(&x)?;
             let gate = candle_nn::ops::silu(&l.mlp.gate_proj.forward(&h)?)?;
             let up = l.mlp.up_proj.forward(&h)?;
@@ -232,6 +318,7 @@ impl CausalLm for Llama {
             num_layers: self.cfg.num_hidden_layers,
             num_kv_heads: self.cfg.num_key_value_heads,
             head_dim: self.cfg.head_dim,
+            dtype: self.dtype,
         }
     }
 

@@ -9,8 +9,19 @@ use candle_core::{DType, Device};
 
 use super::layers::{RopeScaling, RopeStyle};
 use super::llama::{HfLlamaConfig, Llama, LlamaConfig};
+use super::synthetic;
 use super::weights::Weights;
 use super::{CausalLm, ModelError, Result};
+
+/// The dtype dense weights are loaded in on `device`: f32 on the CPU (its kernels and the
+/// batch-invariance guarantee are f32), bf16 on accelerators.
+pub fn dense_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
 
 pub struct LoadedModel {
     pub model: Box<dyn CausalLm>,
@@ -25,7 +36,9 @@ pub fn load_model(
     device: &Device,
     max_positions: Option<usize>,
 ) -> Result<LoadedModel> {
-    if path.is_dir() {
+    if let Some(name) = synthetic::preset_name(path) {
+        load_synthetic(name, device, max_positions)
+    } else if path.is_dir() {
         load_hf_dir(path, device, max_positions)
     } else if path
         .extension()
@@ -69,6 +82,26 @@ fn load_gguf(path: &Path, device: &Device, max_positions: Option<usize>) -> Resu
     Ok(LoadedModel {
         model: Box::new(model),
         architecture: arch,
+    })
+}
+
+fn load_synthetic(
+    name: &str,
+    device: &Device,
+    max_positions: Option<usize>,
+) -> Result<LoadedModel> {
+    let cfg = synthetic::preset(name)?;
+    let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
+    let mut w = Weights::synthetic(
+        cfg.weight_shapes(),
+        synthetic::SEED,
+        dense_dtype(device),
+        device,
+    );
+    let model = Llama::load(cfg, &mut w, positions)?;
+    Ok(LoadedModel {
+        model: Box::new(model),
+        architecture: format!("synthetic:{name}"),
     })
 }
 
@@ -124,7 +157,7 @@ fn load_hf_dir(dir: &Path, device: &Device, max_positions: Option<usize>) -> Res
             let cfg = parse(raw)?.into_config(arch == "Qwen2ForCausalLM")?;
             let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
             let count = (cfg.num_hidden_layers * 9 + 3) as u64;
-            let mut w = Weights::safetensors(&files, DType::F32, device, count)?;
+            let mut w = Weights::safetensors(&files, dense_dtype(device), device, count)?;
             Box::new(Llama::load(cfg, &mut w, positions)?)
         }
         other => {

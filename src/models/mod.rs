@@ -4,10 +4,12 @@
 //! with positions, block tables and slot mapping — and the paged [`KvCache`], and returns the
 //! logits of only the rows that sample. Models know nothing of sequences, requests or HTTP.
 
+pub mod device;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod loader;
+pub mod synthetic;
 pub mod weights;
 
 use candle_core::{Device, Tensor};

@@ -67,6 +67,16 @@ pub enum Weights {
         vb: VarBuilder<'static>,
         progress: ProgressBar,
     },
+    /// Seeded random weights of given shapes (benchmarks and tests of model shapes whose
+    /// checkpoints are not at hand). Values are bf16-representable whatever `dtype` is, so a
+    /// bf16 copy on a GPU and an f32 copy on the CPU hold the same numbers.
+    Synthetic {
+        shapes: std::collections::HashMap<String, Vec<usize>>,
+        seed: u64,
+        dtype: DType,
+        device: Device,
+        progress: ProgressBar,
+    },
 }
 
 impl Weights {
@@ -93,10 +103,36 @@ impl Weights {
         Ok(Self::Safetensors { vb, progress })
     }
 
+    pub fn synthetic(
+        shapes: Vec<(String, Vec<usize>)>,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let progress = progress_bar(shapes.len() as u64, Path::new("synthetic weights"));
+        Self::Synthetic {
+            shapes: shapes.into_iter().collect(),
+            seed,
+            dtype,
+            device: device.clone(),
+            progress,
+        }
+    }
+
     pub fn device(&self) -> &Device {
         match self {
-            Self::Gguf { device, .. } => device,
+            Self::Gguf { device, .. } | Self::Synthetic { device, .. } => device,
             Self::Safetensors { vb, .. } => vb.device(),
+        }
+    }
+
+    /// The dtype dense tensors come in, which models use for activations and the KV cache
+    /// (GGUF: f32, what candle's quantized kernels take).
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Gguf { .. } => DType::F32,
+            Self::Safetensors { vb, .. } => vb.dtype(),
+            Self::Synthetic { dtype, .. } => *dtype,
         }
     }
 
@@ -104,6 +140,7 @@ impl Weights {
         match self {
             Self::Gguf { content, .. } => content.tensor_infos.contains_key(&gguf_name(hf_name)),
             Self::Safetensors { vb, .. } => vb.contains_tensor(hf_name),
+            Self::Synthetic { shapes, .. } => shapes.contains_key(hf_name),
         }
     }
 
@@ -147,6 +184,22 @@ impl Weights {
                 progress.inc(1);
                 Ok(t)
             }
+            Self::Synthetic {
+                shapes,
+                seed,
+                dtype,
+                device,
+                progress,
+            } => {
+                let shape = shapes
+                    .get(hf_name)
+                    .ok_or_else(|| ModelError::MissingWeight(hf_name.to_string()))?;
+                let t = synthetic_tensor(hf_name, shape, *seed)?
+                    .to_dtype(*dtype)?
+                    .to_device(device)?;
+                progress.inc(1);
+                Ok(t)
+            }
         }
     }
 
@@ -158,7 +211,9 @@ impl Weights {
                 let (q, k_pad) = self.qtensor_padded(&w)?;
                 (QMatMul::from_qtensor(q)?, k_pad)
             }
-            Self::Safetensors { .. } => (QMatMul::Tensor(self.tensor(&w)?), 0),
+            Self::Safetensors { .. } | Self::Synthetic { .. } => {
+                (QMatMul::Tensor(self.tensor(&w)?), 0)
+            }
         };
         let bias = if bias {
             Some(self.tensor(&format!("{prefix}.bias"))?)
@@ -189,7 +244,7 @@ impl Weights {
                 };
                 Ok((emb, head))
             }
-            Self::Safetensors { .. } => {
+            Self::Safetensors { .. } | Self::Synthetic { .. } => {
                 let t = self.tensor(&w)?;
                 let head = tied.then(|| Linear::new(QMatMul::Tensor(t.clone()), None));
                 Ok((Embedding::Dense(t), head))
@@ -206,11 +261,47 @@ impl Weights {
 
     pub fn finish(&self) {
         match self {
-            Self::Gguf { progress, .. } | Self::Safetensors { progress, .. } => {
-                progress.finish_and_clear()
-            }
+            Self::Gguf { progress, .. }
+            | Self::Safetensors { progress, .. }
+            | Self::Synthetic { progress, .. } => progress.finish_and_clear(),
         }
     }
+}
+
+/// Seeded values for the weight `name`: norm weights are ones; matrices are uniform with the
+/// standard deviation of their usual initialisation (0.02 for embeddings, 1/sqrt(fan_in) for
+/// projections), rounded to bf16. Counter-based, so generation is parallel and reproducible.
+fn synthetic_tensor(name: &str, shape: &[usize], seed: u64) -> Result<Tensor> {
+    use half::bf16;
+    use rayon::prelude::*;
+    let n: usize = shape.iter().product();
+    if name.ends_with("norm.weight") {
+        return Ok(Tensor::ones(shape, DType::BF16, &Device::Cpu)?);
+    }
+    let std = if name.contains("embed") || shape.len() == 1 {
+        0.02
+    } else {
+        1.0 / (shape[shape.len() - 1] as f64).sqrt()
+    };
+    let half_width = (std * 3f64.sqrt()) as f32;
+    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let base = seed ^ name_hash;
+    let mut data = vec![bf16::ZERO; n];
+    data.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (i, x) in chunk.iter_mut().enumerate() {
+                let mut z = base.wrapping_add(((c << 16) + i) as u64 * 0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                let u = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                *x = bf16::from_f32((2.0 * u - 1.0) * half_width);
+            }
+        });
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
 fn progress_bar(len: u64, path: &Path) -> ProgressBar {

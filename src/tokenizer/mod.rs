@@ -127,6 +127,32 @@ impl Tokenizer {
         Self::assemble(inner, bos, eos, add_bos, template)
     }
 
+    /// A tokenizer for random-weight models: token `i` is the text `<i>` (0 is
+    /// `<|endoftext|>`, the EOS; 1 is `<unk>`), so any token sequence round-trips.
+    pub fn synthetic(vocab_size: usize) -> Result<Self, TokenizerError> {
+        let mut vocab = serde_json::Map::with_capacity(vocab_size);
+        vocab.insert("<|endoftext|>".into(), 0.into());
+        vocab.insert("<unk>".into(), 1.into());
+        for i in 2..vocab_size {
+            vocab.insert(format!("<{i}>"), i.into());
+        }
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false,
+                              "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "<\\d+>"},
+                              "behavior": "Isolated", "invert": false},
+            "post_processor": null,
+            "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        });
+        let inner = tokenizers::Tokenizer::from_str(&json.to_string())
+            .map_err(|e| TokenizerError::Load(e.to_string()))?;
+        let template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}";
+        Self::assemble(inner, None, Some(0), false, Some(template.to_string()))
+    }
+
     /// Encode a prompt. Special-token text (e.g. `<|im_start|>`) becomes its token.
     /// `add_special` adds BOS where the model wants one (plain-text prompts).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
@@ -234,5 +260,13 @@ mod tests {
         assert_eq!(t.token_bytes(3), b"<|im_end|>".to_vec());
         assert_eq!(byte_decoder()[&'\u{120}'], b' ', "Ġ is the space byte");
         assert_eq!(byte_decoder()[&'\u{10a}'], b'\n', "Ċ is the newline byte");
+    }
+
+    #[test]
+    fn synthetic_tokens_round_trip() {
+        let t = Tokenizer::synthetic(1000).unwrap();
+        assert_eq!(t.encode("<5><999><42>", false).unwrap(), vec![5, 999, 42]);
+        assert_eq!(t.token_bytes(42), b"<42>".to_vec());
+        assert_eq!(t.eos_token_ids(), &[0]);
     }
 }

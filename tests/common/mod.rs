@@ -42,10 +42,12 @@ pub fn default_engine() -> EngineSettings {
         max_num_seqs: 32,
         max_num_batched_tokens: 512,
         block_size: 16,
-        kv_cache_memory: 256 << 20,
+        kv_cache_memory: Some(256 << 20),
         max_model_len: Some(4096),
         max_waiting_requests: 256,
         enable_prefix_caching: true,
+        device: inferd::config::DeviceSpec::Cpu,
+        gpu_memory_utilization: 0.9,
     }
 }
 

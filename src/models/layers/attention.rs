@@ -149,6 +149,7 @@ mod tests {
             num_layers: 1,
             num_kv_heads: 2,
             head_dim: 8,
+            dtype: candle_core::DType::F32,
         };
         let bs = 2;
         let mut cache = KvCache::new(spec, 8, bs);
@@ -175,7 +176,7 @@ mod tests {
             block_size: bs,
         };
         batch.validate(cache.num_slots()).unwrap();
-        let got = paged_attention(q, cache.layer(0), &batch, d);
+        let got = paged_attention(q, cache.host_layer(0).unwrap(), &batch, d);
         let want = reference(q, &k, &v, 3, d, 4);
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");

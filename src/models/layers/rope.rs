@@ -1,5 +1,9 @@
 //! Rotary position embeddings, applied in place to flat `[tokens, heads, head_dim]` rows at
-//! each token's own position (positions differ per token in a continuous batch).
+//! each token's own position (positions differ per token in a continuous batch). Host rows are
+//! rotated by [`RotaryEmbedding::apply`]; device tensors by [`RopeTables::apply`] with candle's
+//! rope kernels (each token as its own batch entry, so each gets its own position).
+
+use candle_core::{DType, Device, Tensor};
 
 /// How rotary dimensions are paired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +156,82 @@ impl RotaryEmbedding {
     }
 }
 
+/// The cos/sin tables as tensors on the model's device, for [`RotaryEmbedding`]'s style.
+#[derive(Debug, Clone)]
+pub struct RopeTables {
+    style: RopeStyle,
+    rotary_dim: usize,
+    /// `[max_positions, rotary_dim / 2]` in the model's dtype.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// One forward pass's rows of the tables: `[tokens, 1, rotary_dim / 2]`.
+pub struct RopeRows {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    pub fn tables(&self, device: &Device, dtype: DType) -> candle_core::Result<RopeTables> {
+        let half = self.rotary_dim / 2;
+        let t =
+            |v: &[f32]| Tensor::from_slice(v, (self.max_positions, half), device)?.to_dtype(dtype);
+        Ok(RopeTables {
+            style: self.style,
+            rotary_dim: self.rotary_dim,
+            cos: t(&self.cos)?,
+            sin: t(&self.sin)?,
+        })
+    }
+}
+
+impl RopeTables {
+    /// The rows for `positions` (`[tokens]` u32 on the device; clamped like the host path).
+    pub fn rows(&self, positions: &[u32]) -> candle_core::Result<RopeRows> {
+        let max = self.cos.dim(0)? as u32 - 1;
+        let p: Vec<u32> = positions.iter().map(|&p| p.min(max)).collect();
+        let idx = Tensor::from_vec(p, positions.len(), self.cos.device())?;
+        let shape = (positions.len(), 1, self.rotary_dim / 2);
+        Ok(RopeRows {
+            cos: self.cos.index_select(&idx, 0)?.reshape(shape)?,
+            sin: self.sin.index_select(&idx, 0)?.reshape(shape)?,
+        })
+    }
+
+    /// Rotate `x` (`[tokens, num_heads * head_dim]`); the first `rotary_dim` dims of each head.
+    pub fn apply(
+        &self,
+        x: &Tensor,
+        rows: &RopeRows,
+        num_heads: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<Tensor> {
+        let t = x.dim(0)?;
+        // Token t is batch entry t with one position: [t, heads, 1, head_dim].
+        let x = x.reshape((t, num_heads, 1, head_dim))?;
+        let (rot, pass) = if self.rotary_dim == head_dim {
+            (x, None)
+        } else {
+            (
+                x.narrow(3, 0, self.rotary_dim)?.contiguous()?,
+                Some(x.narrow(3, self.rotary_dim, head_dim - self.rotary_dim)?),
+            )
+        };
+        let cos = rows.cos.to_dtype(rot.dtype())?;
+        let sin = rows.sin.to_dtype(rot.dtype())?;
+        let rot = match self.style {
+            RopeStyle::Neox => candle_nn::rotary_emb::rope(&rot, &cos, &sin)?,
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&rot, &cos, &sin)?,
+        };
+        let out = match pass {
+            Some(p) => Tensor::cat(&[&rot, &p], 3)?,
+            None => rot,
+        };
+        out.reshape((t, num_heads * head_dim))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +272,28 @@ mod tests {
         let mut x = vec![1.0, 0.0, 0.0, 0.0];
         r.apply(&mut x, &[1], 1, 4);
         assert!((x[0] - c).abs() < 1e-6 && (x[1] - s).abs() < 1e-6, "{x:?}");
+    }
+
+    #[test]
+    fn tensor_rope_matches_host_rope_for_both_styles() {
+        let dev = Device::Cpu;
+        let positions = [0u32, 5, 3, 17];
+        let (heads, hd) = (3, 8);
+        let x: Vec<f32> = (0..positions.len() * heads * hd)
+            .map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0)
+            .collect();
+        for style in [RopeStyle::Neox, RopeStyle::Interleaved] {
+            let r = RotaryEmbedding::new(10000.0, hd, 32, style);
+            let mut want = x.clone();
+            r.apply(&mut want, &positions, heads, hd);
+            let tables = r.tables(&dev, DType::F32).unwrap();
+            let rows = tables.rows(&positions).unwrap();
+            let xt = Tensor::from_slice(&x, (positions.len(), heads * hd), &dev).unwrap();
+            let got = tables.apply(&xt, &rows, heads, hd).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-6, "{style:?}: {a} vs {b}");
+            }
+        }
     }
 }
