@@ -41,12 +41,26 @@ fn main() -> anyhow::Result<()> {
                 .block_on(serve(config))
         }
         Command::Bench(args) => {
-            let report = tokio::runtime::Builder::new_multi_thread()
+            let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
-                .build()?
-                .block_on(inferd::bench::run(&args))?;
-            println!("{}", report.table());
-            println!("{}", serde_json::to_string(&report)?);
+                .build()?;
+            let (reports, check) = if args.serve.self_serve {
+                let o = rt.block_on(inferd::bench::self_serve::run(&args))?;
+                (o.reports, o.check)
+            } else {
+                (rt.block_on(inferd::bench::run(&args))?, None)
+            };
+            for report in &reports {
+                println!("{}", report.table());
+                println!("{}", serde_json::to_string(report)?);
+            }
+            if let Some(c) = check {
+                println!("{}", c.line());
+                println!("{}", serde_json::json!({ "numerics": c }));
+                if !c.passed {
+                    anyhow::bail!("the numerics check against the CPU failed");
+                }
+            }
             Ok(())
         }
     }

@@ -173,8 +173,9 @@ async fn the_bench_client_measures_a_run() {
     let args = inferd::bench::BenchArgs {
         base_url: tiny_pool().to_string(),
         model: None,
-        concurrency: 3,
+        concurrency: vec![3],
         num_requests: 6,
+        requests_per_stream: None,
         prompt_tokens: 32,
         max_tokens: 16,
         stream: true,
@@ -182,8 +183,9 @@ async fn the_bench_client_measures_a_run() {
         request_timeout: 120,
         max_duration: 600,
         allow_remote: false,
+        serve: Default::default(),
     };
-    let r = inferd::bench::run(&args).await.unwrap();
+    let r = inferd::bench::run(&args).await.unwrap().remove(0);
     assert_eq!(r.model, NAME);
     assert_eq!((r.completed, r.failed), (6, 0));
     assert_eq!(r.total_input_tokens, 6 * 32);
@@ -194,4 +196,47 @@ async fn the_bench_client_measures_a_run() {
     );
     assert!(r.ttft.mean_ms > 0.0 && r.ttft.mean_ms <= r.e2el.mean_ms);
     assert!(r.output_throughput > 0.0 && r.itl.median_ms > 0.0);
+}
+
+/// `inferd bench --self-serve` on a synthetic model: the numerics check (here the tensor cache
+/// path against the host kernel, both on the CPU), an in-process daemon, two levels.
+#[tokio::test]
+async fn self_serve_bench_checks_numerics_and_runs_every_level() {
+    let mut serve = inferd::bench::self_serve::SelfServeArgs {
+        self_serve: true,
+        synthetic_model: Some("tiny".into()),
+        device: "cpu".into(),
+        max_num_batched_tokens: 64,
+        ..Default::default()
+    };
+    let args = inferd::bench::BenchArgs {
+        base_url: "http://127.0.0.1:1".into(),
+        model: None,
+        concurrency: vec![1, 3],
+        num_requests: 6,
+        requests_per_stream: None,
+        prompt_tokens: 40,
+        max_tokens: 12,
+        stream: true,
+        seed: 0,
+        request_timeout: 120,
+        max_duration: 600,
+        allow_remote: false,
+        serve: serve.clone(),
+    };
+    let o = inferd::bench::self_serve::run(&args).await.unwrap();
+    let c = o.check.expect("the check runs unless --no-check");
+    assert_eq!((c.steps, c.top1_agree), (9, 9), "{c:?}");
+    assert!(c.passed && c.max_abs_diff < 1e-4, "{c:?}");
+    assert_eq!(o.reports.len(), 2);
+    for (r, c) in o.reports.iter().zip([1, 3]) {
+        assert_eq!(r.concurrency, c);
+        assert_eq!((r.completed, r.failed), (6, 0), "{r:?}");
+        assert_eq!(r.total_output_tokens, 6 * 12);
+    }
+
+    serve.synthetic_model = Some("no-such-shape".into());
+    let bad = inferd::bench::BenchArgs { serve, ..args };
+    let e = inferd::bench::self_serve::run(&bad).await.err().unwrap();
+    assert!(format!("{e:#}").contains("presets: tiny"), "{e:#}");
 }

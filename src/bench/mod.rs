@@ -5,6 +5,7 @@
 //! what `vllm bench serve` reports. It only targets loopback addresses unless
 //! `--allow-remote` is given, and every loop is bounded in count and time.
 
+pub mod self_serve;
 pub mod stats;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,13 +28,18 @@ pub struct BenchArgs {
     #[arg(long)]
     pub model: Option<String>,
 
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 1)]
-    pub concurrency: usize,
+    /// Requests in flight at once; a comma-separated list runs each level in turn (1,16,64).
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
 
-    /// Requests to send in all.
+    /// Requests to send in all (at each concurrency level).
     #[arg(long, default_value_t = 32)]
     pub num_requests: usize,
+
+    /// Send this many requests per stream at each level instead of --num-requests (e.g. 4 with
+    /// --concurrency 1,16,64 sends 4, 64 and 256), so every level runs about as long.
+    #[arg(long)]
+    pub requests_per_stream: Option<usize>,
 
     /// Prompt length in tokens (token ids from a fixed seeded sequence).
     #[arg(long, default_value_t = 128)]
@@ -62,6 +68,9 @@ pub struct BenchArgs {
     /// Allow a base URL that is not a loopback address.
     #[arg(long)]
     pub allow_remote: bool,
+
+    #[command(flatten)]
+    pub serve: self_serve::SelfServeArgs,
 }
 
 /// Token ids below this are avoided (special and byte tokens live there in most vocabularies);
@@ -94,16 +103,25 @@ fn check_loopback(url: &reqwest::Url, allow_remote: bool) -> anyhow::Result<()> 
     Ok(())
 }
 
-pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
+/// Benchmark `--base-url` at each `--concurrency` level, one report per level.
+pub async fn run(args: &BenchArgs) -> anyhow::Result<Vec<Report>> {
+    let mut reports = Vec::with_capacity(args.concurrency.len());
+    for &c in &args.concurrency {
+        reports.push(run_at(args, c).await?);
+    }
+    Ok(reports)
+}
+
+/// One benchmark run with `concurrency` requests in flight.
+pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Report> {
+    let num_requests = args
+        .requests_per_stream
+        .map_or(args.num_requests, |k| k * concurrency);
     let base = args.base_url.trim_end_matches('/').to_string();
     let url = reqwest::Url::parse(&base).context("--base-url")?;
     check_loopback(&url, args.allow_remote)?;
-    if args.concurrency == 0
-        || args.num_requests == 0
-        || args.max_tokens == 0
-        || args.prompt_tokens == 0
-    {
-        bail!("--concurrency, --num-requests, --prompt-tokens and --max-tokens must be at least 1");
+    if concurrency == 0 || num_requests == 0 || args.max_tokens == 0 || args.prompt_tokens == 0 {
+        bail!("--concurrency, --num-requests (or --requests-per-stream), --prompt-tokens and --max-tokens must be at least 1");
     }
     // A fresh connection per request: reusing a pooled keep-alive connection races with servers
     // that close idle ones (llama-server does), which shows up as failed requests.
@@ -126,8 +144,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
                 .to_string()
         }
     };
-    let prompts = Arc::new(corpus(args.seed, args.num_requests, args.prompt_tokens));
-    let progress = indicatif::ProgressBar::new(args.num_requests as u64);
+    let prompts = Arc::new(corpus(args.seed, num_requests, args.prompt_tokens));
+    let progress = indicatif::ProgressBar::new(num_requests as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template(
             "{msg} [{bar:40}] {pos}/{len} requests ({elapsed})",
@@ -139,7 +157,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.max_duration);
-    let workers = (0..args.concurrency.min(args.num_requests)).map(|_| {
+    let workers = (0..concurrency.min(num_requests)).map(|_| {
         let (client, base, model, prompts, next, progress) = (
             client.clone(),
             base.clone(),
@@ -171,13 +189,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<Report> {
     if let Some(e) = results.iter().find_map(|r| r.error.as_ref()) {
         tracing::warn!(error = %e, failed = results.iter().filter(|r| !r.ok).count(), "some requests failed");
     }
-    Ok(Report::new(
-        &base,
-        &model,
-        args.concurrency,
-        duration,
-        &results,
-    ))
+    Ok(Report::new(&base, &model, concurrency, duration, &results))
 }
 
 async fn one_request(

@@ -43,3 +43,20 @@ pub fn synchronize(device: &Device) -> Result<()> {
     device.synchronize()?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_has_no_memory_figure() {
+        assert!(memory_info(&open(None).unwrap()).unwrap().is_none());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_on_a_cpu_build_says_how_to_get_it() {
+        let e = open(Some(0)).unwrap_err().to_string();
+        assert!(e.contains("--features cuda"), "{e}");
+    }
+}

@@ -55,6 +55,36 @@ pub struct ForwardBatch {
 }
 
 impl ForwardBatch {
+    /// An empty batch over blocks of `block_size` positions.
+    pub fn new(block_size: usize) -> Self {
+        Self {
+            block_size,
+            cu_seqlens_q: vec![0],
+            ..Default::default()
+        }
+    }
+
+    /// Add a sequence whose tokens `new` sit at positions `start..` of the context stored in
+    /// the blocks `table`; its last token's logits are wanted.
+    pub fn push_sequence(&mut self, new: &[u32], start: usize, table: &[u32]) {
+        let bs = self.block_size;
+        for (i, &t) in new.iter().enumerate() {
+            let pos = start + i;
+            self.input_ids.push(t);
+            self.positions.push(pos as u32);
+            let slot = table
+                .get(pos / bs)
+                .map_or(usize::MAX, |&b| b as usize * bs + pos % bs);
+            self.slot_mapping.push(slot);
+        }
+        self.cu_seqlens_q.push(self.input_ids.len());
+        self.seq_lens.push(start + new.len());
+        self.block_tables.push(table.to_vec());
+        if !new.is_empty() {
+            self.logits_indices.push(self.input_ids.len() - 1);
+        }
+    }
+
     pub fn num_tokens(&self) -> usize {
         self.input_ids.len()
     }

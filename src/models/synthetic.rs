@@ -12,7 +12,7 @@ pub const SEED: u64 = 0x5eed_1f3d;
 
 /// Preset names and what they are shaped like.
 pub const PRESETS: &[(&str, &str)] = &[
-    ("tiny", "2 layers, hidden 64, vocab 512 (tests)"),
+    ("tiny", "2 layers, hidden 64, vocab 9216 (tests)"),
     (
         "llama-1b-shape",
         "Llama-3.2-1B: 16 layers, hidden 2048, GQA 32/8, vocab 128256, tied",
@@ -47,7 +47,8 @@ pub fn preset(name: &str) -> Result<LlamaConfig> {
         rms_norm_eps: 1e-5,
         rope_theta: 10_000.0,
         max_position_embeddings: 2048,
-        vocab_size: 512,
+        // Above the id range `inferd bench` prompts use.
+        vocab_size: 9216,
         attention_bias: false,
         tie_word_embeddings: true,
         rope_style: RopeStyle::Neox,

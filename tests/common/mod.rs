@@ -181,23 +181,9 @@ pub struct SeqPart {
 }
 
 pub fn batch_of(parts: &[SeqPart], block_size: usize) -> inferd::models::ForwardBatch {
-    let mut b = inferd::models::ForwardBatch {
-        block_size,
-        cu_seqlens_q: vec![0],
-        ..Default::default()
-    };
+    let mut b = inferd::models::ForwardBatch::new(block_size);
     for p in parts {
-        for (i, &t) in p.new.iter().enumerate() {
-            let pos = p.start + i;
-            b.input_ids.push(t);
-            b.positions.push(pos as u32);
-            b.slot_mapping
-                .push(p.table[pos / block_size] as usize * block_size + pos % block_size);
-        }
-        b.cu_seqlens_q.push(b.input_ids.len());
-        b.seq_lens.push(p.start + p.new.len());
-        b.block_tables.push(p.table.clone());
-        b.logits_indices.push(b.input_ids.len() - 1);
+        b.push_sequence(&p.new, p.start, &p.table);
     }
     b
 }

@@ -1,0 +1,244 @@
+//! `inferd bench --self-serve`: a benchmark that needs nothing but this binary (and, with
+//! `--synthetic-model`, not even weights) — for GPU machines without network or a toolchain.
+//!
+//! It first checks the target device's numerics against the CPU (the same weights run on both:
+//! a prompt's prefill and a few greedy decode steps, teacher-forced with the CPU's tokens),
+//! then starts inferd in-process on a loopback port, warms every kernel up at the largest
+//! concurrency (the first use of a CUDA kernel module JIT-compiles its PTX), and runs the client
+//! benchmark at each `--concurrency` level against it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+use super::{corpus, BenchArgs, Report};
+use crate::config::{Config, DeviceSpec, EngineSettings, ModelConfig};
+use crate::models::{self, ForwardBatch, KvCache};
+
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SelfServeArgs {
+    /// Start inferd in-process on a loopback port and benchmark it (--base-url is ignored).
+    #[arg(long)]
+    pub self_serve: bool,
+
+    /// Model for --self-serve: a .gguf file, a Hugging Face directory, or synthetic:<preset>.
+    #[arg(long)]
+    pub serve_model: Option<PathBuf>,
+
+    /// Random-weight model for --self-serve (same as --serve-model synthetic:<NAME>): tiny,
+    /// llama-1b-shape, llama-8b-shape, qwen2.5-0.5b-shape.
+    #[arg(long)]
+    pub synthetic_model: Option<String>,
+
+    /// Device for --self-serve: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// KV pool for --self-serve, e.g. 8GiB. [default: from GPU memory on CUDA, 512MiB on CPU]
+    #[arg(long)]
+    pub kv_cache_memory: Option<String>,
+
+    /// Most tokens in one forward pass of the --self-serve daemon.
+    #[arg(long, default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+
+    /// Skip the numerics check against the CPU.
+    #[arg(long)]
+    pub no_check: bool,
+}
+
+/// How the target device's logits compare with the CPU's on the same weights.
+#[derive(Debug, Clone, Serialize)]
+pub struct NumericsCheck {
+    pub device: String,
+    /// Positions compared (the prefill's last token, then each decode step).
+    pub steps: usize,
+    /// Positions where both devices pick the same greedy token.
+    pub top1_agree: usize,
+    pub max_abs_diff: f32,
+    /// Largest |logit| on the CPU, for scale.
+    pub max_abs_logit: f32,
+    pub passed: bool,
+}
+
+impl NumericsCheck {
+    /// Relative tolerance: bf16 activations carry ~3 significant digits.
+    const REL_TOL: f32 = 0.05;
+
+    pub fn line(&self) -> String {
+        format!(
+            "numerics {} vs cpu: top-1 agreement {}/{}, max |logit diff| {:.4} (max |logit| {:.3}): {}",
+            self.device,
+            self.top1_agree,
+            self.steps,
+            self.max_abs_diff,
+            self.max_abs_logit,
+            if self.passed { "PASS" } else { "FAIL" }
+        )
+    }
+}
+
+/// Everything a self-serve run measured.
+pub struct SelfServeOutcome {
+    pub check: Option<NumericsCheck>,
+    pub reports: Vec<Report>,
+}
+
+pub fn model_path(a: &SelfServeArgs) -> anyhow::Result<PathBuf> {
+    match (&a.synthetic_model, &a.serve_model) {
+        (Some(_), Some(_)) => bail!("give --synthetic-model or --serve-model, not both"),
+        (Some(n), None) => Ok(PathBuf::from(format!("{}{n}", models::synthetic::PREFIX))),
+        (None, Some(p)) => Ok(p.clone()),
+        (None, None) => bail!("--self-serve needs --synthetic-model or --serve-model"),
+    }
+}
+
+pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
+    let s = &args.serve;
+    let path = model_path(s)?;
+    let device = DeviceSpec::parse(&s.device)?;
+    let check = if s.no_check {
+        None
+    } else {
+        let (p, prompt) = (path.clone(), corpus(args.seed ^ 0xc4ec, 1, 24).remove(0));
+        let c =
+            tokio::task::spawn_blocking(move || check_numerics(&p, device, &prompt, 8)).await??;
+        eprintln!("{}", c.line());
+        Some(c)
+    };
+
+    let levels = args.concurrency.clone();
+    let widest = levels.iter().copied().max().unwrap_or(1);
+    let config = Config {
+        host: "127.0.0.1".into(),
+        port: 0,
+        api_key: None,
+        models: vec![ModelConfig {
+            path: path.clone(),
+            served_model_name: "bench".into(),
+            engine: EngineSettings {
+                max_num_seqs: widest,
+                max_num_batched_tokens: s.max_num_batched_tokens,
+                block_size: 16,
+                kv_cache_memory: s
+                    .kv_cache_memory
+                    .as_deref()
+                    .map(crate::config::parse_bytes)
+                    .transpose()
+                    .map_err(|m| anyhow::anyhow!("--kv-cache-memory: {m}"))?,
+                max_model_len: Some(args.prompt_tokens + args.max_tokens + 16),
+                max_waiting_requests: args
+                    .num_requests
+                    .max(widest * args.requests_per_stream.unwrap_or(1))
+                    + 16,
+                enable_prefix_caching: true,
+                device,
+                gpu_memory_utilization: 0.9,
+            },
+        }],
+    };
+    let state = tokio::task::spawn_blocking(move || crate::load(&config)).await??;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::serve(state, listener, async move {
+        let _ = stopped.await;
+    }));
+
+    let mut client = args.clone();
+    client.base_url = base;
+    client.model = Some("bench".into());
+    // Warm-up: every kernel at the batch shapes the runs will use (prefill and decode).
+    let warm = BenchArgs {
+        concurrency: vec![widest],
+        num_requests: widest,
+        requests_per_stream: None,
+        max_tokens: 4,
+        seed: args.seed ^ 0x3a3a,
+        ..client.clone()
+    };
+    let w = super::run_at(&warm, widest).await?;
+    if w.failed > 0 {
+        bail!("{} of {} warm-up requests failed", w.failed, widest);
+    }
+    let mut reports = Vec::with_capacity(levels.len());
+    for &c in &levels {
+        reports.push(super::run_at(&client, c).await?);
+    }
+    let _ = stop.send(());
+    server.await.context("server task")??;
+    Ok(SelfServeOutcome { check, reports })
+}
+
+/// Run `prompt` and `steps` greedy decode steps through the model on the CPU (f32, host cache)
+/// and on `device` (its own dtype and cache; on the CPU, the tensor cache path), feeding both
+/// the CPU's tokens, and compare the logits at every step.
+pub fn check_numerics(
+    path: &Path,
+    device: DeviceSpec,
+    prompt: &[u32],
+    steps: usize,
+) -> anyhow::Result<NumericsCheck> {
+    let target_dev = models::device::open(match device {
+        DeviceSpec::Cpu => None,
+        DeviceSpec::Cuda(n) => Some(n),
+    })?;
+    let positions = prompt.len() + steps + 1;
+    let reference = models::load_model(path, &Device::Cpu, Some(positions))?.model;
+    let target = models::load_model(path, &target_dev, Some(positions))?.model;
+    let bs = 16;
+    let blocks = positions.div_ceil(bs);
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut ref_kv = KvCache::new(reference.cache_spec(), blocks, bs);
+    let mut tgt_kv = KvCache::tensors(target.cache_spec(), blocks, bs, &target_dev)?;
+    if prompt.iter().any(|&t| t as usize >= reference.vocab_size()) {
+        bail!("the check prompt has ids beyond the vocabulary");
+    }
+
+    let mut tokens = prompt.to_vec();
+    let mut fed = 0;
+    let (mut agree, mut worst, mut scale) = (0, 0f32, 0f32);
+    for _ in 0..=steps {
+        let mut batch = ForwardBatch::new(bs);
+        batch.push_sequence(&tokens[fed..], fed, &table);
+        let row = |m: &dyn models::CausalLm, kv: &mut KvCache| -> anyhow::Result<Vec<f32>> {
+            Ok(m.forward(&batch, kv)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?
+                .remove(0))
+        };
+        let a = row(reference.as_ref(), &mut ref_kv)?;
+        let b = row(target.as_ref(), &mut tgt_kv)?;
+        let (ta, tb) = (argmax(&a), argmax(&b));
+        agree += usize::from(ta == tb);
+        for (x, y) in a.iter().zip(&b) {
+            worst = worst.max((x - y).abs());
+            scale = scale.max(x.abs());
+        }
+        fed = tokens.len();
+        tokens.push(ta as u32);
+    }
+    Ok(NumericsCheck {
+        device: device.to_string(),
+        steps: steps + 1,
+        top1_agree: agree,
+        max_abs_diff: worst,
+        max_abs_logit: scale,
+        passed: worst <= NumericsCheck::REL_TOL * scale.max(1.0),
+    })
+}
+
+fn argmax(x: &[f32]) -> usize {
+    x.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
