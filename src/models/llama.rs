@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::layers::{
-    paged_attention, AttnDims, Embedding, Linear, RmsNorm, RopeRows, RopeScaling, RopeStyle,
-    RopeTables, RotaryEmbedding, TensorAttnPlan,
+    paged_attention, AttnDims, Embedding, GatedMlp, Linear, RmsNorm, RopeRows, RopeScaling,
+    RopeStyle, RopeTables, RotaryEmbedding, TensorAttnPlan,
 };
 use super::weights::Weights;
 use super::{CacheSpec, CausalLm, ForwardBatch, KvCache, ModelError, Result};
@@ -29,6 +29,14 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     pub rope_style: RopeStyle,
     pub rope_scaling: RopeScaling,
+    /// Fraction of each head's dimensions that are rotated (GLM-4: 0.5); the rest pass through.
+    pub partial_rotary_factor: f64,
+}
+
+impl LlamaConfig {
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim as f64 * self.partial_rotary_factor) as usize
+    }
 }
 
 /// `config.json` of a Hugging Face Llama or Qwen2 checkpoint.
@@ -83,6 +91,7 @@ impl HfLlamaConfig {
             tie_word_embeddings: self.tie_word_embeddings,
             rope_style: RopeStyle::Neox,
             rope_scaling,
+            partial_rotary_factor: 1.0,
         })
     }
 }
@@ -131,17 +140,11 @@ struct Attention {
     o_proj: Linear,
 }
 
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
-}
-
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    mlp: GatedMlp,
 }
 
 pub struct Llama {
@@ -196,11 +199,7 @@ impl Llama {
                 },
                 post_attention_layernorm: w
                     .rms_norm(&format!("{p}.post_attention_layernorm"), cfg.rms_norm_eps)?,
-                mlp: Mlp {
-                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), false)?,
-                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), false)?,
-                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), false)?,
-                },
+                mlp: w.gated_mlp(&format!("{p}.mlp"))?,
             });
         }
         let norm = w.rms_norm("model.norm", cfg.rms_norm_eps)?;
@@ -211,7 +210,7 @@ impl Llama {
         w.finish();
         let rope = RotaryEmbedding::scaled(
             cfg.rope_theta,
-            cfg.head_dim,
+            cfg.rotary_dim(),
             max_positions,
             cfg.rope_style,
             cfg.rope_scaling,
@@ -303,9 +302,7 @@ impl CausalLm for Llama {
             let h = l.input_layernorm.forward(&x)?;
             x = (x + self.attention(i, &l.self_attn, &h, batch, kv, &path)?)?;
             let h = l.post_attention_layernorm.forward(&x)?;
-            let gate = candle_nn::ops::silu(&l.mlp.gate_proj.forward(&h)?)?;
-            let up = l.mlp.up_proj.forward(&h)?;
-            x = (x + l.mlp.down_proj.forward(&(gate * up)?)?)?;
+            x = (x + l.mlp.forward(&h)?)?;
         }
         let idx: Vec<u32> = batch.logits_indices.iter().map(|&i| i as u32).collect();
         let idx = Tensor::new(idx.as_slice(), &self.device)?;

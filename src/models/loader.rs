@@ -9,8 +9,8 @@ use candle_core::{DType, Device};
 
 use super::layers::{RopeScaling, RopeStyle};
 use super::llama::{HfLlamaConfig, Llama, LlamaConfig};
-use super::synthetic;
 use super::weights::Weights;
+use super::{glm4, synthetic};
 use super::{CausalLm, ModelError, Result};
 
 /// The dtype dense weights are loaded in on `device`: f32 on the CPU (its kernels and the
@@ -137,6 +137,7 @@ fn llama_config_from_gguf(md: &GgufMeta, arch: &str) -> Result<LlamaConfig> {
             RopeStyle::Neox
         },
         rope_scaling: RopeScaling::None,
+        partial_rotary_factor: 1.0,
     })
 }
 
@@ -152,24 +153,53 @@ fn load_hf_dir(dir: &Path, device: &Device, max_positions: Option<usize>) -> Res
     let parse = |v: serde_json::Value| -> Result<HfLlamaConfig> {
         serde_json::from_value(v).map_err(|e| ModelError::Config(e.to_string()))
     };
-    let model: Box<dyn CausalLm> = match arch.as_str() {
+    // The one match on the architecture: which config format, tensor layout and decoder.
+    let (cfg, rename) = match arch.as_str() {
         "LlamaForCausalLM" | "Qwen2ForCausalLM" => {
-            let cfg = parse(raw)?.into_config(arch == "Qwen2ForCausalLM")?;
-            let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
-            let count = (cfg.num_hidden_layers * 9 + 3) as u64;
-            let mut w = Weights::safetensors(&files, dense_dtype(device), device, count)?;
-            Box::new(Llama::load(cfg, &mut w, positions)?)
+            (parse(raw)?.into_config(arch == "Qwen2ForCausalLM")?, None)
+        }
+        "GlmForCausalLM" => (glm4::hf_config(raw)?, None),
+        "ChatGLMModel" | "ChatGLMForConditionalGeneration" => {
+            let cfg = glm4::thudm_config(raw)?;
+            let rename = glm4::thudm_names(&cfg);
+            (cfg, Some(rename))
         }
         other => {
             return Err(ModelError::Unsupported(format!(
-                "architecture `{other}` (supported: LlamaForCausalLM, Qwen2ForCausalLM)"
+                "architecture `{other}` (supported: LlamaForCausalLM, Qwen2ForCausalLM, \
+                 GlmForCausalLM, ChatGLMModel, DeepseekV2ForCausalLM)"
             )))
         }
     };
+    let mut w = Weights::safetensors(&files, dense_dtype(device), device, tensor_count(&files)?)?;
+    if let Some(r) = rename {
+        w = w.with_rename(r);
+    }
+    let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
+    let model: Box<dyn CausalLm> = Box::new(Llama::load(cfg, &mut w, positions)?);
     Ok(LoadedModel {
         model,
         architecture: arch,
     })
+}
+
+/// How many tensors the safetensors files hold (read from their headers), for the progress bar.
+fn tensor_count(files: &[PathBuf]) -> Result<u64> {
+    use std::io::Read;
+    let mut n = 0;
+    for f in files {
+        let mut file = File::open(f)?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)?;
+        let mut header = vec![0u8; u64::from_le_bytes(len).min(100 << 20) as usize];
+        file.read_exact(&mut header)?;
+        let v: serde_json::Value = serde_json::from_slice(&header)
+            .map_err(|e| ModelError::Config(format!("{}: {e}", f.display())))?;
+        n += v
+            .as_object()
+            .map_or(0, |o| o.keys().filter(|k| *k != "__metadata__").count()) as u64;
+    }
+    Ok(n)
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {

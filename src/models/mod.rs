@@ -5,6 +5,7 @@
 //! logits of only the rows that sample. Models know nothing of sequences, requests or HTTP.
 
 pub mod device;
+pub mod glm4;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;

@@ -53,6 +53,7 @@ pub fn preset(name: &str) -> Result<LlamaConfig> {
         tie_word_embeddings: true,
         rope_style: RopeStyle::Neox,
         rope_scaling: RopeScaling::None,
+        partial_rotary_factor: 1.0,
     };
     Ok(match name {
         "tiny" => base,

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use indicatif::ProgressBar;
 
-use super::layers::{Embedding, Linear, RmsNorm};
+use super::layers::{Embedding, GatedMlp, Linear, RmsNorm};
 use super::{ModelError, Result};
 
 /// Hugging Face name suffix → GGUF name suffix, for the llama-style families.
@@ -56,6 +56,11 @@ pub fn gguf_name(hf: &str) -> String {
     format!("{mapped}.{leaf}")
 }
 
+/// Maps a Hugging Face tensor name to the checkpoint's own name, and the rows of that tensor
+/// that hold it (`(offset, len)`; for fused tensors split at load, like THUDM's
+/// `query_key_value`).
+pub type Rename = Box<dyn Fn(&str) -> (String, Option<(usize, usize)>) + Send>;
+
 pub enum Weights {
     Gguf {
         content: gguf_file::Content,
@@ -66,6 +71,7 @@ pub enum Weights {
     Safetensors {
         vb: VarBuilder<'static>,
         progress: ProgressBar,
+        rename: Option<Rename>,
     },
     /// Seeded random weights of given shapes (benchmarks and tests of model shapes whose
     /// checkpoints are not at hand). Values are bf16-representable whatever `dtype` is, so a
@@ -100,7 +106,19 @@ impl Weights {
         // rewriting a checkpoint under a running daemon is outside what any loader can guard.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? };
         let progress = progress_bar(count, files.first().map_or(Path::new(""), |p| p.as_path()));
-        Ok(Self::Safetensors { vb, progress })
+        Ok(Self::Safetensors {
+            vb,
+            progress,
+            rename: None,
+        })
+    }
+
+    /// Read tensors under the names `rename` gives (checkpoints in a layout of their own).
+    pub fn with_rename(mut self, r: Rename) -> Self {
+        if let Self::Safetensors { rename, .. } = &mut self {
+            *rename = Some(r);
+        }
+        self
     }
 
     pub fn synthetic(
@@ -139,7 +157,10 @@ impl Weights {
     pub fn contains(&self, hf_name: &str) -> bool {
         match self {
             Self::Gguf { content, .. } => content.tensor_infos.contains_key(&gguf_name(hf_name)),
-            Self::Safetensors { vb, .. } => vb.contains_tensor(hf_name),
+            Self::Safetensors { vb, rename, .. } => match rename {
+                Some(r) => vb.contains_tensor(&r(hf_name).0),
+                None => vb.contains_tensor(hf_name),
+            },
             Self::Synthetic { shapes, .. } => shapes.contains_key(hf_name),
         }
     }
@@ -176,11 +197,22 @@ impl Weights {
                 let dev = self.device().clone();
                 Ok(self.qtensor(hf_name)?.dequantize(&dev)?)
             }
-            Self::Safetensors { vb, progress } => {
-                if !vb.contains_tensor(hf_name) {
-                    return Err(ModelError::MissingWeight(hf_name.to_string()));
+            Self::Safetensors {
+                vb,
+                progress,
+                rename,
+            } => {
+                let (name, rows) = match rename {
+                    Some(r) => r(hf_name),
+                    None => (hf_name.to_string(), None),
+                };
+                if !vb.contains_tensor(&name) {
+                    return Err(ModelError::MissingWeight(name));
                 }
-                let t = vb.get_unchecked(hf_name)?;
+                let mut t = vb.get_unchecked(&name)?;
+                if let Some((offset, len)) = rows {
+                    t = t.narrow(0, offset, len)?.contiguous()?;
+                }
                 progress.inc(1);
                 Ok(t)
             }
@@ -249,6 +281,20 @@ impl Weights {
                 let head = tied.then(|| Linear::new(QMatMul::Tensor(t.clone()), None));
                 Ok((Embedding::Dense(t), head))
             }
+        }
+    }
+
+    /// `{prefix}.gate_up_proj` (fused, gate first) if present, else `{prefix}.gate_proj` and
+    /// `{prefix}.up_proj`; then `{prefix}.down_proj`.
+    pub fn gated_mlp(&mut self, prefix: &str) -> Result<GatedMlp> {
+        let down = |w: &mut Self| w.linear(&format!("{prefix}.down_proj"), false);
+        if self.contains(&format!("{prefix}.gate_up_proj.weight")) {
+            let gate_up = self.linear(&format!("{prefix}.gate_up_proj"), false)?;
+            Ok(GatedMlp::fused(gate_up, down(self)?))
+        } else {
+            let gate = self.linear(&format!("{prefix}.gate_proj"), false)?;
+            let up = self.linear(&format!("{prefix}.up_proj"), false)?;
+            Ok(GatedMlp::new(gate, up, down(self)?))
         }
     }
 

@@ -1,13 +1,15 @@
 //! Building blocks shared by the model families: linear layers that are dense or quantized,
-//! embeddings, RMSNorm, rotary embeddings and paged attention
+//! embeddings, RMSNorm, the gated MLP, rotary embeddings and paged attention
 //! (a CPU kernel over host blocks, and a tensor path for device caches).
 
 pub mod attention;
 pub mod linear;
+pub mod mlp;
 pub mod paged_tensor;
 pub mod rope;
 
 pub use attention::{paged_attention, AttnDims};
 pub use linear::{Embedding, Linear, RmsNorm};
+pub use mlp::GatedMlp;
 pub use paged_tensor::TensorAttnPlan;
 pub use rope::{RopeRows, RopeScaling, RopeStyle, RopeTables, RotaryEmbedding};

@@ -1,0 +1,162 @@
+//! Every model family against Hugging Face transformers: tiny random-weight checkpoints and the
+//! reference logits of a fixed token sequence, made once by
+//! `scripts/fixtures/make_reference_fixtures.py` and committed under `tests/fixtures/`.
+//!
+//! For each fixture, through both KV cache storages (host blocks read by the CPU kernel, and
+//! tensors read by the gather path the GPU uses): prefill logits at every position, token-by-token
+//! decode, a chunk at an offset, and a batch of sequences of different lengths in scattered
+//! blocks — each within 1e-4 of the reference.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
+use inferd::models::{load_model, CausalLm, ForwardBatch, KvCache};
+
+const TOL: f32 = 1e-4;
+const BS: usize = 4;
+const BLOCKS: usize = 48;
+
+struct Golden {
+    ids: Vec<u32>,
+    /// `[tokens][vocab]`.
+    logits: Vec<Vec<f32>>,
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn golden(dir: &Path) -> Golden {
+    let t = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let ids = t["input_ids"]
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    let logits = t["logits"].to_vec2::<f32>().unwrap();
+    Golden { ids, logits }
+}
+
+/// One forward pass; `parts` are (new tokens, start position, block table). With `every_row`,
+/// logits of every token come back, else of each sequence's last token.
+fn run(
+    m: &dyn CausalLm,
+    kv: &mut KvCache,
+    parts: &[(&[u32], usize, Vec<u32>)],
+    every_row: bool,
+) -> Vec<Vec<f32>> {
+    let mut b = ForwardBatch::new(BS);
+    for (new, start, table) in parts {
+        b.push_sequence(new, *start, table);
+    }
+    if every_row {
+        b.logits_indices = (0..b.num_tokens()).collect();
+    }
+    let out: Tensor = m.forward(&b, kv).unwrap();
+    out.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap()
+}
+
+fn worst(rows: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
+    assert_eq!(rows.len(), want.len());
+    rows.iter()
+        .zip(want)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0f32, f32::max)
+}
+
+/// All checks through one cache; returns the largest difference seen.
+fn check_cache(m: &dyn CausalLm, kv: &mut KvCache, g: &Golden, what: &str) -> f32 {
+    let n = g.ids.len();
+    let mut seen = 0f32;
+    let mut check = |d: f32, step: &str| {
+        assert!(d < TOL, "{what}: {step} differs from the reference by {d}");
+        seen = seen.max(d);
+    };
+
+    // Prefill of the whole sequence in scattered blocks, every position.
+    let table: Vec<u32> = vec![7, 2, 30, 11];
+    let rows = run(m, kv, &[(&g.ids, 0, table)], true);
+    check(worst(&rows, &g.logits), "prefill");
+
+    // Token by token through the paged cache.
+    let table: Vec<u32> = vec![40, 3, 17, 25];
+    for i in 0..n {
+        let rows = run(m, kv, &[(&g.ids[i..=i], i, table.clone())], false);
+        check(worst(&rows, &g.logits[i..=i]), &format!("decode step {i}"));
+    }
+
+    // A 5-token prefill, then the rest as one chunk at offset 5.
+    let table: Vec<u32> = vec![20, 21, 5, 9];
+    run(m, kv, &[(&g.ids[..5], 0, table.clone())], false);
+    let rows = run(m, kv, &[(&g.ids[5..], 5, table.clone())], true);
+    check(worst(&rows, &g.logits[5..]), "chunk at an offset");
+
+    // A batch: two prefills of different lengths around a decode (the chunked sequence's
+    // last token again, recomputed at its position), blocks scattered.
+    let rows = run(
+        m,
+        kv,
+        &[
+            (&g.ids[..3], 0, vec![33]),
+            (&g.ids[n - 1..], n - 1, table),
+            (&g.ids[..9], 0, vec![34, 12, 46]),
+        ],
+        false,
+    );
+    let want = [
+        g.logits[2].clone(),
+        g.logits[n - 1].clone(),
+        g.logits[8].clone(),
+    ];
+    check(worst(&rows, &want), "mixed batch");
+    seen
+}
+
+fn check_fixture(name: &str) -> f32 {
+    let dir = fixture(name);
+    let g = golden(&dir);
+    let loaded = load_model(&dir, &Device::Cpu, Some(256)).unwrap();
+    let m = loaded.model.as_ref();
+    let spec = m.cache_spec();
+    let mut host = KvCache::new(spec, BLOCKS, BS);
+    let a = check_cache(m, &mut host, &g, &format!("{name} (host cache)"));
+    let mut tensors = KvCache::tensors(spec, BLOCKS, BS, &Device::Cpu).unwrap();
+    let b = check_cache(m, &mut tensors, &g, &format!("{name} (tensor cache)"));
+    eprintln!("{name}: largest logit difference {:.2e}", a.max(b));
+    a.max(b)
+}
+
+#[test]
+fn llama3_hub_config() {
+    check_fixture("llama3-hub");
+}
+
+#[test]
+fn llama3_rope_parameters_config() {
+    check_fixture("llama3-rope-parameters");
+}
+
+#[test]
+fn qwen2_tied_hub_config() {
+    check_fixture("qwen2-tied-hub");
+}
+
+#[test]
+fn glm4_hf_layout_hub_config() {
+    check_fixture("glm4-hf-hub");
+}
+
+#[test]
+fn glm4_hf_layout_rope_parameters_config() {
+    check_fixture("glm4-hf-rope-parameters");
+}
+
+#[test]
+fn glm4_thudm_layout() {
+    check_fixture("glm4-thudm");
+}
