@@ -160,3 +160,50 @@ fn glm4_hf_layout_rope_parameters_config() {
 fn glm4_thudm_layout() {
     check_fixture("glm4-thudm");
 }
+
+#[test]
+fn deepseek_v2_lite_shape_greedy_routing_hub_config() {
+    check_fixture("deepseek-v2-lite-hub");
+}
+
+#[test]
+fn deepseek_v2_shape_q_lora_group_limited_routing() {
+    check_fixture("deepseek-v2-grouped");
+}
+
+/// The cache of an MLA model holds the latent and the rotary key once per token and layer —
+/// not per-head K and V.
+#[test]
+fn deepseek_v2_caches_only_the_latent() {
+    let m = load_model(&fixture("deepseek-v2-grouped"), &Device::Cpu, Some(64)).unwrap();
+    let spec = m.model.cache_spec();
+    // 3 layers x (kv_lora_rank 32 + qk_rope_head_dim 8) x 4 bytes.
+    assert_eq!(spec.bytes_per_token(), 3 * (32 + 8) * 4);
+    let per_head_kv = 3 * 4 * ((16 + 8) + 16) * 4;
+    assert!(spec.bytes_per_token() * 4 <= per_head_kv);
+    let host = KvCache::new(spec, 4, BS);
+    assert!(host.host_layer(0).unwrap().v.is_empty(), "no V storage");
+}
+
+/// The grouped fixture really exercises group-limited routing: routed greedily instead, the
+/// same weights give logits far from the reference.
+#[test]
+fn group_limited_routing_is_what_matches_the_reference() {
+    let src = fixture("deepseek-v2-grouped");
+    let dir = std::env::temp_dir().join(format!("inferd-greedy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.safetensors", "golden.safetensors"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["topk_method"] = "greedy".into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let g = golden(&dir);
+    let m = load_model(&dir, &Device::Cpu, Some(64)).unwrap().model;
+    let mut kv = KvCache::new(m.cache_spec(), BLOCKS, BS);
+    let rows = run(m.as_ref(), &mut kv, &[(&g.ids, 0, vec![0, 1, 2, 3])], true);
+    let d = worst(&rows, &g.logits);
+    assert!(d > 1e-2, "greedy routing should not match ({d})");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -18,12 +18,16 @@ pub struct CacheSpec {
     pub head_dim: usize,
     /// Element type of the cache (the model's activation dtype).
     pub dtype: DType,
+    /// MLA (DeepSeek-V2): no V is stored; the values are the first this-many dimensions of each
+    /// K row (the compressed latent), so a token costs only its K row.
+    pub values_in_keys: Option<usize>,
 }
 
 impl CacheSpec {
-    /// Bytes one token position costs across all layers (K and V).
+    /// Bytes one token position costs across all layers (K, and V unless it lives in K).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.size_in_bytes()
+        let rows = if self.values_in_keys.is_some() { 1 } else { 2 };
+        rows * self.num_layers * self.slot_width() * self.dtype.size_in_bytes()
     }
 
     /// Elements of one slot (one token, one layer, K or V).
@@ -64,10 +68,11 @@ impl KvCache {
     /// Zeroed host storage (f32); pages are only touched (and so only resident) once written.
     pub fn new(spec: CacheSpec, num_blocks: usize, block_size: usize) -> Self {
         let n = num_blocks * block_size * spec.slot_width();
+        let nv = if spec.values_in_keys.is_some() { 0 } else { n };
         let layers = (0..spec.num_layers)
             .map(|_| LayerKv {
                 k: vec![0.0; n],
-                v: vec![0.0; n],
+                v: vec![0.0; nv],
             })
             .collect();
         Self {
@@ -91,10 +96,13 @@ impl KvCache {
         let shape = (num_blocks * block_size, spec.slot_width());
         let layers = (0..spec.num_layers)
             .map(|_| {
-                Ok(TensorLayerKv {
-                    k: Tensor::zeros(shape, spec.dtype, device)?,
-                    v: Tensor::zeros(shape, spec.dtype, device)?,
-                })
+                let k = Tensor::zeros(shape, spec.dtype, device)?;
+                // With values in K, `v` shares K's storage (no memory of its own).
+                let v = match spec.values_in_keys {
+                    Some(_) => k.clone(),
+                    None => Tensor::zeros(shape, spec.dtype, device)?,
+                };
+                Ok(TensorLayerKv { k, v })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -148,17 +156,21 @@ impl KvCache {
         matches!(self.storage, Storage::Host(_))
     }
 
-    /// Write the K/V rows of a batch (`[tokens, slot_width]` each) into their host slots.
-    /// Does nothing on tensor storage (that path writes with `paged_tensor`).
+    /// Write the K/V rows of a batch (`[tokens, slot_width]` each) into their host slots (`v`
+    /// is ignored when values live in K). Does nothing on tensor storage (that path writes
+    /// with `paged_tensor`).
     pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32], slot_mapping: &[usize]) {
         let w = self.spec.slot_width();
         let Storage::Host(layers) = &mut self.storage else {
             return;
         };
         let l = &mut layers[layer];
+        let values = !l.v.is_empty();
         for (t, &slot) in slot_mapping.iter().enumerate() {
             l.k[slot * w..(slot + 1) * w].copy_from_slice(&k[t * w..(t + 1) * w]);
-            l.v[slot * w..(slot + 1) * w].copy_from_slice(&v[t * w..(t + 1) * w]);
+            if values {
+                l.v[slot * w..(slot + 1) * w].copy_from_slice(&v[t * w..(t + 1) * w]);
+            }
         }
     }
 }

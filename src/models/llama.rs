@@ -1,12 +1,13 @@
 //! The Llama decoder (`LlamaForCausalLM`), which also serves Qwen2 (`Qwen2ForCausalLM`: the
-//! same blocks with q/k/v biases). Fields are named after the checkpoint's tensors.
+//! same blocks with q/k/v biases) and GLM-4 (`glm4.rs`: fused gate_up, partial interleaved RoPE).
+//! Fields are named after the checkpoint's tensors.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::layers::{
-    paged_attention, AttnDims, Embedding, GatedMlp, Linear, RmsNorm, RopeRows, RopeScaling,
-    RopeStyle, RopeTables, RotaryEmbedding, TensorAttnPlan,
+    paged_attend, AttnDims, GatedMlp, Linear, Pass, RmsNorm, RopeScaling, RopeStyle,
+    RotaryEmbedding, Trunk,
 };
 use super::weights::Weights;
 use super::{CacheSpec, CausalLm, ForwardBatch, KvCache, ModelError, Result};
@@ -149,26 +150,8 @@ struct DecoderLayer {
 
 pub struct Llama {
     cfg: LlamaConfig,
-    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    rope: RotaryEmbedding,
-    rope_tables: RopeTables,
-    device: Device,
-    /// Activation and KV cache dtype (f32 on the CPU and for GGUF; the weights' dtype otherwise).
-    dtype: DType,
-}
-
-/// How this forward pass reaches the KV cache.
-enum CachePath {
-    /// Host blocks, read in place by the CPU kernel.
-    Host,
-    /// Device tensors, through one plan shared by all layers.
-    Tensor {
-        plan: TensorAttnPlan,
-        rows: RopeRows,
-    },
+    trunk: Trunk,
 }
 
 impl Llama {
@@ -183,8 +166,7 @@ impl Llama {
                 cfg.num_attention_heads, cfg.num_key_value_heads
             )));
         }
-        let tied = cfg.tie_word_embeddings || !w.contains("lm_head.weight");
-        let (embed_tokens, tied_head) = w.embedding("model.embed_tokens", tied)?;
+        let embedding = Trunk::embedding(w, cfg.tie_word_embeddings)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -202,12 +184,6 @@ impl Llama {
                 mlp: w.gated_mlp(&format!("{p}.mlp"))?,
             });
         }
-        let norm = w.rms_norm("model.norm", cfg.rms_norm_eps)?;
-        let lm_head = match tied_head {
-            Some(h) => h,
-            None => w.linear("lm_head", false)?,
-        };
-        w.finish();
         let rope = RotaryEmbedding::scaled(
             cfg.rope_theta,
             cfg.rotary_dim(),
@@ -215,28 +191,16 @@ impl Llama {
             cfg.rope_style,
             cfg.rope_scaling,
         );
-        let dtype = w.dtype();
-        let rope_tables = rope.tables(w.device(), dtype)?;
-        Ok(Self {
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rope,
-            rope_tables,
-            device: w.device().clone(),
-            dtype,
-            cfg,
-        })
+        let trunk = Trunk::finish(w, embedding, cfg.rms_norm_eps, rope)?;
+        Ok(Self { layers, trunk, cfg })
     }
 
     fn attn_dims(&self) -> AttnDims {
-        AttnDims {
-            num_heads: self.cfg.num_attention_heads,
-            num_kv_heads: self.cfg.num_key_value_heads,
-            head_dim: self.cfg.head_dim,
-            scale: 1.0 / (self.cfg.head_dim as f32).sqrt(),
-        }
+        AttnDims::mha(
+            self.cfg.num_attention_heads,
+            self.cfg.num_key_value_heads,
+            self.cfg.head_dim,
+        )
     }
 
     fn attention(
@@ -244,70 +208,31 @@ impl Llama {
         layer: usize,
         a: &Attention,
         x: &Tensor,
-        batch: &ForwardBatch,
         kv: &mut KvCache,
-        path: &CachePath,
+        pass: &Pass,
     ) -> Result<Tensor> {
         let d = self.attn_dims();
-        let t = batch.num_tokens();
+        let rope = &self.trunk.rope;
         let q = a.q_proj.forward(x)?;
         let k = a.k_proj.forward(x)?;
         let v = a.v_proj.forward(x)?;
-        let o = match path {
-            CachePath::Host => {
-                let mut q = q.flatten_all()?.to_vec1::<f32>()?;
-                let mut k = k.flatten_all()?.to_vec1::<f32>()?;
-                let v = v.flatten_all()?.to_vec1::<f32>()?;
-                self.rope
-                    .apply(&mut q, &batch.positions, d.num_heads, d.head_dim);
-                self.rope
-                    .apply(&mut k, &batch.positions, d.num_kv_heads, d.head_dim);
-                kv.write(layer, &k, &v, &batch.slot_mapping);
-                let cache = kv
-                    .host_layer(layer)
-                    .ok_or_else(|| ModelError::Batch("KV cache layer missing".into()))?;
-                let o = paged_attention(&q, cache, batch, d);
-                Tensor::from_vec(o, (t, d.num_heads * d.head_dim), &self.device)?
-            }
-            CachePath::Tensor { plan, rows } => {
-                let q = self.rope_tables.apply(&q, rows, d.num_heads, d.head_dim)?;
-                let k = self
-                    .rope_tables
-                    .apply(&k, rows, d.num_kv_heads, d.head_dim)?;
-                let cache = kv
-                    .tensor_layer(layer)
-                    .ok_or_else(|| ModelError::Batch("KV cache layer missing".into()))?;
-                plan.write(cache, &k, &v)?;
-                plan.attend(&q, cache, d)?.to_dtype(x.dtype())?
-            }
-        };
+        let q = rope.apply(&q, &pass.rows, d.num_heads, d.head_dim)?;
+        let k = rope.apply(&k, &pass.rows, d.num_kv_heads, d.head_dim)?;
+        let o = paged_attend(layer, &q, &k, Some(&v), pass.batch, kv, &pass.path, d)?;
         a.o_proj.forward(&o)
     }
 }
 
 impl CausalLm for Llama {
     fn forward(&self, batch: &ForwardBatch, kv: &mut KvCache) -> Result<Tensor> {
-        batch.validate(kv.num_slots())?;
-        let ids = Tensor::new(batch.input_ids.as_slice(), &self.device)?;
-        let mut x = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?;
-        let path = if kv.is_host() {
-            CachePath::Host
-        } else {
-            CachePath::Tensor {
-                plan: TensorAttnPlan::new(batch, kv.spec().slot_width(), &self.device)?,
-                rows: self.rope_tables.rows(&batch.positions)?,
-            }
-        };
-        for (i, l) in self.layers.iter().enumerate() {
-            let h = l.input_layernorm.forward(&x)?;
-            x = (x + self.attention(i, &l.self_attn, &h, batch, kv, &path)?)?;
-            let h = l.post_attention_layernorm.forward(&x)?;
-            x = (x + l.mlp.forward(&h)?)?;
-        }
-        let idx: Vec<u32> = batch.logits_indices.iter().map(|&i| i as u32).collect();
-        let idx = Tensor::new(idx.as_slice(), &self.device)?;
-        let x = self.norm.forward(&x.index_select(&idx, 0)?)?;
-        self.lm_head.forward(&x)
+        self.trunk
+            .forward(batch, kv, self.layers.len(), |i, x, kv, pass| {
+                let l = &self.layers[i];
+                let h = l.input_layernorm.forward(&x)?;
+                let x = (x + self.attention(i, &l.self_attn, &h, kv, pass)?)?;
+                let h = l.post_attention_layernorm.forward(&x)?;
+                Ok((&x + l.mlp.forward(&h)?)?)
+            })
     }
 
     fn cache_spec(&self) -> CacheSpec {
@@ -315,12 +240,13 @@ impl CausalLm for Llama {
             num_layers: self.cfg.num_hidden_layers,
             num_kv_heads: self.cfg.num_key_value_heads,
             head_dim: self.cfg.head_dim,
-            dtype: self.dtype,
+            dtype: self.trunk.dtype,
+            values_in_keys: None,
         }
     }
 
     fn device(&self) -> &Device {
-        &self.device
+        &self.trunk.device
     }
 
     fn vocab_size(&self) -> usize {

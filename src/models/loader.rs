@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 
+use super::deepseek2::{DeepseekV2, DeepseekV2Config};
 use super::layers::{RopeScaling, RopeStyle};
 use super::llama::{HfLlamaConfig, Llama, LlamaConfig};
 use super::weights::Weights;
@@ -141,6 +142,13 @@ fn llama_config_from_gguf(md: &GgufMeta, arch: &str) -> Result<LlamaConfig> {
     })
 }
 
+/// The decoder a Hugging Face architecture runs on, with what it needs to load.
+enum Family {
+    /// Llama, Qwen2, GLM-4 (with THUDM's tensor names mapped when it is that layout).
+    Llama(LlamaConfig, Option<super::weights::Rename>),
+    DeepseekV2(DeepseekV2Config),
+}
+
 fn load_hf_dir(dir: &Path, device: &Device, max_positions: Option<usize>) -> Result<LoadedModel> {
     let cfg_text = std::fs::read_to_string(dir.join("config.json"))?;
     let raw: serde_json::Value =
@@ -154,16 +162,17 @@ fn load_hf_dir(dir: &Path, device: &Device, max_positions: Option<usize>) -> Res
         serde_json::from_value(v).map_err(|e| ModelError::Config(e.to_string()))
     };
     // The one match on the architecture: which config format, tensor layout and decoder.
-    let (cfg, rename) = match arch.as_str() {
+    let family = match arch.as_str() {
         "LlamaForCausalLM" | "Qwen2ForCausalLM" => {
-            (parse(raw)?.into_config(arch == "Qwen2ForCausalLM")?, None)
+            Family::Llama(parse(raw)?.into_config(arch == "Qwen2ForCausalLM")?, None)
         }
-        "GlmForCausalLM" => (glm4::hf_config(raw)?, None),
+        "GlmForCausalLM" => Family::Llama(glm4::hf_config(raw)?, None),
         "ChatGLMModel" | "ChatGLMForConditionalGeneration" => {
             let cfg = glm4::thudm_config(raw)?;
             let rename = glm4::thudm_names(&cfg);
-            (cfg, Some(rename))
+            Family::Llama(cfg, Some(rename))
         }
+        "DeepseekV2ForCausalLM" => Family::DeepseekV2(DeepseekV2Config::from_json(raw)?),
         other => {
             return Err(ModelError::Unsupported(format!(
                 "architecture `{other}` (supported: LlamaForCausalLM, Qwen2ForCausalLM, \
@@ -172,11 +181,19 @@ fn load_hf_dir(dir: &Path, device: &Device, max_positions: Option<usize>) -> Res
         }
     };
     let mut w = Weights::safetensors(&files, dense_dtype(device), device, tensor_count(&files)?)?;
-    if let Some(r) = rename {
-        w = w.with_rename(r);
-    }
-    let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
-    let model: Box<dyn CausalLm> = Box::new(Llama::load(cfg, &mut w, positions)?);
+    let model: Box<dyn CausalLm> = match family {
+        Family::Llama(cfg, rename) => {
+            if let Some(r) = rename {
+                w = w.with_rename(r);
+            }
+            let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
+            Box::new(Llama::load(cfg, &mut w, positions)?)
+        }
+        Family::DeepseekV2(cfg) => {
+            let positions = max_positions.unwrap_or(cfg.max_positions());
+            Box::new(DeepseekV2::load(cfg, &mut w, positions)?)
+        }
+    };
     Ok(LoadedModel {
         model,
         architecture: arch,

@@ -4,6 +4,7 @@
 //! with positions, block tables and slot mapping — and the paged [`KvCache`], and returns the
 //! logits of only the rows that sample. Models know nothing of sequences, requests or HTTP.
 
+pub mod deepseek2;
 pub mod device;
 pub mod glm4;
 pub mod kv_cache;

@@ -12,16 +12,37 @@ use crate::models::ForwardBatch;
 pub struct AttnDims {
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// Query/key width per head.
     pub head_dim: usize,
+    /// Value (and output) width per head.
+    pub v_head_dim: usize,
+    /// MLA: the values are the first `v_head_dim` dimensions of each key row.
+    pub values_in_keys: bool,
     pub scale: f32,
 }
 
-/// `q`: `[tokens, num_heads, head_dim]` (flat, RoPE applied). Returns the same shape.
+impl AttnDims {
+    /// Standard multi-head / grouped-query attention: values as wide as keys, stored apart.
+    pub fn mha(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        Self {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            v_head_dim: head_dim,
+            values_in_keys: false,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+}
+
+/// `q`: `[tokens, num_heads, head_dim]` (flat, RoPE applied). Returns `[tokens, num_heads,
+/// v_head_dim]`.
 /// The batch's K/V must already be written into `cache`.
 pub fn paged_attention(q: &[f32], cache: &LayerKv, batch: &ForwardBatch, d: AttnDims) -> Vec<f32> {
-    let hd = d.head_dim;
+    let (hd, vd) = (d.head_dim, d.v_head_dim);
     let group = d.num_heads / d.num_kv_heads;
     let slot_w = d.num_kv_heads * hd;
+    let v_slot_w = d.num_kv_heads * vd;
     let bs = batch.block_size;
 
     // Token -> (sequence, number of keys it sees). A token at query offset i of a sequence
@@ -35,15 +56,16 @@ pub fn paged_attention(q: &[f32], cache: &LayerKv, batch: &ForwardBatch, d: Attn
         }
     }
 
-    let mut out = vec![0f32; q.len()];
-    out.par_chunks_mut(hd).enumerate().for_each_init(
-        || vec![0f32; hd],
+    let mut out = vec![0f32; q.len() / hd * vd];
+    out.par_chunks_mut(vd).enumerate().for_each_init(
+        || vec![0f32; vd],
         |acc, (idx, o)| {
             let t = idx / d.num_heads;
             let h = idx % d.num_heads;
             let (s, num_keys) = token_seq[t];
             let table = &batch.block_tables[s];
             let kv_off = (h / group) * hd;
+            let v_off = (h / group) * vd;
             let qrow = &q[idx * hd..(idx + 1) * hd];
 
             acc.iter_mut().for_each(|a| *a = 0.0);
@@ -62,7 +84,12 @@ pub fn paged_attention(q: &[f32], cache: &LayerKv, batch: &ForwardBatch, d: Attn
                 }
                 let p = (score - m).exp();
                 l += p;
-                let vrow = &cache.v[base..base + hd];
+                let vrow = if d.values_in_keys {
+                    &cache.k[base..base + vd]
+                } else {
+                    let vb = slot * v_slot_w + v_off;
+                    &cache.v[vb..vb + vd]
+                };
                 for (a, &v) in acc.iter_mut().zip(vrow) {
                     *a += p * v;
                 }
@@ -140,16 +167,15 @@ mod tests {
     #[test]
     fn paged_matches_contiguous_with_scattered_blocks_and_gqa() {
         let d = AttnDims {
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 8,
             scale: 0.35,
+            ..AttnDims::mha(4, 2, 8)
         };
         let spec = CacheSpec {
             num_layers: 1,
             num_kv_heads: 2,
             head_dim: 8,
             dtype: candle_core::DType::F32,
+            values_in_keys: None,
         };
         let bs = 2;
         let mut cache = KvCache::new(spec, 8, bs);

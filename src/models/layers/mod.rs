@@ -1,15 +1,21 @@
 //! Building blocks shared by the model families: linear layers that are dense or quantized,
-//! embeddings, RMSNorm, the gated MLP, rotary embeddings and paged attention
+//! embeddings, RMSNorm, the gated MLP, mixture of experts, rotary embeddings and paged attention
 //! (a CPU kernel over host blocks, and a tensor path for device caches).
 
 pub mod attention;
 pub mod linear;
 pub mod mlp;
+pub mod moe;
+pub mod paged;
 pub mod paged_tensor;
 pub mod rope;
+pub mod trunk;
 
 pub use attention::{paged_attention, AttnDims};
 pub use linear::{Embedding, Linear, RmsNorm};
 pub use mlp::GatedMlp;
+pub use moe::{Moe, Routing, TopkMethod};
+pub use paged::{paged_attend, CachePath};
 pub use paged_tensor::TensorAttnPlan;
 pub use rope::{RopeRows, RopeScaling, RopeStyle, RopeTables, RotaryEmbedding};
+pub use trunk::{Pass, Trunk};

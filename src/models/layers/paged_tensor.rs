@@ -122,22 +122,25 @@ impl TensorAttnPlan {
         })
     }
 
-    /// Scatter this batch's K/V rows (`[tokens, slot_width]`) into their slots, in place.
-    pub fn write(&self, cache: &TensorLayerKv, k: &Tensor, v: &Tensor) -> Result<()> {
+    /// Scatter this batch's K/V rows (`[tokens, slot_width]`) into their slots, in place
+    /// (`v: None` when the values live in K).
+    pub fn write(&self, cache: &TensorLayerKv, k: &Tensor, v: Option<&Tensor>) -> Result<()> {
         let dt = cache.k.dtype();
         cache
             .k
             .scatter_set(&self.write_idx, &k.to_dtype(dt)?.contiguous()?, 0)?;
-        cache
-            .v
-            .scatter_set(&self.write_idx, &v.to_dtype(dt)?.contiguous()?, 0)?;
+        if let Some(v) = v {
+            cache
+                .v
+                .scatter_set(&self.write_idx, &v.to_dtype(dt)?.contiguous()?, 0)?;
+        }
         Ok(())
     }
 
     /// `q`: `[tokens, num_heads * head_dim]` (RoPE applied); the batch's K/V already written.
-    /// Returns `[tokens, num_heads * head_dim]` in `q`'s dtype. Scores and softmax run in f32.
+    /// Returns `[tokens, num_heads * v_head_dim]` in `q`'s dtype. Scores and softmax run in f32.
     pub fn attend(&self, q: &Tensor, cache: &TensorLayerKv, d: AttnDims) -> Result<Tensor> {
-        let (h, kvh, hd) = (d.num_heads, d.num_kv_heads, d.head_dim);
+        let (h, kvh, hd, vd) = (d.num_heads, d.num_kv_heads, d.head_dim, d.v_head_dim);
         let g = h / kvh;
         let dt = cache.k.dtype();
         let q = q.to_dtype(dt)?;
@@ -151,18 +154,20 @@ impl TensorAttnPlan {
                 .permute((0, 2, 3, 1, 4))?
                 .contiguous()?
                 .reshape((b, kvh, g * ql, hd))?;
-            let k = cache
+            let keys = cache
                 .k
                 .index_select(&grp.kv_slots, 0)?
-                .reshape((b, kl, kvh, hd))?
-                .permute((0, 2, 3, 1))?
-                .contiguous()?; // [b, kvh, hd, kl]
-            let v = cache
-                .v
-                .index_select(&grp.kv_slots, 0)?
-                .reshape((b, kl, kvh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?; // [b, kvh, kl, hd]
+                .reshape((b, kl, kvh, hd))?;
+            let v = if d.values_in_keys {
+                keys.narrow(3, 0, vd)?
+            } else {
+                cache
+                    .v
+                    .index_select(&grp.kv_slots, 0)?
+                    .reshape((b, kl, kvh, vd))?
+            };
+            let k = keys.permute((0, 2, 3, 1))?.contiguous()?; // [b, kvh, hd, kl]
+            let v = v.transpose(1, 2)?.contiguous()?; // [b, kvh, kl, vd]
             let scores = (qg.matmul(&k)?.to_dtype(DType::F32)? * d.scale as f64)?
                 .reshape((b, kvh, g, ql, kl))?
                 .broadcast_add(&grp.mask)?;
@@ -171,10 +176,10 @@ impl TensorAttnPlan {
                 .reshape((b, kvh, g * ql, kl))?;
             let o = p
                 .matmul(&v)?
-                .reshape((b, kvh, g, ql, hd))?
+                .reshape((b, kvh, g, ql, vd))?
                 .permute((0, 3, 1, 2, 4))?
                 .contiguous()?
-                .reshape((b * ql, h * hd))?;
+                .reshape((b * ql, h * vd))?;
             outs.push(o);
         }
         let o = if outs.len() == 1 {
@@ -230,16 +235,15 @@ mod tests {
     #[test]
     fn tensor_path_matches_the_cpu_kernel_on_a_mixed_batch() {
         let d = AttnDims {
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 8,
             scale: 0.35,
+            ..AttnDims::mha(4, 2, 8)
         };
         let spec = CacheSpec {
             num_layers: 1,
             num_kv_heads: 2,
             head_dim: 8,
             dtype: DType::F32,
+            values_in_keys: None,
         };
         let (bs, w) = (2, 16);
         let dev = Device::Cpu;
@@ -279,7 +283,7 @@ mod tests {
         plan.write(
             layer,
             &to_t(&pk, pre_slots.len()),
-            &to_t(&pv, pre_slots.len()),
+            Some(&to_t(&pv, pre_slots.len())),
         )
         .unwrap();
 
@@ -306,7 +310,7 @@ mod tests {
         let want = paged_attention(&q, host.host_layer(0).unwrap(), &batch, d);
 
         let plan = TensorAttnPlan::new(&batch, w, &dev).unwrap();
-        plan.write(layer, &to_t(&k, t), &to_t(&v, t)).unwrap();
+        plan.write(layer, &to_t(&k, t), Some(&to_t(&v, t))).unwrap();
         let q = Tensor::from_slice(&q, (t, 32), &dev).unwrap();
         let got = plan.attend(&q, layer, d).unwrap();
         let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();

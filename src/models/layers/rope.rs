@@ -26,6 +26,29 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// YaRN (DeepSeek-V2): frequencies blended between interpolated (`/ factor`) and original
+    /// by a linear ramp over the dimensions; cos/sin scaled by an attention factor.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: f64,
+        beta_fast: f64,
+        beta_slow: f64,
+        /// `attention_factor` if given, else from `mscale` / `mscale_all_dim`.
+        attention_factor: f64,
+        /// DeepSeek's softmax scale multiplier (`mscale(factor, mscale_all_dim)^2`; 1 without
+        /// `mscale_all_dim`).
+        softmax_scale_factor: f64,
+        truncate: bool,
+    },
+}
+
+/// YaRN's magnitude correction.
+fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
 }
 
 impl RopeScaling {
@@ -43,8 +66,27 @@ impl RopeScaling {
             v[k].as_f64()
                 .ok_or_else(|| format!("rope_scaling.{k} is missing"))
         };
+        let opt = |k: &str| v[k].as_f64().filter(|x| *x != 0.0);
         match kind {
             "default" => Ok(Self::None),
+            "yarn" => {
+                let factor = num("factor")?;
+                let (mscale, all) = (opt("mscale"), opt("mscale_all_dim"));
+                let attention_factor = match (opt("attention_factor"), mscale, all) {
+                    (Some(a), _, _) => a,
+                    (None, Some(m), Some(a)) => yarn_mscale(factor, m) / yarn_mscale(factor, a),
+                    _ => yarn_mscale(factor, 1.0),
+                };
+                Ok(Self::Yarn {
+                    factor,
+                    original_max_position_embeddings: num("original_max_position_embeddings")?,
+                    beta_fast: opt("beta_fast").unwrap_or(32.0),
+                    beta_slow: opt("beta_slow").unwrap_or(1.0),
+                    attention_factor,
+                    softmax_scale_factor: all.map_or(1.0, |a| yarn_mscale(factor, a).powi(2)),
+                    truncate: v["truncate"].as_bool().unwrap_or(true),
+                })
+            }
             "llama3" => Ok(Self::Llama3 {
                 factor: num("factor")?,
                 low_freq_factor: num("low_freq_factor")?,
@@ -55,26 +97,83 @@ impl RopeScaling {
         }
     }
 
-    fn apply(&self, inv_freq: f64) -> f64 {
+    /// The inverse frequencies of a `dim`-dimensional rotation with base `theta`.
+    pub fn inv_freqs(&self, theta: f64, dim: usize) -> Vec<f64> {
+        let base: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f64 / dim as f64))
+            .collect();
         match *self {
-            Self::None => inv_freq,
-            Self::Llama3 {
+            Self::None => base,
+            Self::Llama3 { .. } => base.into_iter().map(|f| self.llama3(f)).collect(),
+            Self::Yarn {
                 factor,
-                low_freq_factor,
-                high_freq_factor,
                 original_max_position_embeddings: old,
+                beta_fast,
+                beta_slow,
+                truncate,
+                ..
             } => {
-                let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
-                if wavelen < old / high_freq_factor {
-                    inv_freq
-                } else if wavelen > old / low_freq_factor {
-                    inv_freq / factor
-                } else {
-                    let smooth =
-                        (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                let d = dim as f64;
+                let correction = |rot: f64| {
+                    d * (old / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
                 }
+                let (low, high) = (low.max(0.0), high.min(d - 1.0));
+                let high = if low == high { high + 0.001 } else { high };
+                base.into_iter()
+                    .enumerate()
+                    .map(|(i, f)| {
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extrapolation = 1.0 - ramp;
+                        f / factor * (1.0 - extrapolation) + f * extrapolation
+                    })
+                    .collect()
             }
+        }
+    }
+
+    /// What cos/sin are multiplied by.
+    pub fn attention_factor(&self) -> f64 {
+        match *self {
+            Self::Yarn {
+                attention_factor, ..
+            } => attention_factor,
+            _ => 1.0,
+        }
+    }
+
+    /// What the softmax scale is multiplied by (DeepSeek's YaRN `mscale_all_dim`).
+    pub fn softmax_scale_factor(&self) -> f64 {
+        match *self {
+            Self::Yarn {
+                softmax_scale_factor,
+                ..
+            } => softmax_scale_factor,
+            _ => 1.0,
+        }
+    }
+
+    fn llama3(&self, inv_freq: f64) -> f64 {
+        let Self::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } = *self
+        else {
+            return inv_freq;
+        };
+        let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+        if wavelen < old / high_freq_factor {
+            inv_freq
+        } else if wavelen > old / low_freq_factor {
+            inv_freq / factor
+        } else {
+            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
         }
     }
 }
@@ -103,9 +202,8 @@ impl RotaryEmbedding {
         scaling: RopeScaling,
     ) -> Self {
         let half = rotary_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| scaling.apply(1.0 / theta.powf(2.0 * i as f64 / rotary_dim as f64)))
-            .collect();
+        let inv_freq = scaling.inv_freqs(theta, rotary_dim);
+        let attn = scaling.attention_factor() as f32;
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
@@ -113,8 +211,8 @@ impl RotaryEmbedding {
                 // Angles in f32 like the reference implementations, so long positions round the
                 // same way.
                 let a = (p as f32) * (*f as f32);
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * attn);
+                sin.push(a.sin() * attn);
             }
         }
         Self {
@@ -243,16 +341,21 @@ mod tests {
         let s = RopeScaling::from_hf(Some(&v)).unwrap();
         let tau = 2.0 * std::f64::consts::PI;
         // Wavelength 1000 < 8192/4: unchanged. Wavelength 10000 > 8192/1: divided by 8.
-        assert_eq!(s.apply(tau / 1000.0), tau / 1000.0);
-        assert!((s.apply(tau / 10000.0) - tau / 10000.0 / 8.0).abs() < 1e-15);
+        assert_eq!(s.llama3(tau / 1000.0), tau / 1000.0);
+        assert!((s.llama3(tau / 10000.0) - tau / 10000.0 / 8.0).abs() < 1e-15);
         // Wavelength 4096: smooth = (8192/4096 - 1) / 3 = 1/3.
         let f = tau / 4096.0;
-        assert!((s.apply(f) - (2.0 / 3.0 * f / 8.0 + f / 3.0)).abs() < 1e-15);
+        assert!((s.llama3(f) - (2.0 / 3.0 * f / 8.0 + f / 3.0)).abs() < 1e-15);
         assert_eq!(RopeScaling::from_hf(None), Ok(RopeScaling::None));
         let legacy = serde_json::json!({"type": "default"});
         assert_eq!(RopeScaling::from_hf(Some(&legacy)), Ok(RopeScaling::None));
         let yarn = serde_json::json!({"type": "yarn", "factor": 4.0});
-        assert!(RopeScaling::from_hf(Some(&yarn)).is_err());
+        assert!(
+            RopeScaling::from_hf(Some(&yarn)).is_err(),
+            "original_max_position_embeddings is needed"
+        );
+        let dynamic = serde_json::json!({"type": "dynamic", "factor": 4.0});
+        assert!(RopeScaling::from_hf(Some(&dynamic)).is_err());
     }
 
     #[test]
