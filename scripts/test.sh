@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/fetch-models.sh
+bash scripts/fetch-test-assets.sh >/dev/null
 venv="$(bash scripts/python-env.sh)"
 cargo build --release --all-targets
 # Benches are built above but not run here (cargo bench runs them).

@@ -16,6 +16,16 @@ const QWEN2_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\
 /// Llama 3 (digits in groups of up to three).
 const LLAMA3_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// DeepSeek-LLM (DeepSeek-V2's vocabulary): llama.cpp's `deepseek-llm` splits, in order.
+const DEEPSEEK_LLM_RES: &[&str] = &[
+    r"[\r\n]",
+    r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+",
+    r"\s?[!-/:-~！-／：-～‘-‟　-。]+",
+    r"\s+$",
+    r"[一-龥ࠀ-一가-퟿]+",
+    r"\p{N}+",
+];
+
 /// The pieces of a tokenizer that GGUF metadata carries.
 pub struct GgufTokenizer {
     pub json: String,
@@ -98,6 +108,11 @@ pub fn from_gguf(c: &Content) -> Result<GgufTokenizer, TokenizerError> {
     let (pre_tokenizer, ignore_merges) = match pre.as_str() {
         "qwen2" => (vec![split(QWEN2_RE), byte_level(false)], false),
         "llama-bpe" | "llama3" => (vec![split(LLAMA3_RE), byte_level(false)], true),
+        "deepseek-llm" => {
+            let mut v: Vec<_> = DEEPSEEK_LLM_RES.iter().map(|r| split(r)).collect();
+            v.push(byte_level(false));
+            (v, false)
+        }
         // SmolLM / StarCoder: every digit on its own, then GPT-2's split.
         "smollm" | "starcoder" | "refact" => (vec![split(r"\p{N}"), byte_level(true)], false),
         _ => (vec![split(GPT2_RE), byte_level(false)], false),
