@@ -207,3 +207,125 @@ fn group_limited_routing_is_what_matches_the_reference() {
     assert!(d > 1e-2, "greedy routing should not match ({d})");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Write the `llama3-hub` fixture as llama.cpp's converter would: GGUF `llama`, Q/K rows
+/// permuted for adjacent-pair RoPE, and Llama 3.1's scaling as `rope_freqs.weight` divisors
+/// (only when `rope_freqs`).
+fn llama3_fixture_as_gguf(path: &Path, rope_freqs: bool) {
+    use candle_core::quantized::gguf_file::{self, Value as V};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let dir = fixture("llama3-hub");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let u = |k: &str| cfg[k].as_u64().unwrap() as usize;
+    let (hidden, heads, kv_heads) = (
+        u("hidden_size"),
+        u("num_attention_heads"),
+        u("num_key_value_heads"),
+    );
+    let hd = hidden / heads;
+    let st = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let permute = |w: &Tensor, n: usize| {
+        w.reshape((n, 2, hd / 2, hidden))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((n * hd, hidden))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    };
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in &st {
+        let t = if name.ends_with("q_proj.weight") {
+            permute(t, heads)
+        } else if name.ends_with("k_proj.weight") {
+            permute(t, kv_heads)
+        } else {
+            t.clone()
+        };
+        let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        tensors.push((inferd::models::weights::gguf_name(name), q));
+    }
+    if rope_freqs {
+        let s = &cfg["rope_scaling"];
+        let f = |k: &str| s[k].as_f64().unwrap();
+        let (factor, low, high, old) = (
+            f("factor"),
+            f("low_freq_factor"),
+            f("high_freq_factor"),
+            f("original_max_position_embeddings"),
+        );
+        let theta = cfg["rope_theta"].as_f64().unwrap();
+        let divisors: Vec<f32> = (0..hd / 2)
+            .map(|i| {
+                let wavelen = 2.0 * std::f64::consts::PI * theta.powf(2.0 * i as f64 / hd as f64);
+                let d = if wavelen < old / high {
+                    1.0
+                } else if wavelen > old / low {
+                    factor
+                } else {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    1.0 / ((1.0 - smooth) / factor + smooth)
+                };
+                d as f32
+            })
+            .collect();
+        let t = Tensor::new(divisors.as_slice(), &Device::Cpu).unwrap();
+        tensors.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
+        ));
+    }
+    let md: Vec<(&str, V)> = vec![
+        ("general.architecture", V::String("llama".into())),
+        ("llama.context_length", V::U32(256)),
+        ("llama.embedding_length", V::U32(hidden as u32)),
+        (
+            "llama.feed_forward_length",
+            V::U32(u("intermediate_size") as u32),
+        ),
+        ("llama.block_count", V::U32(u("num_hidden_layers") as u32)),
+        ("llama.attention.head_count", V::U32(heads as u32)),
+        ("llama.attention.head_count_kv", V::U32(kv_heads as u32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            V::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32),
+        ),
+        (
+            "llama.rope.freq_base",
+            V::F32(cfg["rope_theta"].as_f64().unwrap() as f32),
+        ),
+        ("llama.rope.dimension_count", V::U32(hd as u32)),
+        ("llama.vocab_size", V::U32(u("vocab_size") as u32)),
+    ];
+    let md_refs: Vec<(&str, &V)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut file, &md_refs, &t_refs).unwrap();
+}
+
+/// Llama 3.1 converted by llama.cpp carries its rope scaling only as `rope_freqs.weight`:
+/// loaded from such a GGUF, the model matches the reference; without the tensor it would not.
+#[test]
+fn llama3_gguf_with_rope_freqs_matches_reference() {
+    let g = golden(&fixture("llama3-hub"));
+    let tmp = std::env::temp_dir().join(format!("inferd-llama3-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut diffs = Vec::new();
+    for with_freqs in [true, false] {
+        let path = tmp.join(format!("llama3-{with_freqs}.gguf"));
+        llama3_fixture_as_gguf(&path, with_freqs);
+        let m = load_model(&path, &Device::Cpu, Some(64)).unwrap().model;
+        let mut kv = KvCache::new(m.cache_spec(), BLOCKS, BS);
+        let rows = run(m.as_ref(), &mut kv, &[(&g.ids, 0, vec![3, 1, 4, 0])], true);
+        diffs.push(worst(&rows, &g.logits));
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+    assert!(diffs[0] < TOL, "with rope_freqs.weight: {}", diffs[0]);
+    assert!(
+        diffs[1] > 1e-2,
+        "without it the scaling is lost: {}",
+        diffs[1]
+    );
+}

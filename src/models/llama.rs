@@ -184,12 +184,30 @@ impl Llama {
                 mlp: w.gated_mlp(&format!("{p}.mlp"))?,
             });
         }
-        let rope = RotaryEmbedding::scaled(
-            cfg.rope_theta,
-            cfg.rotary_dim(),
+        let mut inv_freq = cfg.rope_scaling.inv_freqs(cfg.rope_theta, cfg.rotary_dim());
+        // llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors.
+        if w.contains("rope_freqs.weight") {
+            let factors = w
+                .tensor("rope_freqs.weight")?
+                .to_dtype(candle_core::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            if factors.len() != inv_freq.len() {
+                return Err(ModelError::Config(format!(
+                    "rope_freqs.weight has {} factors for {} frequencies",
+                    factors.len(),
+                    inv_freq.len()
+                )));
+            }
+            for (f, d) in inv_freq.iter_mut().zip(factors) {
+                *f /= d as f64;
+            }
+        }
+        let rope = RotaryEmbedding::from_inv_freqs(
+            &inv_freq,
+            cfg.rope_scaling.attention_factor(),
             max_positions,
             cfg.rope_style,
-            cfg.rope_scaling,
         );
         let trunk = Trunk::finish(w, embedding, cfg.rms_norm_eps, rope)?;
         Ok(Self { layers, trunk, cfg })

@@ -201,13 +201,29 @@ impl RotaryEmbedding {
         style: RopeStyle,
         scaling: RopeScaling,
     ) -> Self {
-        let half = rotary_dim / 2;
-        let inv_freq = scaling.inv_freqs(theta, rotary_dim);
-        let attn = scaling.attention_factor() as f32;
+        Self::from_inv_freqs(
+            &scaling.inv_freqs(theta, rotary_dim),
+            scaling.attention_factor(),
+            max_positions,
+            style,
+        )
+    }
+
+    /// From explicit inverse frequencies (one per rotated pair), e.g. a GGUF's base frequencies
+    /// divided by its `rope_freqs.weight` factors; cos/sin are multiplied by `attention_factor`.
+    pub fn from_inv_freqs(
+        inv_freq: &[f64],
+        attention_factor: f64,
+        max_positions: usize,
+        style: RopeStyle,
+    ) -> Self {
+        let rotary_dim = inv_freq.len() * 2;
+        let half = inv_freq.len();
+        let attn = attention_factor as f32;
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
-            for f in &inv_freq {
+            for f in inv_freq {
                 // Angles in f32 like the reference implementations, so long positions round the
                 // same way.
                 let a = (p as f32) * (*f as f32);
