@@ -235,6 +235,24 @@ async fn self_serve_bench_checks_numerics_and_runs_every_level() {
         assert_eq!(r.total_output_tokens, 6 * 12);
     }
 
+    // MLA + MoE (DeepSeek-V2 style): the same check and a level.
+    let moe = inferd::bench::BenchArgs {
+        concurrency: vec![2],
+        num_requests: 2,
+        serve: inferd::bench::self_serve::SelfServeArgs {
+            synthetic_model: Some("tiny-moe".into()),
+            ..serve.clone()
+        },
+        ..args.clone()
+    };
+    let o = inferd::bench::self_serve::run(&moe).await.unwrap();
+    let c = o.check.unwrap();
+    assert!(
+        c.passed && c.max_abs_diff < 1e-4 && c.top1_agree == 9,
+        "{c:?}"
+    );
+    assert_eq!((o.reports[0].completed, o.reports[0].failed), (2, 0));
+
     serve.synthetic_model = Some("no-such-shape".into());
     let bad = inferd::bench::BenchArgs { serve, ..args };
     let e = inferd::bench::self_serve::run(&bad).await.err().unwrap();

@@ -123,6 +123,73 @@ impl DeepseekV2Config {
     pub fn max_positions(&self) -> usize {
         self.max_position_embeddings.unwrap_or(4096)
     }
+
+    /// Every weight's Hugging Face name and shape (for generated checkpoints).
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, heads) = (self.hidden_size, self.num_attention_heads);
+        let (nope, rope, v, lora) = (
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.v_head_dim,
+            self.kv_lora_rank,
+        );
+        let mut w = vec![
+            (
+                "model.embed_tokens.weight".to_string(),
+                vec![self.vocab_size, h],
+            ),
+            ("model.norm.weight".to_string(), vec![h]),
+        ];
+        if !self.tie_word_embeddings {
+            w.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        let mlp = |w: &mut Vec<(String, Vec<usize>)>, p: String, i: usize| {
+            w.push((format!("{p}.gate_proj.weight"), vec![i, h]));
+            w.push((format!("{p}.up_proj.weight"), vec![i, h]));
+            w.push((format!("{p}.down_proj.weight"), vec![h, i]));
+        };
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            w.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            w.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            match self.q_lora_rank {
+                None => w.push((format!("{a}.q_proj.weight"), vec![heads * (nope + rope), h])),
+                Some(r) => {
+                    w.push((format!("{a}.q_a_proj.weight"), vec![r, h]));
+                    w.push((format!("{a}.q_a_layernorm.weight"), vec![r]));
+                    w.push((
+                        format!("{a}.q_b_proj.weight"),
+                        vec![heads * (nope + rope), r],
+                    ));
+                }
+            }
+            w.push((
+                format!("{a}.kv_a_proj_with_mqa.weight"),
+                vec![lora + rope, h],
+            ));
+            w.push((format!("{a}.kv_a_layernorm.weight"), vec![lora]));
+            w.push((
+                format!("{a}.kv_b_proj.weight"),
+                vec![heads * (nope + v), lora],
+            ));
+            w.push((format!("{a}.o_proj.weight"), vec![h, heads * v]));
+            if self.is_moe_layer(l) {
+                let mi = self.moe_intermediate_size.unwrap_or(self.intermediate_size);
+                let e = self.n_routed_experts.unwrap_or(0);
+                w.push((format!("{p}.mlp.gate.weight"), vec![e, h]));
+                for x in 0..e {
+                    mlp(&mut w, format!("{p}.mlp.experts.{x}"), mi);
+                }
+                if let Some(n) = self.n_shared_experts.filter(|&n| n > 0) {
+                    mlp(&mut w, format!("{p}.mlp.shared_experts"), mi * n);
+                }
+            } else {
+                mlp(&mut w, format!("{p}.mlp"), self.intermediate_size);
+            }
+        }
+        w
+    }
 }
 
 enum QProj {

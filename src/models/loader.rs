@@ -91,17 +91,21 @@ fn load_synthetic(
     device: &Device,
     max_positions: Option<usize>,
 ) -> Result<LoadedModel> {
-    let cfg = synthetic::preset(name)?;
-    let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
-    let mut w = Weights::synthetic(
-        cfg.weight_shapes(),
-        synthetic::SEED,
-        dense_dtype(device),
-        device,
-    );
-    let model = Llama::load(cfg, &mut w, positions)?;
+    let dtype = dense_dtype(device);
+    let model: Box<dyn CausalLm> = match synthetic::preset(name)? {
+        synthetic::Preset::Llama(cfg) => {
+            let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
+            let mut w = Weights::synthetic(cfg.weight_shapes(), synthetic::SEED, dtype, device);
+            Box::new(Llama::load(cfg, &mut w, positions)?)
+        }
+        synthetic::Preset::DeepseekV2(cfg) => {
+            let positions = max_positions.unwrap_or(cfg.max_positions());
+            let mut w = Weights::synthetic(cfg.weight_shapes(), synthetic::SEED, dtype, device);
+            Box::new(DeepseekV2::load(*cfg, &mut w, positions)?)
+        }
+    };
     Ok(LoadedModel {
-        model: Box::new(model),
+        model,
         architecture: format!("synthetic:{name}"),
     })
 }

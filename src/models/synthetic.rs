@@ -3,9 +3,16 @@
 //! need a model of a given size. Weights come from [`super::weights::Weights::synthetic`],
 //! seeded, so every load of a preset holds the same numbers on every device.
 
+use super::deepseek2::DeepseekV2Config;
 use super::layers::{RopeScaling, RopeStyle};
 use super::llama::LlamaConfig;
 use super::{ModelError, Result};
+
+/// A preset's decoder and its configuration.
+pub enum Preset {
+    Llama(LlamaConfig),
+    DeepseekV2(Box<DeepseekV2Config>),
+}
 
 /// The seed of every synthetic checkpoint.
 pub const SEED: u64 = 0x5eed_1f3d;
@@ -30,7 +37,39 @@ pub const PRESETS: &[(&str, &str)] = &[
 /// The model path prefix that selects a preset.
 pub const PREFIX: &str = "synthetic:";
 
-pub fn preset(name: &str) -> Result<LlamaConfig> {
+pub fn preset(name: &str) -> Result<Preset> {
+    match name {
+        "tiny-moe" => deepseek(serde_json::json!({
+            "vocab_size": 9216, "hidden_size": 64, "intermediate_size": 128,
+            "moe_intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 3,
+            "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+            "routed_scaling_factor": 2.0, "first_k_dense_replace": 1, "q_lora_rank": 32,
+            "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+            "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048,
+            "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512,
+                             "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
+        })),
+        "deepseek-v2-lite-shape" => deepseek(serde_json::json!({
+            "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+            "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+            "n_shared_experts": 2, "n_routed_experts": 64, "num_experts_per_tok": 6,
+            "topk_method": "greedy", "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0,
+            "first_k_dense_replace": 1, "q_lora_rank": null, "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+            "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 163840,
+            "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096,
+                             "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}
+        })),
+        _ => llama_preset(name).map(Preset::Llama),
+    }
+}
+
+fn deepseek(v: serde_json::Value) -> Result<Preset> {
+    DeepseekV2Config::from_json(v).map(|c| Preset::DeepseekV2(Box::new(c)))
+}
+
+fn llama_preset(name: &str) -> Result<LlamaConfig> {
     let llama3 = |factor| RopeScaling::Llama3 {
         factor,
         low_freq_factor: 1.0,
