@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::layers::{
-    paged_attend, AttnDims, GatedMlp, Linear, Pass, RmsNorm, RopeScaling, RopeStyle,
+    paged_attend, AttnDims, GatedMlp, Linear, Pass, Projections, RmsNorm, RopeScaling, RopeStyle,
     RotaryEmbedding, Trunk,
 };
 use super::weights::Weights;
@@ -135,9 +135,8 @@ impl LlamaConfig {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k, v.
+    qkv: Projections,
     o_proj: Linear,
 }
 
@@ -174,9 +173,10 @@ impl Llama {
             layers.push(DecoderLayer {
                 input_layernorm: w.rms_norm(&format!("{p}.input_layernorm"), cfg.rms_norm_eps)?,
                 self_attn: Attention {
-                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), b)?,
-                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), b)?,
-                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), b)?,
+                    qkv: w.projections(
+                        &["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}")),
+                        b,
+                    )?,
                     o_proj: w.linear(&format!("{p}.self_attn.o_proj"), false)?,
                 },
                 post_attention_layernorm: w
@@ -231,9 +231,11 @@ impl Llama {
     ) -> Result<Tensor> {
         let d = self.attn_dims();
         let rope = &self.trunk.rope;
-        let q = a.q_proj.forward(x)?;
-        let k = a.k_proj.forward(x)?;
-        let v = a.v_proj.forward(x)?;
+        let [q, k, v]: [Tensor; 3] = a
+            .qkv
+            .forward(x)?
+            .try_into()
+            .map_err(|_| ModelError::Batch("q/k/v projections".into()))?;
         let q = rope.apply(&q, &pass.rows, d.num_heads, d.head_dim)?;
         let k = rope.apply(&k, &pass.rows, d.num_kv_heads, d.head_dim)?;
         let o = paged_attend(layer, &q, &k, Some(&v), pass.batch, kv, &pass.path, d)?;

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use indicatif::ProgressBar;
 
-use super::layers::{Embedding, GatedMlp, Linear, RmsNorm};
+use super::layers::{Embedding, GatedMlp, Linear, Projections, RmsNorm};
 use super::{ModelError, Result};
 
 /// Hugging Face name suffix → GGUF name suffix, for the llama-style families.
@@ -255,6 +255,78 @@ impl Weights {
         Ok(Linear::with_k_pad(weight, bias, k_pad))
     }
 
+    /// Projections of one input (`{prefix}.weight` each, and `.bias` when `bias`), as one matmul
+    /// over their rows concatenated when their weights share a type (one kernel dispatch and one
+    /// quantization of the input instead of several), else one by one.
+    pub fn projections(&mut self, prefixes: &[String], bias: bool) -> Result<Projections> {
+        let biases = |w: &mut Self| -> Result<Option<Vec<Tensor>>> {
+            bias.then(|| {
+                prefixes
+                    .iter()
+                    .map(|p| w.tensor(&format!("{p}.bias")))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()
+        };
+        let cat_bias = |b: Option<Vec<Tensor>>| -> Result<Option<Tensor>> {
+            Ok(match b {
+                Some(b) => Some(Tensor::cat(&b, 0)?),
+                None => None,
+            })
+        };
+        match self {
+            Self::Gguf { .. } => {
+                let qs = prefixes
+                    .iter()
+                    .map(|p| self.qtensor_padded(&format!("{p}.weight")))
+                    .collect::<Result<Vec<_>>>()?;
+                let b = biases(self)?;
+                let (first, k_pad) = (&qs[0].0, qs[0].1);
+                let same = qs.iter().all(|(q, pad)| {
+                    q.dtype() == first.dtype()
+                        && *pad == k_pad
+                        && q.shape().dims().len() == 2
+                        && q.shape().dims()[1] == first.shape().dims()[1]
+                });
+                if !same {
+                    let parts = qs
+                        .into_iter()
+                        .zip(0..)
+                        .map(|((q, pad), i)| {
+                            let bias = b.as_ref().map(|b| b[i].clone());
+                            Ok(Linear::with_k_pad(QMatMul::from_qtensor(q)?, bias, pad))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    return Ok(Projections::Separate(parts));
+                }
+                let widths: Vec<usize> = qs.iter().map(|(q, _)| q.shape().dims()[0]).collect();
+                let k = first.shape().dims()[1];
+                let dtype = first.dtype();
+                let mut data = Vec::new();
+                for (q, _) in &qs {
+                    data.extend_from_slice(&q.data()?);
+                }
+                let storage = QStorage::from_data(Cow::Owned(data), &first.device(), dtype)?;
+                let q = QTensor::new(storage, (widths.iter().sum::<usize>(), k))?;
+                let linear = Linear::with_k_pad(QMatMul::from_qtensor(q)?, cat_bias(b)?, k_pad);
+                Ok(Projections::Fused { linear, widths })
+            }
+            Self::Safetensors { .. } | Self::Synthetic { .. } => {
+                let ws = prefixes
+                    .iter()
+                    .map(|p| self.tensor(&format!("{p}.weight")))
+                    .collect::<Result<Vec<_>>>()?;
+                let widths = ws
+                    .iter()
+                    .map(|w| w.dim(0))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let weight = QMatMul::Tensor(Tensor::cat(&ws, 0)?);
+                let linear = Linear::new(weight, cat_bias(biases(self)?)?);
+                Ok(Projections::Fused { linear, widths })
+            }
+        }
+    }
+
     /// An embedding table, and the same weights as an output projection when `tied`.
     pub fn embedding(&mut self, prefix: &str, tied: bool) -> Result<(Embedding, Option<Linear>)> {
         let w = format!("{prefix}.weight");
@@ -292,9 +364,18 @@ impl Weights {
             let gate_up = self.linear(&format!("{prefix}.gate_up_proj"), false)?;
             Ok(GatedMlp::fused(gate_up, down(self)?))
         } else {
-            let gate = self.linear(&format!("{prefix}.gate_proj"), false)?;
-            let up = self.linear(&format!("{prefix}.up_proj"), false)?;
-            Ok(GatedMlp::new(gate, up, down(self)?))
+            let names = [format!("{prefix}.gate_proj"), format!("{prefix}.up_proj")];
+            match self.projections(&names, false)? {
+                Projections::Fused { linear, .. } => Ok(GatedMlp::fused(linear, down(self)?)),
+                Projections::Separate(mut p) => {
+                    let up = p.pop();
+                    let gate = p.pop();
+                    match (gate, up) {
+                        (Some(gate), Some(up)) => Ok(GatedMlp::new(gate, up, down(self)?)),
+                        _ => Err(ModelError::MissingWeight(names[0].clone())),
+                    }
+                }
+            }
         }
     }
 

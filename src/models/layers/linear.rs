@@ -57,6 +57,35 @@ impl Linear {
     }
 }
 
+/// Several projections of the same input: one matmul over row-concatenated weights (`widths`
+/// output columns each), or one matmul each when their types differ.
+#[derive(Debug, Clone)]
+pub enum Projections {
+    Fused { linear: Linear, widths: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    /// Each projection of `x` (`[tokens, in]`), in order.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Fused { linear, widths } => {
+                let y = linear.forward(x)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&w| {
+                        let part = y.narrow(1, start, w)?;
+                        start += w;
+                        Ok(part)
+                    })
+                    .collect()
+            }
+            Self::Separate(parts) => parts.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+}
+
 /// Token embeddings; quantized tables are dequantized one row at a time.
 #[derive(Debug, Clone)]
 pub enum Embedding {

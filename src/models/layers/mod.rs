@@ -12,7 +12,7 @@ pub mod rope;
 pub mod trunk;
 
 pub use attention::{paged_attention, AttnDims};
-pub use linear::{Embedding, Linear, RmsNorm};
+pub use linear::{Embedding, Linear, Projections, RmsNorm};
 pub use mlp::GatedMlp;
 pub use moe::{Moe, Routing, TopkMethod};
 pub use paged::{paged_attend, CachePath};
