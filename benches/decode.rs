@@ -1,0 +1,62 @@
+//! Time of one model forward pass for decode steps, without the engine or HTTP: one sequence,
+//! then 16 sequences batched, each at contexts growing from 100 tokens.
+//! `cargo bench --bench decode [-- MODEL.gguf [STEPS]]` (default: SmolLM2-135M Q4_1, 128 steps).
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+use inferd::models::{load_model, ForwardBatch, KvCache};
+
+fn main() {
+    // Match the daemon: candle's compute threads park soon instead of spinning.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let path = PathBuf::from(
+        args.first()
+            .cloned()
+            .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into()),
+    );
+    let steps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(128);
+    let m = load_model(&path, &Device::Cpu, Some(4096))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (scripts/fetch-models.sh fetches it)",
+                path.display()
+            )
+        })
+        .model;
+    let bs = 16;
+    let prompt: Vec<u32> = (1000..1100).collect();
+    let blocks_per_seq = (prompt.len() + steps).div_ceil(bs) as u32;
+    for seqs in [1u32, 16] {
+        let mut kv = KvCache::new(m.cache_spec(), (blocks_per_seq * seqs) as usize, bs);
+        let table =
+            |s: u32| -> Vec<u32> { (s * blocks_per_seq..(s + 1) * blocks_per_seq).collect() };
+        for s in 0..seqs {
+            let mut b = ForwardBatch::new(bs);
+            b.push_sequence(&prompt, 0, &table(s));
+            m.forward(&b, &mut kv).unwrap();
+        }
+        let t0 = Instant::now();
+        for i in 0..steps {
+            let mut b = ForwardBatch::new(bs);
+            for s in 0..seqs {
+                b.push_sequence(&[1000 + i as u32], prompt.len() + i, &table(s));
+            }
+            let logits = m.forward(&b, &mut kv).unwrap();
+            let _ = logits.to_vec2::<f32>().unwrap();
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1000.0 / steps as f64;
+        println!(
+            "{}: {seqs:>2} sequence(s), {steps} decode steps from context {}: {ms:.2} ms/step, {:.1} tok/s",
+            path.display(),
+            prompt.len(),
+            seqs as f64 * 1000.0 / ms
+        );
+    }
+}
