@@ -81,87 +81,229 @@ fn attend_in_chunks(
     token_seq: &[(usize, usize)],
     chunk: usize,
 ) -> Vec<f32> {
-    let (hd, vd) = (d.head_dim, d.v_head_dim);
-    let group = d.num_heads / d.num_kv_heads;
-    let slot_w = d.num_kv_heads * hd;
-    let v_slot_w = d.num_kv_heads * vd;
-    let bs = batch.block_size;
-    let chunks_per_token = d.num_heads / chunk;
-    let mut out = vec![0f32; q.len() / hd * vd];
-    out.par_chunks_mut(chunk * vd).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (idx, o)| {
-            let t = idx / chunks_per_token;
-            let h0 = (idx % chunks_per_token) * chunk;
-            let (s, n) = token_seq[t];
-            let table = &batch.block_tables[s];
-            let kvh = h0 / group;
-            let (kv_off, v_off) = (kvh * hd, kvh * vd);
-            let slot = |j: usize| table[j / bs] as usize * bs + j % bs;
-
-            // Scores of every key for each head of the chunk: scores[c * n + j].
-            scores.clear();
-            scores.resize(chunk * n, 0.0);
-            for j in 0..n {
-                let base = slot(j) * slot_w + kv_off;
-                let krow = &cache.k[base..base + hd];
-                for c in 0..chunk {
-                    let qrow = &q[(t * d.num_heads + h0 + c) * hd..][..hd];
-                    scores[c * n + j] = dot(qrow, krow) * d.scale;
-                }
+    let it = Item {
+        q,
+        cache,
+        batch,
+        d,
+        token_seq,
+        chunk,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let simd =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let simd = false;
+    let mut out = vec![0f32; q.len() / d.head_dim * d.v_head_dim];
+    out.par_chunks_mut(chunk * d.v_head_dim)
+        .enumerate()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: the CPU has AVX2 and FMA (detected above).
+                unsafe { item_avx2(&it, idx, o, scores) };
+                return;
             }
-            // Softmax numerators in place; the normalisation is applied at the end.
-            let mut inv = [0f32; 8];
-            for c in 0..chunk {
-                let row = &mut scores[c * n..(c + 1) * n];
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for x in row.iter_mut() {
-                    *x = (*x - m).exp();
-                    sum += *x;
-                }
-                inv[c] = 1.0 / sum;
-            }
-            o.fill(0.0);
-            for j in 0..n {
-                let sl = slot(j);
-                let vrow = if d.values_in_keys {
-                    &cache.k[sl * slot_w + kv_off..][..vd]
-                } else {
-                    &cache.v[sl * v_slot_w + v_off..][..vd]
-                };
-                for c in 0..chunk {
-                    let p = scores[c * n + j];
-                    for (a, &v) in o[c * vd..(c + 1) * vd].iter_mut().zip(vrow) {
-                        *a += p * v;
-                    }
-                }
-            }
-            for c in 0..chunk {
-                o[c * vd..(c + 1) * vd]
-                    .iter_mut()
-                    .for_each(|a| *a *= inv[c]);
-            }
-        },
-    );
+            let _ = simd;
+            it.run::<Portable>(idx, o, scores);
+        });
     out
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent accumulators let the compiler vectorize without reassociating.
-    let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for i in 0..8 {
-            acc[i] += a[c * 8 + i] * b[c * 8 + i];
+/// Everything a work item reads.
+struct Item<'a> {
+    q: &'a [f32],
+    cache: &'a LayerKv,
+    batch: &'a ForwardBatch,
+    d: AttnDims,
+    token_seq: &'a [(usize, usize)],
+    chunk: usize,
+}
+
+/// The vector operations of the kernel; one implementation is chosen per machine, so a
+/// token's arithmetic never depends on the batch.
+trait Lanes {
+    fn dot(a: &[f32], b: &[f32]) -> f32;
+    /// `o += p * v`.
+    fn axpy(o: &mut [f32], p: f32, v: &[f32]);
+}
+
+impl Item<'_> {
+    /// Work item `idx`: one token, `chunk` query heads of one KV head; writes `o`.
+    #[inline(always)]
+    fn run<L: Lanes>(&self, idx: usize, o: &mut [f32], scores: &mut Vec<f32>) {
+        let (d, chunk) = (self.d, self.chunk);
+        let (hd, vd) = (d.head_dim, d.v_head_dim);
+        let group = d.num_heads / d.num_kv_heads;
+        let (slot_w, v_slot_w) = (d.num_kv_heads * hd, d.num_kv_heads * vd);
+        let bs = self.batch.block_size;
+        let chunks_per_token = d.num_heads / chunk;
+        let t = idx / chunks_per_token;
+        let h0 = (idx % chunks_per_token) * chunk;
+        let (s, n) = self.token_seq[t];
+        let table = &self.batch.block_tables[s];
+        let kvh = h0 / group;
+        let (kv_off, v_off) = (kvh * hd, kvh * vd);
+        let slot = |j: usize| table[j / bs] as usize * bs + j % bs;
+        let cache = self.cache;
+
+        // Scores of every key for each head of the chunk: scores[c * n + j].
+        scores.clear();
+        scores.resize(chunk * n, 0.0);
+        for j in 0..n {
+            let base = slot(j) * slot_w + kv_off;
+            let krow = &cache.k[base..base + hd];
+            for c in 0..chunk {
+                let qrow = &self.q[(t * d.num_heads + h0 + c) * hd..][..hd];
+                scores[c * n + j] = L::dot(qrow, krow) * d.scale;
+            }
+        }
+        // Softmax numerators in place; the normalisation is applied at the end.
+        let mut inv = [0f32; 8];
+        for c in 0..chunk {
+            let row = &mut scores[c * n..(c + 1) * n];
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in row.iter_mut() {
+                *x = (*x - m).exp();
+                sum += *x;
+            }
+            inv[c] = 1.0 / sum;
+        }
+        o.fill(0.0);
+        for j in 0..n {
+            let sl = slot(j);
+            let vrow = if d.values_in_keys {
+                &cache.k[sl * slot_w + kv_off..][..vd]
+            } else {
+                &cache.v[sl * v_slot_w + v_off..][..vd]
+            };
+            for c in 0..chunk {
+                L::axpy(&mut o[c * vd..(c + 1) * vd], scores[c * n + j], vrow);
+            }
+        }
+        for c in 0..chunk {
+            o[c * vd..(c + 1) * vd]
+                .iter_mut()
+                .for_each(|a| *a *= inv[c]);
         }
     }
-    let mut s = acc.iter().sum::<f32>();
-    for i in chunks * 8..a.len() {
+}
+
+/// Plain loops (eight independent accumulators for the dot product).
+struct Portable;
+
+impl Lanes for Portable {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 8];
+        let chunks = a.len() / 8;
+        for c in 0..chunks {
+            for i in 0..8 {
+                acc[i] += a[c * 8 + i] * b[c * 8 + i];
+            }
+        }
+        let mut s = acc.iter().sum::<f32>();
+        for i in chunks * 8..a.len() {
+            s += a[i] * b[i];
+        }
+        s
+    }
+
+    #[inline(always)]
+    fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
+        for (a, &x) in o.iter_mut().zip(v) {
+            *a += p * x;
+        }
+    }
+}
+
+/// 8-lane AVX2 FMA; only reached through [`item_avx2`].
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx2 {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: only called from `item_avx2`, which requires AVX2 and FMA.
+        unsafe { dot_avx2(a, b) }
+    }
+
+    #[inline(always)]
+    fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
+        // SAFETY: as above.
+        unsafe { axpy_avx2(o, p, v) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn item_avx2(it: &Item, idx: usize, o: &mut [f32], scores: &mut Vec<f32>) {
+    it.run::<Avx2>(idx, o, scores);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i + 16 <= n {
+        acc0 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+            acc0,
+        );
+        acc1 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+            _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+            acc1,
+        );
+        i += 16;
+    }
+    if i + 8 <= n {
+        acc0 = _mm256_fmadd_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+            acc0,
+        );
+        i += 8;
+    }
+    let acc = _mm256_add_ps(acc0, acc1);
+    let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    let mut s = _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
+    while i < n {
         s += a[i] * b[i];
+        i += 1;
     }
     s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn axpy_avx2(o: &mut [f32], p: f32, v: &[f32]) {
+    use std::arch::x86_64::*;
+    let n = o.len().min(v.len());
+    let pv = _mm256_set1_ps(p);
+    let mut i = 0;
+    while i + 8 <= n {
+        let r = _mm256_fmadd_ps(
+            pv,
+            _mm256_loadu_ps(v.as_ptr().add(i)),
+            _mm256_loadu_ps(o.as_ptr().add(i)),
+        );
+        _mm256_storeu_ps(o.as_mut_ptr().add(i), r);
+        i += 8;
+    }
+    while i < n {
+        o[i] += p * v[i];
+        i += 1;
+    }
 }
 
 #[cfg(test)]
@@ -255,5 +397,22 @@ mod tests {
         let token_seq = [(0, 5), (0, 6), (0, 7)];
         let chunked = attend_in_chunks(q, cache.host_layer(0).unwrap(), &batch, d, &token_seq, 2);
         assert_eq!(chunked, got);
+        // The portable lanes (machines without AVX2) agree with the reference too.
+        let it = Item {
+            q,
+            cache: cache.host_layer(0).unwrap(),
+            batch: &batch,
+            d,
+            token_seq: &token_seq,
+            chunk: 1,
+        };
+        let mut portable = vec![0f32; got.len()];
+        let mut scores = Vec::new();
+        for (idx, o) in portable.chunks_mut(d.v_head_dim).enumerate() {
+            it.run::<Portable>(idx, o, &mut scores);
+        }
+        for (a, b) in portable.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
     }
 }
