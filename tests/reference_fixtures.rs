@@ -329,3 +329,84 @@ fn llama3_gguf_with_rope_freqs_matches_reference() {
         diffs[1]
     );
 }
+
+/// The GPU's numerics where there is no GPU: weights, activations and the KV cache in bf16 on
+/// the CPU, through the tensor cache path and candle's RoPE kernels (what CUDA runs). Every
+/// family stays close to the f32 reference: logits within bf16 error, and the same greedy token
+/// at nearly every position. One exception is expected and allowed: in the DeepSeek fixture,
+/// position 1 of layer 2 routes on a near-tie (group-best scores 0.1724 vs 0.1717 in f32), which
+/// bf16 rounding flips to another group of experts — discontinuous routing, not a kernel error.
+#[test]
+fn bf16_tensor_path_stays_close_to_the_reference() {
+    use inferd::models::loader::load_model_as;
+    for name in [
+        "llama3-hub",
+        "qwen2-tied-hub",
+        "glm4-thudm",
+        "deepseek-v2-grouped",
+    ] {
+        let dir = fixture(name);
+        let g = golden(&dir);
+        let m = load_model_as(&dir, &Device::Cpu, DType::BF16, Some(64))
+            .unwrap()
+            .model;
+        let spec = m.cache_spec();
+        assert_eq!(spec.dtype, DType::BF16);
+        let mut kv = KvCache::tensors(spec, BLOCKS, BS, &Device::Cpu).unwrap();
+        let rows = run(m.as_ref(), &mut kv, &[(&g.ids, 0, vec![5, 9, 2, 7])], true);
+        // Then decode the last two tokens again one by one (a write and a gather per step).
+        let mut kv2 = KvCache::tensors(spec, BLOCKS, BS, &Device::Cpu).unwrap();
+        let n = g.ids.len();
+        run(
+            m.as_ref(),
+            &mut kv2,
+            &[(&g.ids[..n - 2], 0, vec![1, 3, 8, 6])],
+            false,
+        );
+        let d1 = run(
+            m.as_ref(),
+            &mut kv2,
+            &[(&g.ids[n - 2..n - 1], n - 2, vec![1, 3, 8, 6])],
+            false,
+        );
+        let d2 = run(
+            m.as_ref(),
+            &mut kv2,
+            &[(&g.ids[n - 1..], n - 1, vec![1, 3, 8, 6])],
+            false,
+        );
+        let argmax = |v: &[f32]| {
+            v.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+                .0
+        };
+        let agree = rows
+            .iter()
+            .zip(&g.logits)
+            .filter(|(a, b)| argmax(a) == argmax(b))
+            .count();
+        let per: Vec<f32> = rows
+            .iter()
+            .zip(&g.logits)
+            .map(|(a, b)| max_abs_diff(a, b))
+            .collect();
+        let off = per.iter().filter(|&&x| x >= 0.15).count();
+        let allowed = usize::from(name.starts_with("deepseek"));
+        assert!(off <= allowed, "{name}: per-position differences {per:?}");
+        let d = per
+            .iter()
+            .copied()
+            .filter(|&x| x < 0.15)
+            .fold(0f32, f32::max);
+        let dd = worst(&[d1[0].clone(), d2[0].clone()], &g.logits[n - 2..]);
+        eprintln!(
+            "{name}: bf16 max logit difference {d:.3} (decode {dd:.3}), greedy agreement {agree}/{n}, routing flips {off}"
+        );
+        assert!(d < 0.15 && dd < 0.15, "{name}: {d} / {dd}");
+        assert!(
+            agree + 1 >= n,
+            "{name}: greedy tokens agree at {agree} of {n} positions"
+        );
+    }
+}

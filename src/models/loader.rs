@@ -37,10 +37,22 @@ pub fn load_model(
     device: &Device,
     max_positions: Option<usize>,
 ) -> Result<LoadedModel> {
+    load_model_as(path, device, dense_dtype(device), max_positions)
+}
+
+/// [`load_model`] with dense weights (and so activations and the KV cache) in `dtype` — e.g.
+/// bf16 on the CPU, to exercise the GPU's numerics where there is no GPU. GGUF weights keep
+/// their quantized types and f32 activations.
+pub fn load_model_as(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    max_positions: Option<usize>,
+) -> Result<LoadedModel> {
     if let Some(name) = synthetic::preset_name(path) {
-        load_synthetic(name, device, max_positions)
+        load_synthetic(name, device, dtype, max_positions)
     } else if path.is_dir() {
-        load_hf_dir(path, device, max_positions)
+        load_hf_dir(path, device, dtype, max_positions)
     } else if path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
@@ -89,9 +101,9 @@ fn load_gguf(path: &Path, device: &Device, max_positions: Option<usize>) -> Resu
 fn load_synthetic(
     name: &str,
     device: &Device,
+    dtype: DType,
     max_positions: Option<usize>,
 ) -> Result<LoadedModel> {
-    let dtype = dense_dtype(device);
     let model: Box<dyn CausalLm> = match synthetic::preset(name)? {
         synthetic::Preset::Llama(cfg) => {
             let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
@@ -153,7 +165,12 @@ enum Family {
     DeepseekV2(DeepseekV2Config),
 }
 
-fn load_hf_dir(dir: &Path, device: &Device, max_positions: Option<usize>) -> Result<LoadedModel> {
+fn load_hf_dir(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    max_positions: Option<usize>,
+) -> Result<LoadedModel> {
     let cfg_text = std::fs::read_to_string(dir.join("config.json"))?;
     let raw: serde_json::Value =
         serde_json::from_str(&cfg_text).map_err(|e| ModelError::Config(e.to_string()))?;
@@ -184,7 +201,7 @@ fn load_hf_dir(dir: &Path, device: &Device, max_positions: Option<usize>) -> Res
             )))
         }
     };
-    let mut w = Weights::safetensors(&files, dense_dtype(device), device, tensor_count(&files)?)?;
+    let mut w = Weights::safetensors(&files, dtype, device, tensor_count(&files)?)?;
     let model: Box<dyn CausalLm> = match family {
         Family::Llama(cfg, rename) => {
             if let Some(r) = rename {
