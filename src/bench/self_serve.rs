@@ -60,6 +60,8 @@ pub struct NumericsCheck {
     pub max_abs_diff: f32,
     /// Largest |logit| on the CPU, for scale.
     pub max_abs_logit: f32,
+    /// Positions whose every logit is within the tolerance.
+    pub positions_within: usize,
     pub passed: bool,
 }
 
@@ -67,11 +69,21 @@ impl NumericsCheck {
     /// Relative tolerance: bf16 activations carry ~3 significant digits.
     const REL_TOL: f32 = 0.05;
 
+    /// Passes when at most one position in eight is out of tolerance: a mixture-of-experts
+    /// model can route one token differently on a near-tie between experts, which rounding
+    /// flips (discontinuous, not a kernel error); dense models pass with every position.
+    fn verdict(&self) -> bool {
+        self.steps - self.positions_within <= self.steps / 8
+    }
+
     pub fn line(&self) -> String {
         format!(
-            "numerics {} vs cpu: top-1 agreement {}/{}, max |logit diff| {:.4} (max |logit| {:.3}): {}",
+            "numerics {} vs cpu: top-1 agreement {}/{}, positions within {:.0}% {}/{}, max |logit diff| {:.4} (max |logit| {:.3}): {}",
             self.device,
             self.top1_agree,
+            self.steps,
+            Self::REL_TOL * 100.0,
+            self.positions_within,
             self.steps,
             self.max_abs_diff,
             self.max_abs_logit,
@@ -200,6 +212,7 @@ pub fn check_numerics(
     let mut tokens = prompt.to_vec();
     let mut fed = 0;
     let (mut agree, mut worst, mut scale) = (0, 0f32, 0f32);
+    let mut per_position = Vec::with_capacity(steps + 1);
     for _ in 0..=steps {
         let mut batch = ForwardBatch::new(bs);
         batch.push_sequence(&tokens[fed..], fed, &table);
@@ -213,21 +226,28 @@ pub fn check_numerics(
         let b = row(target.as_ref(), &mut tgt_kv)?;
         let (ta, tb) = (argmax(&a), argmax(&b));
         agree += usize::from(ta == tb);
+        let mut here = (0f32, 0f32);
         for (x, y) in a.iter().zip(&b) {
-            worst = worst.max((x - y).abs());
-            scale = scale.max(x.abs());
+            here = (here.0.max((x - y).abs()), here.1.max(x.abs()));
         }
+        per_position.push(here);
+        worst = worst.max(here.0);
+        scale = scale.max(here.1);
         fed = tokens.len();
         tokens.push(ta as u32);
     }
-    Ok(NumericsCheck {
+    let tol = NumericsCheck::REL_TOL * scale.max(1.0);
+    let mut check = NumericsCheck {
         device: device.to_string(),
         steps: steps + 1,
         top1_agree: agree,
         max_abs_diff: worst,
         max_abs_logit: scale,
-        passed: worst <= NumericsCheck::REL_TOL * scale.max(1.0),
-    })
+        positions_within: per_position.iter().filter(|p| p.0 <= tol).count(),
+        passed: false,
+    };
+    check.passed = check.verdict();
+    Ok(check)
 }
 
 fn argmax(x: &[f32]) -> usize {
@@ -241,4 +261,24 @@ fn argmax(x: &[f32]) -> usize {
             }
         })
         .0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_position_in_eight_may_route_differently() {
+        let c = |within| NumericsCheck {
+            device: "cuda:0".into(),
+            steps: 9,
+            top1_agree: 9,
+            max_abs_diff: 1.0,
+            max_abs_logit: 4.0,
+            positions_within: within,
+            passed: false,
+        };
+        assert!(c(9).verdict() && c(8).verdict());
+        assert!(!c(7).verdict());
+    }
 }
