@@ -12,8 +12,8 @@ use rand::SeedableRng;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::kv::{KvManager, SeqId};
-use super::logits::{process, TokenHistory};
-use super::runner::{build_batch, execute};
+use super::logits::{is_identity, process, TokenHistory};
+use super::runner::{build_batch, execute, Sampled};
 use super::sampler::{logprobs, sample};
 use super::scheduler::{Scheduler, SchedulerConfig};
 use super::sequence::Sequence;
@@ -50,6 +50,21 @@ struct Request {
     admitted: bool,
     arrival: Instant,
     last_token: Option<Instant>,
+}
+
+/// One sampling sequence's share of a step's output.
+enum Row {
+    Logits(Vec<f32>),
+    /// Picked on the model's device (plain greedy).
+    Token(u32),
+}
+
+impl Request {
+    /// Greedy with nothing between the logits and the argmax (no processors, no logprobs).
+    fn plain_greedy(&self) -> bool {
+        let sp = &self.params.sampling;
+        sp.is_greedy() && sp.logprobs.is_none() && is_identity(sp, &self.history)
+    }
 }
 
 struct Engine {
@@ -242,7 +257,19 @@ impl Engine {
             }
         }
         let batch = build_batch(&out, &self.scheduler, &self.kv);
-        let logits = match execute(self.model.as_ref(), &batch, &mut self.cache) {
+        // On an accelerator, a step whose every sampler is plain greedy picks its tokens there.
+        let greedy_on_device = !self.model.device().is_cpu()
+            && out.scheduled.iter().filter(|s| s.samples).all(|s| {
+                self.requests
+                    .get(&s.seq_id)
+                    .is_some_and(|r| r.plain_greedy())
+            });
+        let sampled = match execute(
+            self.model.as_ref(),
+            &batch,
+            &mut self.cache,
+            greedy_on_device,
+        ) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "forward pass failed");
@@ -261,22 +288,38 @@ impl Engine {
         self.stats.num_steps.fetch_add(1, Ordering::Relaxed);
 
         let samplers = out.scheduled.iter().filter(|s| s.samples);
-        for (s, row) in samplers.zip(logits) {
-            self.on_sampled(s.seq_id, row);
+        match sampled {
+            Sampled::Logits(rows) => {
+                for (s, row) in samplers.zip(rows) {
+                    self.on_sampled(s.seq_id, Row::Logits(row));
+                }
+            }
+            Sampled::Tokens(tokens) => {
+                for (s, token) in samplers.zip(tokens) {
+                    self.on_sampled(s.seq_id, Row::Token(token));
+                }
+            }
         }
         true
     }
 
-    fn on_sampled(&mut self, id: SeqId, mut logits: Vec<f32>) {
+    /// A sequence's next token, from its logits row or already picked on the device.
+    fn on_sampled(&mut self, id: SeqId, row: Row) {
         let Some(r) = self.requests.get_mut(&id) else {
             return;
         };
         let sp = &r.params.sampling;
-        process(&mut logits, sp, &r.history, &r.end_tokens);
-        let token = sample(&logits, sp, &mut r.rng);
-        let token_logprobs = sp
-            .logprobs
-            .map(|k| logprobs(&logits, sp.temperature, token, k));
+        let (token, token_logprobs) = match row {
+            Row::Logits(mut logits) => {
+                process(&mut logits, sp, &r.history, &r.end_tokens);
+                let token = sample(&logits, sp, &mut r.rng);
+                let lp = sp
+                    .logprobs
+                    .map(|k| logprobs(&logits, sp.temperature, token, k));
+                (token, lp)
+            }
+            Row::Token(token) => (token, None),
+        };
         r.history.push(token);
         let now = Instant::now();
         match r.last_token.replace(now) {

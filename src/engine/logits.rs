@@ -38,6 +38,16 @@ impl TokenHistory {
 
 /// Apply every processor `params` asks for. `end_tokens` (EOS and `stop_token_ids`) are masked
 /// while fewer than `min_tokens` tokens have been generated.
+/// Whether [`process`] would leave the logits as they are (no bias, no end-token mask at this
+/// point of the output, no penalties).
+pub fn is_identity(p: &SamplingParams, h: &TokenHistory) -> bool {
+    p.logit_bias.is_empty()
+        && h.num_output >= p.min_tokens
+        && p.repetition_penalty == 1.0
+        && p.frequency_penalty == 0.0
+        && p.presence_penalty == 0.0
+}
+
 pub fn process(logits: &mut [f32], p: &SamplingParams, h: &TokenHistory, end_tokens: &[u32]) {
     for &(tok, bias) in &p.logit_bias {
         if let Some(l) = logits.get_mut(tok as usize) {
@@ -141,5 +151,27 @@ mod tests {
         let h = history(&[3, 3, 3], &[1, 2, 2, 2], &p);
         process(&mut l, &p, &h, &[]);
         assert_eq!(l, vec![0.0, -1.5, -2.5, 0.0]);
+    }
+
+    #[test]
+    fn identity_only_without_any_processor() {
+        let p = params();
+        assert!(is_identity(&p, &history(&[1], &[], &p)));
+        let biased = SamplingParams {
+            logit_bias: vec![(3, 1.0)],
+            ..params()
+        };
+        assert!(!is_identity(&biased, &history(&[1], &[], &biased)));
+        let min = SamplingParams {
+            min_tokens: 2,
+            ..params()
+        };
+        assert!(!is_identity(&min, &history(&[1], &[5], &min)));
+        assert!(is_identity(&min, &history(&[1], &[5, 6], &min)));
+        let pen = SamplingParams {
+            presence_penalty: 0.5,
+            ..params()
+        };
+        assert!(!is_identity(&pen, &history(&[1], &[], &pen)));
     }
 }

@@ -36,17 +36,36 @@ pub fn build_batch(out: &SchedulerOutput, sched: &Scheduler, kv: &KvManager) -> 
     b
 }
 
-/// Run one batch; returns one logits row per sampling sequence, in `logits_indices` order.
+/// What a forward pass hands back per sampling sequence, in `logits_indices` order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sampled {
+    /// Full logits rows, for the host's logits processors and sampler.
+    Logits(Vec<Vec<f32>>),
+    /// Greedy tokens picked on the model's device (only the ids cross to the host).
+    Tokens(Vec<u32>),
+}
+
+/// Run one batch. With `greedy_on_device` (every sampling sequence is plain greedy), the
+/// argmax runs where the logits are, so a GPU sends back one id per sequence instead of
+/// `vocab` floats.
 pub fn execute(
     model: &dyn CausalLm,
     batch: &ForwardBatch,
     cache: &mut KvCache,
-) -> Result<Vec<Vec<f32>>, ModelError> {
+    greedy_on_device: bool,
+) -> Result<Sampled, ModelError> {
     let logits = model.forward(batch, cache)?;
     if batch.logits_indices.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Sampled::Logits(Vec::new()));
     }
-    Ok(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
+    if greedy_on_device {
+        return Ok(Sampled::Tokens(
+            logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?,
+        ));
+    }
+    Ok(Sampled::Logits(
+        logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?,
+    ))
 }
 
 #[cfg(test)]
@@ -82,5 +101,28 @@ mod tests {
             "only the decode samples; the chunk does not"
         );
         b.validate(16).unwrap();
+    }
+
+    /// The device-side greedy path picks the same tokens as the host's argmax of the logits.
+    #[test]
+    fn greedy_on_device_matches_the_host_argmax() {
+        use crate::engine::sampler::argmax;
+        let m = crate::models::load_model(
+            std::path::Path::new("synthetic:tiny"),
+            &candle_core::Device::Cpu,
+            Some(64),
+        )
+        .unwrap()
+        .model;
+        let mut b = ForwardBatch::new(4);
+        b.push_sequence(&[1000, 2000, 3000], 0, &[0]);
+        b.push_sequence(&[4000, 5000], 0, &[1]);
+        let mut cache = KvCache::new(m.cache_spec(), 4, 4);
+        let Sampled::Logits(rows) = execute(m.as_ref(), &b, &mut cache, false).unwrap() else {
+            panic!("logits expected")
+        };
+        let want: Vec<u32> = rows.iter().map(|r| argmax(r)).collect();
+        let got = execute(m.as_ref(), &b, &mut cache, true).unwrap();
+        assert_eq!(got, Sampled::Tokens(want));
     }
 }
