@@ -53,8 +53,10 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_CONFIG")]
     pub config: Option<PathBuf>,
 
-    /// Model to serve: a .gguf file or a Hugging Face model directory (config.json,
-    /// *.safetensors, tokenizer.json, tokenizer_config.json).
+    /// Model to serve: a .gguf file, a Hugging Face model directory (config.json,
+    /// *.safetensors, tokenizer.json, tokenizer_config.json), or `synthetic:<preset>` — seeded
+    /// random weights of a real shape, for benchmarks (tiny, tiny-moe, llama-1b-shape,
+    /// llama-8b-shape, qwen2.5-0.5b-shape, deepseek-v2-lite-shape).
     /// [default: models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf, fetched by scripts/fetch-models.sh]
     #[arg(long, env = "INFERD_MODEL")]
     pub model: Option<PathBuf>,
