@@ -9,7 +9,7 @@ pub fn open(cuda_ordinal: Option<usize>) -> Result<Device> {
     match cuda_ordinal {
         None => Ok(Device::Cpu),
         Some(n) => Device::new_cuda(n).map_err(|e| {
-            ModelError::Unsupported(format!(
+            ModelError::Device(format!(
                 "cuda:{n}: {e} (CUDA needs a binary built with `--features cuda` and an NVIDIA driver)"
             ))
         }),
@@ -25,7 +25,7 @@ pub fn memory_info(device: &Device) -> Result<Option<(u64, u64)>> {
                 .cuda_stream()
                 .context()
                 .mem_get_info()
-                .map_err(|e| ModelError::Unsupported(format!("cuMemGetInfo: {e}")))?;
+                .map_err(|e| ModelError::Device(format!("cuMemGetInfo: {e}")))?;
             Ok(Some((free as u64, total as u64)))
         }
         _ => Ok(None),

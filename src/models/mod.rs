@@ -33,6 +33,8 @@ pub enum ModelError {
     MissingWeight(String),
     #[error("invalid batch: {0}")]
     Batch(String),
+    #[error("device {0}")]
+    Device(String),
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
