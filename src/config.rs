@@ -240,6 +240,14 @@ pub enum DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// The CUDA device index, `None` for the CPU.
+    pub fn cuda_ordinal(self) -> Option<usize> {
+        match self {
+            Self::Cpu => None,
+            Self::Cuda(n) => Some(n),
+        }
+    }
+
     pub fn parse(s: &str) -> Result<Self, ConfigError> {
         let bad = || ConfigError::Invalid {
             field: "device",

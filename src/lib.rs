@@ -20,7 +20,7 @@ use candle_core::Device;
 use tokio::net::TcpListener;
 
 use api::{AppState, ServedModel};
-use config::{Config, DeviceSpec, EngineSettings, ModelConfig};
+use config::{Config, EngineSettings, ModelConfig};
 use engine::{spawn_engine, EngineConfig};
 use tokenizer::Tokenizer;
 
@@ -49,10 +49,7 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<ServedModel> {
         );
     }
     let e = &config.engine;
-    let device = models::device::open(match e.device {
-        DeviceSpec::Cpu => None,
-        DeviceSpec::Cuda(n) => Some(n),
-    })?;
+    let device = models::device::open(e.device.cuda_ordinal())?;
     let started = std::time::Instant::now();
     tracing::info!(model = %path.display(), name = %config.served_model_name, device = %e.device, "loading model");
     let loaded = models::load_model(path, &device, e.max_model_len)

@@ -193,10 +193,7 @@ pub fn check_numerics(
     prompt: &[u32],
     steps: usize,
 ) -> anyhow::Result<NumericsCheck> {
-    let target_dev = models::device::open(match device {
-        DeviceSpec::Cpu => None,
-        DeviceSpec::Cuda(n) => Some(n),
-    })?;
+    let target_dev = models::device::open(device.cuda_ordinal())?;
     let positions = prompt.len() + steps + 1;
     let reference = models::load_model(path, &Device::Cpu, Some(positions))?.model;
     let target = models::load_model(path, &target_dev, Some(positions))?.model;

@@ -3,6 +3,8 @@
 //! need a model of a given size. Weights come from [`super::weights::Weights::synthetic`],
 //! seeded, so every load of a preset holds the same numbers on every device.
 
+use candle_core::{DType, Device, Tensor};
+
 use super::deepseek2::DeepseekV2Config;
 use super::layers::{RopeScaling, RopeStyle};
 use super::llama::LlamaConfig;
@@ -150,4 +152,40 @@ fn llama_preset(name: &str) -> Result<LlamaConfig> {
 /// The preset named by a model path `synthetic:<preset>`, if it is one.
 pub fn preset_name(path: &std::path::Path) -> Option<&str> {
     path.to_str().and_then(|s| s.strip_prefix(PREFIX))
+}
+
+/// Seeded values for the weight `name`: norm weights are ones; matrices are uniform with the
+/// standard deviation of their usual initialisation (0.02 for embeddings, 1/sqrt(fan_in) for
+/// projections), rounded to bf16. Counter-based, so generation is parallel and reproducible.
+pub fn tensor(name: &str, shape: &[usize], seed: u64) -> Result<Tensor> {
+    use half::bf16;
+    use rayon::prelude::*;
+    let n: usize = shape.iter().product();
+    if name.ends_with("norm.weight") {
+        return Ok(Tensor::ones(shape, DType::BF16, &Device::Cpu)?);
+    }
+    let std = if name.contains("embed") || shape.len() == 1 {
+        0.02
+    } else {
+        1.0 / (shape[shape.len() - 1] as f64).sqrt()
+    };
+    let half_width = (std * 3f64.sqrt()) as f32;
+    let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let base = seed ^ name_hash;
+    let mut data = vec![bf16::ZERO; n];
+    data.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (i, x) in chunk.iter_mut().enumerate() {
+                let mut z = base.wrapping_add(((c << 16) + i) as u64 * 0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                let u = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                *x = bf16::from_f32((2.0 * u - 1.0) * half_width);
+            }
+        });
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }

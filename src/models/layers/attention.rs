@@ -307,7 +307,7 @@ unsafe fn axpy_avx2(o: &mut [f32], p: f32, v: &[f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::models::kv_cache::{CacheSpec, KvCache};
 
@@ -341,7 +341,8 @@ mod tests {
         out
     }
 
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-1, 1) for kernel tests.
+    pub(crate) fn pseudo(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 (((i as u32).wrapping_mul(2654435761).wrapping_add(seed)) % 1000) as f32 / 500.0

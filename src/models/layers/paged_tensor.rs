@@ -219,16 +219,8 @@ impl Group {
 mod tests {
     use super::*;
     use crate::models::kv_cache::{CacheSpec, KvCache};
+    use crate::models::layers::attention::tests::pseudo;
     use crate::models::layers::paged_attention;
-
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed)) % 1000) as f32 / 500.0
-                    - 1.0
-            })
-            .collect()
-    }
 
     /// A mixed batch — two decodes with different context lengths around a prefill chunk at
     /// an offset, scattered blocks, GQA — gives the CPU kernel's result through tensors.

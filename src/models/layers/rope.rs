@@ -283,10 +283,10 @@ pub struct RopeTables {
     host: Option<RotaryEmbedding>,
 }
 
-/// One forward pass's rows of the tables: `[tokens, 1, rotary_dim / 2]`.
+/// One forward pass's rows of the tables: cos and sin `[tokens, 1, rotary_dim / 2]` for the
+/// kernel path (`None` when the host loop rotates), and the positions for the loop.
 pub struct RopeRows {
-    cos: Tensor,
-    sin: Tensor,
+    tables: Option<(Tensor, Tensor)>,
     positions: Vec<u32>,
 }
 
@@ -308,15 +308,27 @@ impl RotaryEmbedding {
 impl RopeTables {
     /// The rows for `positions` (`[tokens]` u32 on the device; clamped like the host path).
     pub fn rows(&self, positions: &[u32]) -> candle_core::Result<RopeRows> {
-        let max = self.cos.dim(0)? as u32 - 1;
-        let p: Vec<u32> = positions.iter().map(|&p| p.min(max)).collect();
-        let idx = Tensor::from_vec(p, positions.len(), self.cos.device())?;
-        let shape = (positions.len(), 1, self.rotary_dim / 2);
+        let tables = if self.host_loop() {
+            None
+        } else {
+            let max = self.cos.dim(0)? as u32 - 1;
+            let p: Vec<u32> = positions.iter().map(|&p| p.min(max)).collect();
+            let idx = Tensor::from_vec(p, positions.len(), self.cos.device())?;
+            let shape = (positions.len(), 1, self.rotary_dim / 2);
+            Some((
+                self.cos.index_select(&idx, 0)?.reshape(shape)?,
+                self.sin.index_select(&idx, 0)?.reshape(shape)?,
+            ))
+        };
         Ok(RopeRows {
-            cos: self.cos.index_select(&idx, 0)?.reshape(shape)?,
-            sin: self.sin.index_select(&idx, 0)?.reshape(shape)?,
+            tables,
             positions: positions.to_vec(),
         })
+    }
+
+    /// f32 rows on the CPU are rotated by the plain loop (activations have the tables' dtype).
+    fn host_loop(&self) -> bool {
+        self.host.is_some() && self.cos.dtype() == DType::F32
     }
 
     /// Rotate `x` (`[tokens, num_heads * head_dim]`); the first `rotary_dim` dims of each head.
@@ -327,11 +339,16 @@ impl RopeTables {
         num_heads: usize,
         head_dim: usize,
     ) -> candle_core::Result<Tensor> {
-        if let Some(h) = self.host.as_ref().filter(|_| x.dtype() == DType::F32) {
+        let Some((cos, sin)) = &rows.tables else {
+            // `rows` left the tables out: f32 on the CPU, rotated by the loop (`host_loop`).
+            let h = self
+                .host
+                .as_ref()
+                .ok_or_else(|| candle_core::Error::Msg("RoPE rows without tables".into()))?;
             let mut v = x.flatten_all()?.to_vec1::<f32>()?;
             h.apply(&mut v, &rows.positions, num_heads, head_dim);
             return Tensor::from_vec(v, x.shape(), x.device());
-        }
+        };
         let t = x.dim(0)?;
         // Token t is batch entry t with one position: [t, heads, 1, head_dim].
         let x = x.reshape((t, num_heads, 1, head_dim))?;
@@ -343,8 +360,8 @@ impl RopeTables {
                 Some(x.narrow(3, self.rotary_dim, head_dim - self.rotary_dim)?),
             )
         };
-        let cos = rows.cos.to_dtype(rot.dtype())?;
-        let sin = rows.sin.to_dtype(rot.dtype())?;
+        let cos = cos.to_dtype(rot.dtype())?;
+        let sin = sin.to_dtype(rot.dtype())?;
         let rot = match self.style {
             RopeStyle::Neox => candle_nn::rotary_emb::rope(&rot, &cos, &sin)?,
             RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&rot, &cos, &sin)?,
