@@ -1,12 +1,14 @@
 //! Where weights come from: a GGUF file (quantized) or a Hugging Face safetensors directory.
 //!
 //! Model files ask for tensors by their Hugging Face names; [`gguf_name`] is the one table that
-//! maps them to llama.cpp's names. GGUF tensors in types whose CPU dot product is a scalar loop in
-//! candle (Q5_0, Q4_1) are repacked to Q8_0 at load, which has SIMD kernels: Q5_0 exactly (same
-//! block scale, the 5-bit integers fit in 8 bits), Q4_1 by re-quantizing (near exact).
-//! Q8_0 rows whose length is not a multiple of 256 are padded with zero blocks up to one: candle
-//! only uses its repacked (AVX-512 VNNI / AVX2) Q8_0 kernels for such lengths, and falls back
-//! to a per-element loop ~9x slower otherwise (Qwen2.5-0.5B's hidden size is 896).
+//! maps them to llama.cpp's names. On CPUs with AVX-512 VNNI, GGUF matrices in 32-element
+//! block types (Q4_0, Q4_1, Q5_0, Q8_0) go to inferd's own kernel (`layers::qtiles`), kept at
+//! their size. Elsewhere, and for the k-quants, candle's kernels run them: types whose candle
+//! dot product is a scalar loop (Q5_0, Q4_1) are repacked to Q8_0 at load (Q5_0 exactly, Q4_1
+//! by re-quantizing, near exact), and Q8_0 rows whose length is not a multiple of 256 are
+//! padded with zero blocks up to one: candle only uses its repacked (AVX-512 VNNI / AVX2) Q8_0
+//! kernels for such lengths, and falls back to a per-element loop ~9x slower otherwise
+//! (Qwen2.5-0.5B's hidden size is 896).
 
 use std::borrow::Cow;
 use std::fs::File;
@@ -18,6 +20,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use indicatif::ProgressBar;
 
+use super::layers::qtiles::{self, TiledMatrix};
 use super::layers::{Embedding, GatedMlp, Linear, Projections, RmsNorm};
 use super::{ModelError, Result};
 
@@ -165,12 +168,6 @@ impl Weights {
         }
     }
 
-    /// A GGUF tensor for the CPU kernels, and how many zero columns were appended to its rows.
-    fn qtensor_padded(&mut self, hf_name: &str) -> Result<(QTensor, usize)> {
-        let t = self.qtensor(hf_name)?;
-        pad_q8_0_rows(t)
-    }
-
     fn qtensor(&mut self, hf_name: &str) -> Result<QTensor> {
         let Self::Gguf {
             content,
@@ -187,7 +184,7 @@ impl Weights {
         }
         let t = content.tensor(file, &name, device)?;
         progress.inc(1);
-        repack_for_cpu(t)
+        Ok(t)
     }
 
     /// A dense f32 tensor (norm weights, biases).
@@ -238,21 +235,17 @@ impl Weights {
     /// `{prefix}.weight` (and `{prefix}.bias` when `bias`).
     pub fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
         let w = format!("{prefix}.weight");
-        let (weight, k_pad) = match self {
-            Self::Gguf { .. } => {
-                let (q, k_pad) = self.qtensor_padded(&w)?;
-                (QMatMul::from_qtensor(q)?, k_pad)
-            }
-            Self::Safetensors { .. } | Self::Synthetic { .. } => {
-                (QMatMul::Tensor(self.tensor(&w)?), 0)
-            }
-        };
         let bias = if bias {
             Some(self.tensor(&format!("{prefix}.bias"))?)
         } else {
             None
         };
-        Ok(Linear::with_k_pad(weight, bias, k_pad))
+        match self {
+            Self::Gguf { .. } => gguf_linear(self.qtensor(&w)?, bias),
+            Self::Safetensors { .. } | Self::Synthetic { .. } => {
+                Ok(Linear::new(QMatMul::Tensor(self.tensor(&w)?), bias))
+            }
+        }
     }
 
     /// Projections of one input (`{prefix}.weight` each, and `.bias` when `bias`), as one matmul
@@ -278,13 +271,12 @@ impl Weights {
             Self::Gguf { .. } => {
                 let qs = prefixes
                     .iter()
-                    .map(|p| self.qtensor_padded(&format!("{p}.weight")))
+                    .map(|p| self.qtensor(&format!("{p}.weight")))
                     .collect::<Result<Vec<_>>>()?;
                 let b = biases(self)?;
-                let (first, k_pad) = (&qs[0].0, qs[0].1);
-                let same = qs.iter().all(|(q, pad)| {
+                let first = &qs[0];
+                let same = qs.iter().all(|q| {
                     q.dtype() == first.dtype()
-                        && *pad == k_pad
                         && q.shape().dims().len() == 2
                         && q.shape().dims()[1] == first.shape().dims()[1]
                 });
@@ -292,23 +284,20 @@ impl Weights {
                     let parts = qs
                         .into_iter()
                         .zip(0..)
-                        .map(|((q, pad), i)| {
-                            let bias = b.as_ref().map(|b| b[i].clone());
-                            Ok(Linear::with_k_pad(QMatMul::from_qtensor(q)?, bias, pad))
-                        })
+                        .map(|(q, i)| gguf_linear(q, b.as_ref().map(|b| b[i].clone())))
                         .collect::<Result<Vec<_>>>()?;
                     return Ok(Projections::Separate(parts));
                 }
-                let widths: Vec<usize> = qs.iter().map(|(q, _)| q.shape().dims()[0]).collect();
+                let widths: Vec<usize> = qs.iter().map(|q| q.shape().dims()[0]).collect();
                 let k = first.shape().dims()[1];
                 let dtype = first.dtype();
                 let mut data = Vec::new();
-                for (q, _) in &qs {
+                for q in &qs {
                     data.extend_from_slice(&q.data()?);
                 }
                 let storage = QStorage::from_data(Cow::Owned(data), &first.device(), dtype)?;
                 let q = QTensor::new(storage, (widths.iter().sum::<usize>(), k))?;
-                let linear = Linear::with_k_pad(QMatMul::from_qtensor(q)?, cat_bias(b)?, k_pad);
+                let linear = gguf_linear(q, cat_bias(b)?)?;
                 Ok(Projections::Fused { linear, widths })
             }
             Self::Safetensors { .. } | Self::Synthetic { .. } => {
@@ -332,7 +321,13 @@ impl Weights {
         let w = format!("{prefix}.weight");
         match self {
             Self::Gguf { .. } => {
-                let (q, k_pad) = self.qtensor_padded(&w)?;
+                let q = self.qtensor(&w)?;
+                if let Some(table) = tiled(&q)? {
+                    let table = Arc::new(table);
+                    let head = tied.then(|| Linear::tiled(table.clone(), None));
+                    return Ok((Embedding::Tiled(table), head));
+                }
+                let (q, k_pad) = pad_q8_0_rows(repack_for_cpu(q)?)?;
                 let q = Arc::new(q);
                 let hidden = q.shape().dims2()?.1 - k_pad;
                 let head = tied
@@ -408,6 +403,24 @@ fn progress_bar(len: u64, path: &Path) -> ProgressBar {
             .map_or(Cow::Borrowed(""), |n| n.to_string_lossy())
     ));
     pb
+}
+
+/// The CPU kernel for a GGUF weight: inferd's tiles where the CPU and type allow, else
+/// candle's (scalar-kernel types repacked, Q8_0 rows padded).
+fn gguf_linear(q: QTensor, bias: Option<Tensor>) -> Result<Linear> {
+    if let Some(t) = tiled(&q)? {
+        return Ok(Linear::tiled(Arc::new(t), bias));
+    }
+    let (q, k_pad) = pad_q8_0_rows(repack_for_cpu(q)?)?;
+    Ok(Linear::with_k_pad(QMatMul::from_qtensor(q)?, bias, k_pad))
+}
+
+/// `q` in inferd's CPU tiles, when this CPU runs them and they take its type.
+fn tiled(q: &QTensor) -> Result<Option<TiledMatrix>> {
+    if !qtiles::available() {
+        return Ok(None);
+    }
+    Ok(TiledMatrix::from_qtensor(q)?)
 }
 
 /// Swap quantized types whose CPU kernels are scalar for Q8_0, which has SIMD kernels.

@@ -5,12 +5,23 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 
-use crate::models::Result;
+use super::qtiles::TiledMatrix;
+use crate::models::{ModelError, Result};
 
-/// `y = x W^T + b`, with W dense (`QMatMul::Tensor`) or quantized (`QMatMul::QTensor`).
+/// Which kernel computes `x W^T`.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// candle's: dense, or quantized.
+    Candle(QMatMul),
+    /// inferd's CPU kernel for 32-element block types (`qtiles`).
+    Tiled(Arc<TiledMatrix>),
+}
+
+/// `y = x W^T + b`, with W dense (`QMatMul::Tensor`), quantized (`QMatMul::QTensor`), or in
+/// inferd's CPU tiles ([`TiledMatrix`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
     /// Run single-row inputs as two rows. candle computes a one-row Q6_K product with a
     /// different kernel (compact weights) than a multi-row one (repacked tiles), and the two
@@ -30,10 +41,19 @@ impl Linear {
     pub fn with_k_pad(weight: QMatMul, bias: Option<Tensor>, k_pad: usize) -> Self {
         let pad_single_row = matches!(&weight, QMatMul::QTensor(q) if q.dtype() == GgmlDType::Q6K);
         Self {
-            weight,
+            weight: Weight::Candle(weight),
             bias,
             pad_single_row,
             k_pad,
+        }
+    }
+
+    pub fn tiled(weight: Arc<TiledMatrix>, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: Weight::Tiled(weight),
+            bias,
+            pad_single_row: false,
+            k_pad: 0,
         }
     }
 
@@ -44,11 +64,13 @@ impl Linear {
         } else {
             x.contiguous()?
         };
-        let y = if self.pad_single_row && x.dim(0)? == 1 {
-            let two = Tensor::cat(&[&x, &x], 0)?;
-            self.weight.forward(&two)?.narrow(0, 0, 1)?
-        } else {
-            self.weight.forward(&x)?
+        let y = match &self.weight {
+            Weight::Tiled(w) => x.apply_op1_no_bwd(w.as_ref())?,
+            Weight::Candle(q) if self.pad_single_row && x.dim(0)? == 1 => {
+                let two = Tensor::cat(&[&x, &x], 0)?;
+                q.forward(&two)?.narrow(0, 0, 1)?
+            }
+            Weight::Candle(q) => q.forward(&x)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -95,6 +117,8 @@ pub enum Embedding {
         table: Arc<QTensor>,
         hidden: usize,
     },
+    /// A table in inferd's CPU tiles (shared with a tied output head).
+    Tiled(Arc<TiledMatrix>),
 }
 
 impl Embedding {
@@ -109,6 +133,23 @@ impl Embedding {
                 } else {
                     rows.narrow(1, 0, *hidden)?.contiguous()?
                 }
+            }
+            Self::Tiled(table) => {
+                let hidden = table.cols();
+                let device = ids.device().clone();
+                let ids = ids.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids.len() * hidden];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
+                    let id = id as usize;
+                    if id >= table.rows() {
+                        return Err(ModelError::Batch(format!(
+                            "token id {id} outside the vocabulary of {}",
+                            table.rows()
+                        )));
+                    }
+                    table.dequantize_row(id, row);
+                }
+                Tensor::from_vec(out, (ids.len(), hidden), &device)?
             }
         })
     }

@@ -1,6 +1,7 @@
 //! Building blocks shared by the model families: linear layers that are dense or quantized,
 //! embeddings, RMSNorm, the gated MLP, mixture of experts, rotary embeddings and paged attention
-//! (a CPU kernel over host blocks, and a tensor path for device caches).
+//! (a CPU kernel over host blocks, and a tensor path for device caches), and inferd's CPU
+//! kernels for quantized weights (`qtiles`).
 
 pub mod attention;
 pub mod linear;
@@ -8,6 +9,7 @@ pub mod mlp;
 pub mod moe;
 pub mod paged;
 pub mod paged_tensor;
+pub mod qtiles;
 pub mod rope;
 pub mod trunk;
 

@@ -1,0 +1,653 @@
+//! inferd's own CPU matmul for GGUF weights in 32-element blocks (Q4_0, Q4_1, Q5_0, Q8_0):
+//! the weights repacked at load into tiles of 16 output rows, multiplied with AVX-512 VNNI.
+//!
+//! Why not candle's kernels: its Q4_1/Q5_0 dot products are scalar loops, and its SIMD Q8_0
+//! kernel wants rows of a multiple of 256 (SmolLM2's 576 and Qwen2.5's 896 pad to 768 and
+//! 1024). Here 4-bit weights stay 4-bit (Q4_1 reads 5 bits per weight, not Q8_0's 8.5 padded
+//! by a third), and any row length that is a multiple of 32 runs without padding.
+//!
+//! Layout: for each tile of 16 rows and each 32-column block, one record on a 64-byte line
+//! boundary: the 16 rows' scales (and for 4-bit, minimums), then the weights grouped by four
+//! columns — `[group][row][4 bytes]` — so that one 64-byte load feeds one `vpdpbusd` computing
+//! 4 columns of all 16 rows. Activations are quantized per 32-block to 8 bits (scale `d`,
+//! integer sum, and `s = d × sum`), like llama.cpp's Q8_1.
+//!
+//! Each output is `Σ_blocks fma(isum, d_w·d_x, acc)` (then `+ m_w·s_x` for 4-bit), blocks in
+//! order, whatever the batch: a row's result does not depend on the rows beside it (batch
+//! invariance), and the portable twin [`TiledMatrix::matmul_portable`] gives the same bits.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use half::f16;
+
+/// Output rows per tile (one 512-bit register of f32).
+pub const TILE: usize = 16;
+/// Columns per block.
+const QK: usize = 32;
+/// Activation rows sharing one unpacked weight block.
+const ROWS: usize = 4;
+/// Activation rows per work item when the batch is large (their quantized blocks stay in L2).
+const ROW_BLOCK: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TileFormat {
+    /// `w = d·q + m`, `q` in 0..16: per row f16 `d` and `m` (64 bytes), 256 bytes of nibbles.
+    Q4_1,
+    /// `w = d·q`, `q` in -128..128 stored as `q + 128`: per row f32 `d` (64 bytes), 512 bytes.
+    Q8_0,
+}
+
+impl TileFormat {
+    /// Bytes of one tile's block record (a multiple of 64).
+    const fn record(self) -> usize {
+        match self {
+            Self::Q4_1 => 64 + TILE * QK / 2,
+            Self::Q8_0 => 64 + TILE * QK,
+        }
+    }
+}
+
+/// One cache line; records are made of these so their loads are aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// An `[n, k]` weight matrix in tiles (`k` a multiple of 32; the last tile's missing rows are
+/// zeros).
+pub struct TiledMatrix {
+    format: TileFormat,
+    n: usize,
+    k: usize,
+    lines: Vec<Line>,
+}
+
+impl std::fmt::Debug for TiledMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TiledMatrix({:?}, {}x{})", self.format, self.n, self.k)
+    }
+}
+
+/// Whether this CPU runs the tiled kernels (AVX-512 F/BW/VNNI); elsewhere the loader keeps
+/// candle's kernels.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A block of 32 weights decoded from its GGUF bytes: 4-bit (`q`, `d`, `m`) or 8-bit (`q`, `d`).
+enum Decoded {
+    Four { q: [u8; QK], d: f16, m: f16 },
+    Eight { q: [i8; QK], d: f32 },
+}
+
+fn f16_at(b: &[u8], i: usize) -> f16 {
+    f16::from_le_bytes([b[i], b[i + 1]])
+}
+
+/// GGUF block size in bytes and the decoder of each type the tiles take. Q4_0 becomes Q4_1
+/// with `m = -8d` and Q5_0 becomes Q8_0 with the same scale: both exact.
+/// Decodes one GGUF block.
+type Decoder = fn(&[u8]) -> Decoded;
+
+fn gguf_block(dtype: GgmlDType) -> Option<(usize, TileFormat, Decoder)> {
+    fn q4_0(b: &[u8]) -> Decoded {
+        let d = f16_at(b, 0);
+        let mut q = [0u8; QK];
+        for j in 0..16 {
+            q[j] = b[2 + j] & 0x0f;
+            q[j + 16] = b[2 + j] >> 4;
+        }
+        Decoded::Four {
+            q,
+            d,
+            m: f16::from_f32(-8.0 * d.to_f32()),
+        }
+    }
+    fn q4_1(b: &[u8]) -> Decoded {
+        let mut q = [0u8; QK];
+        for j in 0..16 {
+            q[j] = b[4 + j] & 0x0f;
+            q[j + 16] = b[4 + j] >> 4;
+        }
+        Decoded::Four {
+            q,
+            d: f16_at(b, 0),
+            m: f16_at(b, 2),
+        }
+    }
+    fn q5_0(b: &[u8]) -> Decoded {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let mut q = [0i8; QK];
+        for j in 0..16 {
+            let lo = (b[6 + j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+            let hi = (b[6 + j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            q[j] = lo as i8 - 16;
+            q[j + 16] = hi as i8 - 16;
+        }
+        Decoded::Eight {
+            q,
+            d: f16_at(b, 0).to_f32(),
+        }
+    }
+    fn q8_0(b: &[u8]) -> Decoded {
+        let mut q = [0i8; QK];
+        for (v, &x) in q.iter_mut().zip(&b[2..2 + QK]) {
+            *v = x as i8;
+        }
+        Decoded::Eight {
+            q,
+            d: f16_at(b, 0).to_f32(),
+        }
+    }
+    Some(match dtype {
+        GgmlDType::Q4_0 => (18, TileFormat::Q4_1, q4_0),
+        GgmlDType::Q4_1 => (20, TileFormat::Q4_1, q4_1),
+        GgmlDType::Q5_0 => (22, TileFormat::Q8_0, q5_0),
+        GgmlDType::Q8_0 => (34, TileFormat::Q8_0, q8_0),
+        _ => return None,
+    })
+}
+
+impl TiledMatrix {
+    /// A 2-D CPU tensor of a supported type, repacked; `None` for other types and devices.
+    pub fn from_qtensor(t: &QTensor) -> candle_core::Result<Option<Self>> {
+        let Ok((n, k)) = t.shape().dims2() else {
+            return Ok(None);
+        };
+        if !t.device().is_cpu() || !k.is_multiple_of(QK) {
+            return Ok(None);
+        }
+        Ok(Self::from_gguf(t.dtype(), n, k, &t.data()?))
+    }
+
+    /// From the GGUF bytes of an `[n, k]` tensor of type `dtype`.
+    pub fn from_gguf(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Option<Self> {
+        let (block_bytes, format, decode) = gguf_block(dtype)?;
+        let nb = k / QK;
+        if !k.is_multiple_of(QK) || data.len() != n * nb * block_bytes {
+            return None;
+        }
+        let tiles = n.div_ceil(TILE);
+        let rec_lines = format.record() / 64;
+        let mut lines = vec![Line([0; 64]); tiles * nb * rec_lines];
+        for row in 0..n {
+            let (t, r) = (row / TILE, row % TILE);
+            for b in 0..nb {
+                let src = &data[(row * nb + b) * block_bytes..][..block_bytes];
+                let first = (t * nb + b) * rec_lines;
+                let rec = as_bytes_mut(&mut lines[first..first + rec_lines]);
+                match decode(src) {
+                    Decoded::Four { q, d, m } => {
+                        rec[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
+                        rec[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&m.to_le_bytes());
+                        // group g, bytes j: columns 4g+j (low nibble) and 16+4g+j (high)
+                        for g in 0..4 {
+                            for j in 0..4 {
+                                rec[64 + (g * TILE + r) * 4 + j] =
+                                    q[4 * g + j] | (q[16 + 4 * g + j] << 4);
+                            }
+                        }
+                    }
+                    Decoded::Eight { q, d } => {
+                        rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+                        for g in 0..8 {
+                            for j in 0..4 {
+                                rec[64 + (g * TILE + r) * 4 + j] = (q[4 * g + j] as u8) ^ 0x80;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Some(Self {
+            format,
+            n,
+            k,
+            lines,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held (for the memory report).
+    pub fn size_in_bytes(&self) -> usize {
+        self.lines.len() * 64
+    }
+
+    fn record(&self, tile: usize, block: usize) -> &[u8] {
+        let rec_lines = self.format.record() / 64;
+        let first = (tile * (self.k / QK) + block) * rec_lines;
+        as_bytes(&self.lines[first..first + rec_lines])
+    }
+
+    /// Row `row` of the weights, dequantized into `out` (`k` values): embedding lookups.
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let (t, r) = (row / TILE, row % TILE);
+        for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+            let rec = self.record(t, b);
+            match self.format {
+                TileFormat::Q4_1 => {
+                    let d = f16_at(rec, 2 * r).to_f32();
+                    let m = f16_at(rec, 32 + 2 * r).to_f32();
+                    for (c, v) in o.iter_mut().enumerate() {
+                        *v = (nibble(rec, r, c) as f32).mul_add(d, m);
+                    }
+                }
+                TileFormat::Q8_0 => {
+                    let d = f32::from_le_bytes(rec[4 * r..4 * r + 4].try_into().unwrap_or([0; 4]));
+                    for (c, v) in o.iter_mut().enumerate() {
+                        *v = byte8(rec, r, c) as f32 * d;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `x` `[m, k]` row-major → `[m, n]`, on candle's CPU thread pool.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let act = Activations::quantize(x, m, self.k);
+        let mut out = vec![0f32; m * self.n];
+        let tiles = self.n.div_ceil(TILE);
+        let row_blocks = m.div_ceil(ROW_BLOCK);
+        let items = tiles * row_blocks;
+        let dst = SyncPtr(out.as_mut_ptr());
+        let pool = candle_core::utils::barrier_pool();
+        let threads = pool.n_workers() + 1;
+        // a few grabs per thread: fast threads absorb a straggler's share
+        let chunk = items.div_ceil(threads * 4).max(1);
+        let cursor = AtomicUsize::new(0);
+        let simd = available();
+        pool.execute(|_| loop {
+            let start = cursor.fetch_add(chunk, Ordering::Relaxed);
+            if start >= items {
+                break;
+            }
+            for item in start..items.min(start + chunk) {
+                let (rb, t) = (item / tiles, item % tiles);
+                let rows = rb * ROW_BLOCK..m.min((rb + 1) * ROW_BLOCK);
+                // SAFETY: `out` is `[m, n]`; item (rb, t) writes only rows `rows` × columns of
+                // tile `t`, which no other item touches.
+                unsafe { self.tile_rows(t, rows, &act, dst, simd) };
+            }
+        });
+        out
+    }
+
+    /// The same product through the portable code only (tests compare it with the SIMD path).
+    pub fn matmul_portable(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let act = Activations::quantize(x, m, self.k);
+        let mut out = vec![0f32; m * self.n];
+        let dst = SyncPtr(out.as_mut_ptr());
+        for t in 0..self.n.div_ceil(TILE) {
+            // SAFETY: as in `matmul`, one thread.
+            unsafe { self.tile_rows(t, 0..m, &act, dst, false) };
+        }
+        out
+    }
+
+    /// Outputs of tile `t` for activation rows `rows`, written into `dst` (`[m, n]`).
+    unsafe fn tile_rows(
+        &self,
+        t: usize,
+        rows: std::ops::Range<usize>,
+        act: &Activations,
+        dst: SyncPtr,
+        simd: bool,
+    ) {
+        let lanes = TILE.min(self.n - t * TILE);
+        let mut acc = [[0f32; TILE]; ROWS];
+        let mut i = rows.start;
+        while i < rows.end {
+            let r = ROWS.min(rows.end - i);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                match r {
+                    4 => self.tile_avx512::<4>(t, i, act, &mut acc),
+                    3 => self.tile_avx512::<3>(t, i, act, &mut acc),
+                    2 => self.tile_avx512::<2>(t, i, act, &mut acc),
+                    _ => self.tile_avx512::<1>(t, i, act, &mut acc),
+                }
+            } else {
+                self.tile_portable(t, i, r, act, &mut acc);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = simd;
+                self.tile_portable(t, i, r, act, &mut acc);
+            }
+            for (j, a) in acc.iter().take(r).enumerate() {
+                let out = dst.0.add((i + j) * self.n + t * TILE);
+                std::ptr::copy_nonoverlapping(a.as_ptr(), out, lanes);
+            }
+            i += r;
+        }
+    }
+
+    /// The arithmetic of the SIMD path, one lane at a time.
+    fn tile_portable(
+        &self,
+        t: usize,
+        first: usize,
+        r: usize,
+        act: &Activations,
+        acc: &mut [[f32; TILE]; ROWS],
+    ) {
+        let nb = self.k / QK;
+        for (j, a) in acc.iter_mut().take(r).enumerate() {
+            let row = first + j;
+            *a = [0.0; TILE];
+            for b in 0..nb {
+                let rec = self.record(t, b);
+                let xq = &act.q[row * self.k + b * QK..][..QK];
+                let (dx, sx) = (act.d[row * nb + b], act.s[row * nb + b]);
+                for (lane, out) in a.iter_mut().enumerate() {
+                    match self.format {
+                        TileFormat::Q4_1 => {
+                            let isum: i32 = (0..QK)
+                                .map(|c| nibble(rec, lane, c) as i32 * xq[c] as i32)
+                                .sum();
+                            let d = f16_at(rec, 2 * lane).to_f32();
+                            let m = f16_at(rec, 32 + 2 * lane).to_f32();
+                            *out = (isum as f32).mul_add(d * dx, *out);
+                            *out = m.mul_add(sx, *out);
+                        }
+                        TileFormat::Q8_0 => {
+                            let isum: i32 = (0..QK)
+                                .map(|c| byte8(rec, lane, c) as i32 * xq[c] as i32)
+                                .sum();
+                            let d = f32::from_le_bytes(
+                                rec[4 * lane..4 * lane + 4].try_into().unwrap_or([0; 4]),
+                            );
+                            *out = (isum as f32).mul_add(d * dx, *out);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// `R` activation rows from `first` against tile `t`; each weight block is loaded (and for
+    /// 4-bit, unpacked) once for all `R` rows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_avx512<const R: usize>(
+        &self,
+        t: usize,
+        first: usize,
+        act: &Activations,
+        out: &mut [[f32; TILE]; ROWS],
+    ) {
+        use std::arch::x86_64::*;
+        let nb = self.k / QK;
+        let rec_bytes = self.format.record();
+        let base = (self.lines.as_ptr() as *const u8).add(t * nb * rec_bytes);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let xq = |row: usize, b: usize, word: usize| -> __m512i {
+            let p = act.q.as_ptr().add(row * self.k + b * QK + 4 * word) as *const i32;
+            _mm512_set1_epi32(p.read_unaligned())
+        };
+        match self.format {
+            TileFormat::Q4_1 => {
+                let low = _mm512_set1_epi8(0x0f);
+                for b in 0..nb {
+                    let rec = base.add(b * rec_bytes);
+                    let d = _mm512_cvtph_ps(_mm256_load_si256(rec as *const __m256i));
+                    let m = _mm512_cvtph_ps(_mm256_load_si256(rec.add(32) as *const __m256i));
+                    let mut lo = [_mm512_setzero_si512(); 4];
+                    let mut hi = [_mm512_setzero_si512(); 4];
+                    for g in 0..4 {
+                        let w = _mm512_load_si512(rec.add(64 + 64 * g) as *const __m512i);
+                        lo[g] = _mm512_and_si512(w, low);
+                        hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let row = first + j;
+                        let mut s0 = _mm512_setzero_si512();
+                        let mut s1 = _mm512_setzero_si512();
+                        for g in 0..4 {
+                            s0 = _mm512_dpbusd_epi32(s0, lo[g], xq(row, b, g));
+                            s1 = _mm512_dpbusd_epi32(s1, hi[g], xq(row, b, 4 + g));
+                        }
+                        let isum = _mm512_add_epi32(s0, s1);
+                        let i = row * nb + b;
+                        let scale = _mm512_mul_ps(d, _mm512_set1_ps(*act.d.get_unchecked(i)));
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *a);
+                        *a = _mm512_fmadd_ps(m, _mm512_set1_ps(*act.s.get_unchecked(i)), *a);
+                    }
+                }
+            }
+            TileFormat::Q8_0 => {
+                for b in 0..nb {
+                    let rec = base.add(b * rec_bytes);
+                    let d = _mm512_load_ps(rec as *const f32);
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let row = first + j;
+                        let mut s0 = _mm512_setzero_si512();
+                        let mut s1 = _mm512_setzero_si512();
+                        for g in 0..4 {
+                            let w0 = _mm512_load_si512(rec.add(64 + 128 * g) as *const __m512i);
+                            let w1 = _mm512_load_si512(rec.add(128 + 128 * g) as *const __m512i);
+                            s0 = _mm512_dpbusd_epi32(s0, w0, xq(row, b, 2 * g));
+                            s1 = _mm512_dpbusd_epi32(s1, w1, xq(row, b, 2 * g + 1));
+                        }
+                        // the weights were stored + 128
+                        let i = row * nb + b;
+                        let bias = _mm512_set1_epi32(128 * *act.sum.get_unchecked(i));
+                        let isum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), bias);
+                        let scale = _mm512_mul_ps(d, _mm512_set1_ps(*act.d.get_unchecked(i)));
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *a);
+                    }
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            _mm512_storeu_ps(o.as_mut_ptr(), a);
+        }
+    }
+}
+
+/// 4-bit weight of tile row `r`, column `c` of a record.
+fn nibble(rec: &[u8], r: usize, c: usize) -> u8 {
+    let (g, j, high) = ((c % 16) / 4, c % 4, c >= 16);
+    let byte = rec[64 + (g * TILE + r) * 4 + j];
+    if high {
+        byte >> 4
+    } else {
+        byte & 0x0f
+    }
+}
+
+/// 8-bit weight of tile row `r`, column `c` of a record.
+fn byte8(rec: &[u8], r: usize, c: usize) -> i8 {
+    (rec[64 + ((c / 4) * TILE + r) * 4 + c % 4] ^ 0x80) as i8
+}
+
+fn as_bytes(lines: &[Line]) -> &[u8] {
+    // SAFETY: `Line` is 64 plain bytes with no padding.
+    unsafe { std::slice::from_raw_parts(lines.as_ptr() as *const u8, lines.len() * 64) }
+}
+
+fn as_bytes_mut(lines: &mut [Line]) -> &mut [u8] {
+    // SAFETY: as above.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, lines.len() * 64) }
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: workers write disjoint parts of the buffer behind it (see `matmul`).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// Activation rows quantized per 32-block: `q` `[m, k]`, and per block the scale `d`, the
+/// integer sum, and `s = d × sum`.
+struct Activations {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    sum: Vec<i32>,
+    s: Vec<f32>,
+}
+
+impl Activations {
+    fn quantize(x: &[f32], m: usize, k: usize) -> Self {
+        debug_assert_eq!(x.len(), m * k);
+        let blocks = m * k / QK;
+        let mut act = Self {
+            q: vec![0; m * k],
+            d: vec![0.0; blocks],
+            sum: vec![0; blocks],
+            s: vec![0.0; blocks],
+        };
+        for (b, (xs, qs)) in x
+            .chunks_exact(QK)
+            .zip(act.q.chunks_exact_mut(QK))
+            .enumerate()
+        {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, &v) in qs.iter_mut().zip(xs) {
+                let r = (v * inv).round() as i32;
+                *q = r as i8;
+                sum += r;
+            }
+            act.d[b] = d;
+            act.sum[b] = sum;
+            act.s[b] = d * sum as f32;
+        }
+        act
+    }
+}
+
+/// `x W^T` as a candle op: `x` `[.., k]` f32, contiguous → `[.., n]`.
+impl CustomOp1 for TiledMatrix {
+    fn name(&self) -> &'static str {
+        "tiled-qmatmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("tiled matmul takes f32 input")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("tiled matmul takes a contiguous input")
+        };
+        let mut dims = layout.dims().to_vec();
+        if dims.last() != Some(&self.k) {
+            candle_core::bail!("tiled matmul: input {dims:?} against weights {:?}", self)
+        }
+        let m = (end - start) / self.k;
+        let out = self.matmul(&data[start..end], m);
+        if let Some(last) = dims.last_mut() {
+            *last = self.n;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed)) % 2001) as f32 / 1000.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    /// Against the dequantized weights times the 8-bit activations in f64 (the activation
+    /// quantization is the only approximation); a row alone gives the bits it gives in a batch;
+    /// the SIMD path gives the portable path's bits; rows dequantize as candle does.
+    fn check(dtype: GgmlDType, n: usize, k: usize, m: usize) {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(pseudo(n * k, 1), (n, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let deq = q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
+        let tiled = TiledMatrix::from_qtensor(&q).unwrap().unwrap();
+        let x = pseudo(m * k, 7);
+        let got = tiled.matmul(&x, m);
+        let act = Activations::quantize(&x, m, k);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|c| {
+                        let xv = act.q[i * k + c] as f64 * act.d[(i * k + c) / QK] as f64;
+                        deq[j][c] as f64 * xv
+                    })
+                    .sum();
+                let g = got[i * n + j] as f64;
+                assert!(
+                    (g - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{dtype:?} [{i},{j}] {g} vs {want}"
+                );
+            }
+        }
+        let row = m / 2;
+        assert_eq!(
+            tiled.matmul(&x[row * k..(row + 1) * k], 1),
+            got[row * n..(row + 1) * n]
+        );
+        assert_eq!(tiled.matmul_portable(&x, m), got);
+        let mut r = vec![0f32; k];
+        tiled.dequantize_row(n - 1, &mut r);
+        assert_eq!(r, deq[n - 1]);
+    }
+
+    #[test]
+    fn every_format_matches_the_dequantized_weights() {
+        // n not a multiple of 16 (a partial last tile), k not a multiple of 256; batches that
+        // cover whole groups of four rows, a remainder, and more than one row block.
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+        ] {
+            check(dtype, 40, 96, 7);
+        }
+        check(GgmlDType::Q4_1, 33, 576, 37);
+        check(GgmlDType::Q8_0, 16, 64, 1);
+    }
+
+    #[test]
+    fn candle_op_keeps_leading_dims() {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(pseudo(48 * 64, 3), (48, 64), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let tiled = TiledMatrix::from_qtensor(&q).unwrap().unwrap();
+        let x = Tensor::from_vec(pseudo(6 * 64, 5), (2, 3, 64), &dev).unwrap();
+        let y = x.apply_op1_no_bwd(&tiled).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 48]);
+        let flat = tiled.matmul(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 6);
+        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), flat);
+        assert!(x
+            .narrow(2, 0, 32)
+            .unwrap()
+            .apply_op1_no_bwd(&tiled)
+            .is_err());
+    }
+}
