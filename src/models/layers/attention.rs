@@ -89,25 +89,59 @@ fn attend_in_chunks(
         token_seq,
         chunk,
     };
-    #[cfg(target_arch = "x86_64")]
-    let simd =
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    let simd = false;
+    let simd = Simd::detect();
     let mut out = vec![0f32; q.len() / d.head_dim * d.v_head_dim];
     out.par_chunks_mut(chunk * d.v_head_dim)
         .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (idx, o)| {
+        .for_each_init(Scratch::default, |scratch, (idx, o)| {
             #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: the CPU has AVX2 and FMA (detected above).
-                unsafe { item_avx2(&it, idx, o, scores) };
-                return;
+            match simd {
+                // SAFETY: the CPU has the features (detected above).
+                Simd::Avx512 => unsafe { item_avx512(&it, idx, o, scratch) },
+                Simd::Avx2 => unsafe { item_avx2(&it, idx, o, scratch) },
+                Simd::None => it.run::<Portable>(idx, o, scratch),
             }
-            let _ = simd;
-            it.run::<Portable>(idx, o, scores);
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = simd;
+                it.run::<Portable>(idx, o, scratch);
+            }
         });
     out
+}
+
+/// The widest vector unit this CPU has for the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Simd {
+    Avx512,
+    Avx2,
+    None,
+}
+
+impl Simd {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("fma") {
+                return Self::Avx512;
+            }
+            if has!("avx2") && has!("fma") {
+                return Self::Avx2;
+            }
+        }
+        Self::None
+    }
+}
+
+/// Per-thread buffers reused across work items.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    /// Where each key's K row starts in the layer's K storage.
+    k_offs: Vec<usize>,
+    /// Where each key's V row starts (in V storage, or in K storage for MLA).
+    v_offs: Vec<usize>,
 }
 
 /// Everything a work item reads.
@@ -121,17 +155,73 @@ struct Item<'a> {
 }
 
 /// The vector operations of the kernel; one implementation is chosen per machine, so a
-/// token's arithmetic never depends on the batch.
+/// token's arithmetic never depends on the batch. `q` holds `chunk` query rows of `hd`; key
+/// and value `j` start at `keys[k_offs[j]]` and `values[v_offs[j]]`; `p` and `scores` are
+/// `chunk` rows of `n = k_offs.len()`.
 trait Lanes {
     fn dot(a: &[f32], b: &[f32]) -> f32;
     /// `o += p * v`.
     fn axpy(o: &mut [f32], p: f32, v: &[f32]);
+
+    /// `scores[c * n + j] = scale * dot(q_c, key_j)`.
+    #[inline(always)]
+    fn scores(
+        q: &[f32],
+        hd: usize,
+        keys: &[f32],
+        k_offs: &[usize],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let n = k_offs.len();
+        for (j, &off) in k_offs.iter().enumerate() {
+            let krow = &keys[off..off + hd];
+            for (c, qrow) in q.chunks_exact(hd).enumerate() {
+                scores[c * n + j] = Self::dot(qrow, krow) * scale;
+            }
+        }
+    }
+
+    /// `row[j] = exp(row[j] - max(row))` in place; returns their sum.
+    #[inline(always)]
+    fn softmax_numerators(row: &mut [f32]) -> f32 {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = (*x - m).exp();
+            sum += *x;
+        }
+        sum
+    }
+
+    /// `o[c] = inv[c] * Σ_j p[c * n + j] * value_j` for each of the `inv.len()` heads.
+    #[inline(always)]
+    fn weighted_values(
+        o: &mut [f32],
+        vd: usize,
+        p: &[f32],
+        values: &[f32],
+        v_offs: &[usize],
+        inv: &[f32],
+    ) {
+        let n = v_offs.len();
+        o.fill(0.0);
+        for (j, &off) in v_offs.iter().enumerate() {
+            let vrow = &values[off..off + vd];
+            for c in 0..inv.len() {
+                Self::axpy(&mut o[c * vd..(c + 1) * vd], p[c * n + j], vrow);
+            }
+        }
+        for (c, &w) in inv.iter().enumerate() {
+            o[c * vd..(c + 1) * vd].iter_mut().for_each(|a| *a *= w);
+        }
+    }
 }
 
 impl Item<'_> {
     /// Work item `idx`: one token, `chunk` query heads of one KV head; writes `o`.
     #[inline(always)]
-    fn run<L: Lanes>(&self, idx: usize, o: &mut [f32], scores: &mut Vec<f32>) {
+    fn run<L: Lanes>(&self, idx: usize, o: &mut [f32], scratch: &mut Scratch) {
         let (d, chunk) = (self.d, self.chunk);
         let (hd, vd) = (d.head_dim, d.v_head_dim);
         let group = d.num_heads / d.num_kv_heads;
@@ -146,47 +236,33 @@ impl Item<'_> {
         let (kv_off, v_off) = (kvh * hd, kvh * vd);
         let slot = |j: usize| table[j / bs] as usize * bs + j % bs;
         let cache = self.cache;
+        let Scratch {
+            scores,
+            k_offs,
+            v_offs,
+        } = scratch;
+        k_offs.clear();
+        k_offs.extend((0..n).map(|j| slot(j) * slot_w + kv_off));
+        let values = if d.values_in_keys {
+            &cache.k
+        } else {
+            v_offs.clear();
+            v_offs.extend((0..n).map(|j| slot(j) * v_slot_w + v_off));
+            &cache.v
+        };
+        let v_offs = if d.values_in_keys { &*k_offs } else { &*v_offs };
 
         // Scores of every key for each head of the chunk: scores[c * n + j].
         scores.clear();
         scores.resize(chunk * n, 0.0);
-        for j in 0..n {
-            let base = slot(j) * slot_w + kv_off;
-            let krow = &cache.k[base..base + hd];
-            for c in 0..chunk {
-                let qrow = &self.q[(t * d.num_heads + h0 + c) * hd..][..hd];
-                scores[c * n + j] = L::dot(qrow, krow) * d.scale;
-            }
-        }
-        // Softmax numerators in place; the normalisation is applied at the end.
+        let q = &self.q[(t * d.num_heads + h0) * hd..][..chunk * hd];
+        L::scores(q, hd, &cache.k, k_offs, d.scale, scores);
+        // Softmax numerators in place; the normalisation is applied with the values.
         let mut inv = [0f32; 8];
         for c in 0..chunk {
-            let row = &mut scores[c * n..(c + 1) * n];
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - m).exp();
-                sum += *x;
-            }
-            inv[c] = 1.0 / sum;
+            inv[c] = 1.0 / L::softmax_numerators(&mut scores[c * n..(c + 1) * n]);
         }
-        o.fill(0.0);
-        for j in 0..n {
-            let sl = slot(j);
-            let vrow = if d.values_in_keys {
-                &cache.k[sl * slot_w + kv_off..][..vd]
-            } else {
-                &cache.v[sl * v_slot_w + v_off..][..vd]
-            };
-            for c in 0..chunk {
-                L::axpy(&mut o[c * vd..(c + 1) * vd], scores[c * n + j], vrow);
-            }
-        }
-        for c in 0..chunk {
-            o[c * vd..(c + 1) * vd]
-                .iter_mut()
-                .for_each(|a| *a *= inv[c]);
-        }
+        L::weighted_values(o, vd, scores, values, v_offs, &inv[..chunk]);
     }
 }
 
@@ -239,8 +315,233 @@ impl Lanes for Avx2 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn item_avx2(it: &Item, idx: usize, o: &mut [f32], scores: &mut Vec<f32>) {
-    it.run::<Avx2>(idx, o, scores);
+unsafe fn item_avx2(it: &Item, idx: usize, o: &mut [f32], scratch: &mut Scratch) {
+    it.run::<Avx2>(idx, o, scratch);
+}
+
+/// 16-lane AVX-512: scores with the K row loaded once for all heads of the chunk, a
+/// vectorised exp, and the values summed in registers 16 output dimensions at a time.
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn item_avx512(it: &Item, idx: usize, o: &mut [f32], scratch: &mut Scratch) {
+    it.run::<Avx512>(idx, o, scratch);
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Lanes for Avx512 {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: only called from `item_avx512`, which requires AVX-512F (so AVX2) and FMA.
+        unsafe { dot_avx2(a, b) }
+    }
+
+    #[inline(always)]
+    fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
+        // SAFETY: as above.
+        unsafe { axpy_avx2(o, p, v) }
+    }
+
+    #[inline(always)]
+    fn scores(
+        q: &[f32],
+        hd: usize,
+        keys: &[f32],
+        k_offs: &[usize],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        // SAFETY: as above; every K row `k_offs[j]..+hd` is inside `keys` (slots of the cache).
+        unsafe { scores_avx512(q, hd, keys, k_offs, scale, scores) }
+    }
+
+    #[inline(always)]
+    fn softmax_numerators(row: &mut [f32]) -> f32 {
+        // SAFETY: as above.
+        unsafe { softmax_numerators_avx512(row) }
+    }
+
+    #[inline(always)]
+    fn weighted_values(
+        o: &mut [f32],
+        vd: usize,
+        p: &[f32],
+        values: &[f32],
+        v_offs: &[usize],
+        inv: &[f32],
+    ) {
+        // SAFETY: as above; every V row `v_offs[j]..+vd` is inside `values`.
+        unsafe {
+            match inv.len() {
+                1 => weighted_values_avx512::<1>(o, vd, p, values, v_offs, inv),
+                2 => weighted_values_avx512::<2>(o, vd, p, values, v_offs, inv),
+                3 => weighted_values_avx512::<3>(o, vd, p, values, v_offs, inv),
+                4 => weighted_values_avx512::<4>(o, vd, p, values, v_offs, inv),
+                5 => weighted_values_avx512::<5>(o, vd, p, values, v_offs, inv),
+                6 => weighted_values_avx512::<6>(o, vd, p, values, v_offs, inv),
+                7 => weighted_values_avx512::<7>(o, vd, p, values, v_offs, inv),
+                _ => weighted_values_avx512::<8>(o, vd, p, values, v_offs, inv),
+            }
+        }
+    }
+}
+
+/// How many keys ahead the AVX-512 loops prefetch K/V rows.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_AHEAD: usize = 4;
+
+/// Prefetch the cache lines of `len` floats from `p` into L1.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_row(p: *const f32, len: usize) {
+    use std::arch::x86_64::*;
+    let mut i = 0;
+    while i < len {
+        _mm_prefetch::<_MM_HINT_T0>(p.add(i) as *const i8);
+        i += 16;
+    }
+}
+
+/// Lanes `0..len` of a 16-lane vector (a partial last block of a row).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lane_mask(len: usize) -> u16 {
+    if len >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << len) - 1
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn scores_avx512(
+    q: &[f32],
+    hd: usize,
+    keys: &[f32],
+    k_offs: &[usize],
+    scale: f32,
+    scores: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = k_offs.len();
+    let chunk = q.len() / hd;
+    for (j, &off) in k_offs.iter().enumerate() {
+        debug_assert!(off + hd <= keys.len());
+        let krow = keys.as_ptr().add(off);
+        // rows of one KV head are strided across slots: fetch a few keys ahead
+        if let Some(&ahead) = k_offs.get(j + PREFETCH_AHEAD) {
+            prefetch_row(keys.as_ptr().add(ahead), hd);
+        }
+        let mut acc = [_mm512_setzero_ps(); 8];
+        let mut i = 0;
+        while i < hd {
+            let m = lane_mask(hd - i);
+            let k = _mm512_maskz_loadu_ps(m, krow.add(i));
+            for (c, a) in acc.iter_mut().enumerate().take(chunk) {
+                let qv = _mm512_maskz_loadu_ps(m, q.as_ptr().add(c * hd + i));
+                *a = _mm512_fmadd_ps(qv, k, *a);
+            }
+            i += 16;
+        }
+        for (c, a) in acc.iter().enumerate().take(chunk) {
+            *scores.get_unchecked_mut(c * n + j) = _mm512_reduce_add_ps(*a) * scale;
+        }
+    }
+}
+
+/// `exp(x)` for 16 lanes with `x <= 0` (scores minus their maximum): Cephes' polynomial on the
+/// reduced argument, scaled by `2^n`; within 2 ulp of `f32::exp`, 0 below -87.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let r2 = _mm512_mul_ps(r, r);
+    let e = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+    _mm512_scalef_ps(e, n)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn softmax_numerators_avx512(row: &mut [f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = row.len();
+    let p = row.as_mut_ptr();
+    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(n - i);
+        mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, p.add(i)));
+        i += 16;
+    }
+    let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    let mut sum = _mm512_setzero_ps();
+    let mut i = 0;
+    while i < n {
+        let m = lane_mask(n - i);
+        let e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), mx));
+        _mm512_mask_storeu_ps(p.add(i), m, e);
+        sum = _mm512_mask_add_ps(sum, m, sum, e);
+        i += 16;
+    }
+    _mm512_reduce_add_ps(sum)
+}
+
+/// Sixteen output dimensions at a time, the `C` heads' sums kept in registers over all keys.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn weighted_values_avx512<const C: usize>(
+    o: &mut [f32],
+    vd: usize,
+    p: &[f32],
+    values: &[f32],
+    v_offs: &[usize],
+    inv: &[f32],
+) {
+    use std::arch::x86_64::*;
+    let n = v_offs.len();
+    let mut i = 0;
+    while i < vd {
+        let m = lane_mask(vd - i);
+        let mut acc = [_mm512_setzero_ps(); C];
+        for (j, &off) in v_offs.iter().enumerate() {
+            debug_assert!(off + vd <= values.len());
+            if let Some(&ahead) = v_offs.get(j + PREFETCH_AHEAD) {
+                prefetch_row(values.as_ptr().add(ahead + i), 16.min(vd - i));
+            }
+            let v = _mm512_maskz_loadu_ps(m, values.as_ptr().add(off + i));
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.get_unchecked(c * n + j)), v, *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            let r = _mm512_mul_ps(*a, _mm512_set1_ps(inv[c]));
+            _mm512_mask_storeu_ps(o.as_mut_ptr().add(c * vd + i), m, r);
+        }
+        i += 16;
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -408,12 +709,50 @@ pub(crate) mod tests {
             chunk: 1,
         };
         let mut portable = vec![0f32; got.len()];
-        let mut scores = Vec::new();
+        let mut scratch = Scratch::default();
         for (idx, o) in portable.chunks_mut(d.v_head_dim).enumerate() {
-            it.run::<Portable>(idx, o, &mut scores);
+            it.run::<Portable>(idx, o, &mut scratch);
         }
         for (a, b) in portable.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        // So do the AVX2 lanes, on a machine that picks AVX-512.
+        #[cfg(target_arch = "x86_64")]
+        if Simd::detect() != Simd::None {
+            let mut avx2 = vec![0f32; got.len()];
+            for (idx, o) in avx2.chunks_mut(d.v_head_dim).enumerate() {
+                // SAFETY: AVX2 and FMA are present (every detected level has them).
+                unsafe { item_avx2(&it, idx, o, &mut scratch) };
+            }
+            for (a, b) in avx2.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_exp_is_within_two_ulp() {
+        if Simd::detect() != Simd::Avx512 {
+            return;
+        }
+        use std::arch::x86_64::*;
+        let xs: Vec<f32> = (0..16 * 700).map(|i| -(i as f32) * 0.0125).collect();
+        for block in xs.chunks_exact(16) {
+            let mut got = [0f32; 16];
+            // SAFETY: AVX-512F and FMA detected above.
+            unsafe {
+                let e = exp_avx512(_mm512_loadu_ps(block.as_ptr()));
+                _mm512_storeu_ps(got.as_mut_ptr(), e);
+            }
+            for (&x, &g) in block.iter().zip(&got) {
+                let want = x.exp();
+                let ulp = (want.to_bits() as i64 - g.to_bits() as i64).abs();
+                assert!(
+                    ulp <= 2 || (want < 1e-37 && g < 1e-37),
+                    "exp({x}) = {g}, want {want}"
+                );
+            }
         }
     }
 }
