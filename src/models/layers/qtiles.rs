@@ -513,26 +513,67 @@ impl Activations {
             sum: vec![0; blocks],
             s: vec![0.0; blocks],
         };
+        let simd = available();
         for (b, (xs, qs)) in x
             .chunks_exact(QK)
             .zip(act.q.chunks_exact_mut(QK))
             .enumerate()
         {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in qs.iter_mut().zip(xs) {
-                let r = (v * inv).round() as i32;
-                *q = r as i8;
-                sum += r;
-            }
+            #[cfg(target_arch = "x86_64")]
+            let (d, sum) = if simd {
+                // SAFETY: AVX-512 F/BW present (`available`); both slices are one block long.
+                unsafe { quantize_block_avx512(xs, qs) }
+            } else {
+                quantize_block(xs, qs)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (d, sum) = {
+                let _ = simd;
+                quantize_block(xs, qs)
+            };
             act.d[b] = d;
             act.sum[b] = sum;
             act.s[b] = d * sum as f32;
         }
         act
     }
+}
+
+/// One block of 32 activations to 8 bits: `q = round(x / d)` (ties to even), `d = max|x| /
+/// 127`. Returns `d` and the sum of `q`.
+fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(xs) {
+        let r = (v * inv).round_ties_even() as i32;
+        *q = r as i8;
+        sum += r;
+    }
+    (d, sum)
+}
+
+/// [`quantize_block`] in two 16-lane registers, bit for bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block_avx512(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    use std::arch::x86_64::*;
+    debug_assert!(xs.len() == QK && qs.len() == QK);
+    let x0 = _mm512_loadu_ps(xs.as_ptr());
+    let x1 = _mm512_loadu_ps(xs.as_ptr().add(16));
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    let d = amax / 127.0;
+    let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    // cvtps2dq rounds to nearest, ties to even (the default MXCSR mode)
+    let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv));
+    let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
+    _mm_storeu_si128(qs.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(
+        qs.as_mut_ptr().add(16) as *mut __m128i,
+        _mm512_cvtepi32_epi8(q1),
+    );
+    (d, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)))
 }
 
 /// `x W^T` as a candle op: `x` `[.., k]` f32, contiguous → `[.., n]`.
@@ -631,6 +672,29 @@ mod tests {
         }
         check(GgmlDType::Q4_1, 33, 576, 37);
         check(GgmlDType::Q8_0, 16, 64, 1);
+    }
+
+    #[test]
+    fn vector_quantization_is_the_portable_one() {
+        let mut x: Vec<f32> = pseudo(32 * 50, 11).iter().map(|v| v * 3.0).collect();
+        x[..32].fill(0.0); // an all-zero block
+                           // a block with d = 1 and ties: 2.5 -> 2, -3.5 -> -4, 0.5 -> 0
+        x[32..64].fill(0.0);
+        x[32..36].copy_from_slice(&[127.0, 2.5, -3.5, 0.5]);
+        for xs in x.chunks_exact(QK) {
+            let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+            let want = quantize_block(xs, &mut a);
+            if xs[0] == 127.0 {
+                assert_eq!((want.0, &a[..4]), (1.0, &[127, 2, -4, 0][..]));
+            }
+            #[cfg(target_arch = "x86_64")]
+            if available() {
+                // SAFETY: AVX-512 present.
+                let got = unsafe { quantize_block_avx512(xs, &mut b) };
+                assert_eq!((got, b), (want, a));
+            }
+            let _ = &mut b;
+        }
     }
 
     #[test]
