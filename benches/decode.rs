@@ -1,11 +1,12 @@
 //! Time of one model forward pass for decode steps, without the engine or HTTP: one sequence,
 //! then 16 sequences batched, each at contexts growing from 100 tokens.
-//! `cargo bench --bench decode [-- MODEL.gguf [STEPS]]` (default: SmolLM2-135M Q4_1, 128 steps).
+//! `cargo bench --bench decode [-- MODEL.gguf [STEPS [CACHE_DTYPE]]]` (default: SmolLM2-135M
+//! Q4_1, 128 steps, an f16 KV cache as the daemon uses on the CPU; `f32` for the other).
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Device;
-use inferd::models::{load_model, ForwardBatch, KvCache};
+use candle_core::{DType, Device};
+use inferd::models::{load_model, CacheSpec, ForwardBatch, KvCache};
 
 fn main() {
     // Match the daemon: candle's compute threads park soon instead of spinning.
@@ -22,6 +23,10 @@ fn main() {
             .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into()),
     );
     let steps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(128);
+    let dtype = match args.get(2).map(String::as_str) {
+        Some("f32") => DType::F32,
+        _ => DType::F16,
+    };
     let m = load_model(&path, &Device::Cpu, Some(4096))
         .unwrap_or_else(|e| {
             panic!(
@@ -34,7 +39,11 @@ fn main() {
     let prompt: Vec<u32> = (1000..1100).collect();
     let blocks_per_seq = (prompt.len() + steps).div_ceil(bs) as u32;
     for seqs in [1u32, 16] {
-        let mut kv = KvCache::new(m.cache_spec(), (blocks_per_seq * seqs) as usize, bs);
+        let spec = CacheSpec {
+            dtype,
+            ..m.cache_spec()
+        };
+        let mut kv = KvCache::new(spec, (blocks_per_seq * seqs) as usize, bs);
         let table =
             |s: u32| -> Vec<u32> { (s * blocks_per_seq..(s + 1) * blocks_per_seq).collect() };
         for s in 0..seqs {
@@ -53,7 +62,7 @@ fn main() {
         }
         let ms = t0.elapsed().as_secs_f64() * 1000.0 / steps as f64;
         println!(
-            "{}: {seqs:>2} sequence(s), {steps} decode steps from context {}: {ms:.2} ms/step, {:.1} tok/s",
+            "{} ({dtype:?} cache): {seqs:>2} sequence(s), {steps} decode steps from context {}: {ms:.2} ms/step, {:.1} tok/s",
             path.display(),
             prompt.len(),
             seqs as f64 * 1000.0 / ms

@@ -122,6 +122,12 @@ pub struct ServeArgs {
     /// [default: 0.9]
     #[arg(long, env = "INFERD_GPU_MEMORY_UTILIZATION")]
     pub gpu_memory_utilization: Option<f64>,
+
+    /// Element type of the KV cache: `auto`, `f32`, `f16` or `bf16`. `auto` is f16 on the CPU
+    /// (half the memory and half the bytes attention reads per key, as llama.cpp's default)
+    /// and the model's dtype (bf16) on CUDA. [default: auto]
+    #[arg(long, env = "INFERD_KV_CACHE_DTYPE")]
+    pub kv_cache_dtype: Option<String>,
 }
 
 /// The config file's shape (every key optional).
@@ -176,6 +182,7 @@ pub struct FileEngine {
     pub enable_prefix_caching: Option<bool>,
     pub device: Option<String>,
     pub gpu_memory_utilization: Option<f64>,
+    pub kv_cache_dtype: Option<String>,
 }
 
 impl FileEngine {
@@ -193,6 +200,7 @@ impl FileEngine {
             enable_prefix_caching: self.enable_prefix_caching.or(lower.enable_prefix_caching),
             device: self.device.or_else(|| lower.device.clone()),
             gpu_memory_utilization: self.gpu_memory_utilization.or(lower.gpu_memory_utilization),
+            kv_cache_dtype: self.kv_cache_dtype.or_else(|| lower.kv_cache_dtype.clone()),
         }
     }
 
@@ -228,7 +236,45 @@ impl FileEngine {
             enable_prefix_caching: self.enable_prefix_caching.unwrap_or(true),
             device: DeviceSpec::parse(self.device.as_deref().unwrap_or("cpu"))?,
             gpu_memory_utilization: utilization,
+            kv_cache_dtype: KvCacheDtype::parse(self.kv_cache_dtype.as_deref().unwrap_or("auto"))?,
         })
+    }
+}
+
+/// The KV cache's element type as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvCacheDtype {
+    /// f16 on the CPU, the model's dtype on an accelerator.
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl KvCacheDtype {
+    pub fn parse(s: &str) -> Result<Self, ConfigError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "fp16" | "float16" | "half" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            _ => Err(ConfigError::Invalid {
+                field: "kv_cache_dtype",
+                message: format!("expected `auto`, `f32`, `f16` or `bf16`, got `{s}`"),
+            }),
+        }
+    }
+
+    /// The dtype for a model whose activations are `model_dtype`, on the CPU or not.
+    pub fn resolve(self, cpu: bool, model_dtype: candle_core::DType) -> candle_core::DType {
+        use candle_core::DType;
+        match self {
+            Self::Auto if cpu => DType::F16,
+            Self::Auto => model_dtype,
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
     }
 }
 
@@ -286,6 +332,7 @@ impl ServeArgs {
             enable_prefix_caching: self.no_prefix_caching.then_some(false),
             device: self.device.clone(),
             gpu_memory_utilization: self.gpu_memory_utilization,
+            kv_cache_dtype: self.kv_cache_dtype.clone(),
         }
     }
 }
@@ -319,6 +366,7 @@ pub struct EngineSettings {
     pub enable_prefix_caching: bool,
     pub device: DeviceSpec,
     pub gpu_memory_utilization: f64,
+    pub kv_cache_dtype: KvCacheDtype,
 }
 
 impl Config {
@@ -556,5 +604,31 @@ mod tests {
         };
         let err = Config::resolve(&args, FileConfig::default()).unwrap_err();
         assert_eq!(err.to_string(), "block_size: must be at least 1, got 0");
+    }
+
+    #[test]
+    fn kv_cache_dtype_auto_is_f16_on_the_cpu_and_the_model_dtype_elsewhere() {
+        use candle_core::DType;
+        let file: FileConfig = toml::from_str("[engine]\nkv_cache_dtype = \"f32\"\n").unwrap();
+        let c = Config::resolve(&ServeArgs::default(), file).unwrap();
+        assert_eq!(c.models[0].engine.kv_cache_dtype, KvCacheDtype::F32);
+        let auto = Config::resolve(&ServeArgs::default(), FileConfig::default()).unwrap();
+        let auto = auto.models[0].engine.kv_cache_dtype;
+        assert_eq!(auto.resolve(true, DType::F32), DType::F16);
+        assert_eq!(auto.resolve(false, DType::BF16), DType::BF16);
+        assert_eq!(
+            KvCacheDtype::F32.resolve(false, DType::BF16),
+            DType::F32,
+            "an explicit choice holds everywhere"
+        );
+        let args = ServeArgs {
+            kv_cache_dtype: Some("fp8".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args, FileConfig::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kv_cache_dtype: expected `auto`, `f32`, `f16` or `bf16`, got `fp8`"
+        );
     }
 }

@@ -62,7 +62,13 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<ServedModel> {
     } else {
         Tokenizer::from_gguf(&models::loader::read_gguf_header(path)?)?
     };
-    let spec = model.cache_spec();
+    let cache_dtype = e
+        .kv_cache_dtype
+        .resolve(device.is_cpu(), model.cache_spec().dtype);
+    let spec = models::CacheSpec {
+        dtype: cache_dtype,
+        ..model.cache_spec()
+    };
     let block_bytes = (spec.bytes_per_token() * e.block_size) as u64;
     let kv_bytes = kv_budget(e, &device)?;
     let num_blocks = (kv_bytes / block_bytes) as usize;
@@ -88,6 +94,7 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<ServedModel> {
         kv_tokens = pool_tokens,
         max_model_len,
         prefix_caching = e.enable_prefix_caching,
+        kv_cache_dtype = ?cache_dtype,
         threads = candle_core::utils::get_num_threads(),
         "model loaded"
     );
@@ -105,6 +112,7 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<ServedModel> {
             max_model_len,
             max_waiting_requests: e.max_waiting_requests,
             enable_prefix_caching: e.enable_prefix_caching,
+            cache_dtype,
         },
     )?;
     let created = std::time::SystemTime::now()

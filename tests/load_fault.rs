@@ -93,13 +93,15 @@ fn base() -> &'static str {
                 max_num_seqs: 32,
                 max_num_batched_tokens: 256,
                 block_size: 16,
-                // 48 blocks (768 token slots) for up to 32 running sequences of ~40-110 tokens.
-                kv_cache_memory: Some(48 * 16 * 46_080),
+                // 48 blocks (768 token slots) for up to 32 running sequences of ~40-110 tokens:
+                // 30 layers x 192 K and 192 V values x 2 bytes (f16) per token.
+                kv_cache_memory: Some(48 * 16 * 23_040),
                 max_model_len: Some(256),
                 max_waiting_requests: 256,
                 enable_prefix_caching: true,
                 device: inferd::config::DeviceSpec::Cpu,
                 gpu_memory_utilization: 0.9,
+                kv_cache_dtype: inferd::config::KvCacheDtype::F16,
             },
         ))
     })

@@ -12,8 +12,9 @@ use inferd::config::EngineSettings;
 use serde_json::{json, Value};
 
 const NAME: &str = "smollm2";
-/// SmolLM2-135M: 30 layers × 3 KV heads × 64 dims × K and V × 4 bytes = 46,080 bytes a token.
-const BYTES_PER_TOKEN: u64 = 46_080;
+/// SmolLM2-135M with the CPU default f16 cache: 30 layers × 3 KV heads × 64 dims × K and V ×
+/// 2 bytes = 23,040 bytes a token.
+const BYTES_PER_TOKEN: u64 = 23_040;
 
 /// 16 blocks of 16 tokens: four 100-token sequences cannot all be resident at once.
 fn tiny_pool() -> &'static str {
@@ -32,6 +33,7 @@ fn tiny_pool() -> &'static str {
                 enable_prefix_caching: true,
                 device: inferd::config::DeviceSpec::Cpu,
                 gpu_memory_utilization: 0.9,
+                kv_cache_dtype: inferd::config::KvCacheDtype::Auto,
             },
         ))
     })

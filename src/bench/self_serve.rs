@@ -148,6 +148,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
                 enable_prefix_caching: true,
                 device,
                 gpu_memory_utilization: 0.9,
+                kv_cache_dtype: crate::config::KvCacheDtype::Auto,
             },
         }],
     };

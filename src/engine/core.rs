@@ -21,7 +21,7 @@ use super::{
     EngineError, EngineEvent, EngineHandle, EngineLimits, EngineMsg, EngineStats, FinishReason,
     GenerationRequest, Usage,
 };
-use crate::models::{CausalLm, KvCache};
+use crate::models::{CacheSpec, CausalLm, KvCache};
 use crate::telemetry;
 use crate::tokenizer::{IncrementalDecoder, StopMatcher, Tokenizer};
 
@@ -34,6 +34,8 @@ pub struct EngineConfig {
     pub max_model_len: usize,
     pub max_waiting_requests: usize,
     pub enable_prefix_caching: bool,
+    /// Element type of the KV cache (the model's `cache_spec` gives the rest).
+    pub cache_dtype: candle_core::DType,
 }
 
 /// Per-request state that is not the scheduler's business.
@@ -92,7 +94,10 @@ pub fn spawn_engine(
     let stats = Arc::new(EngineStats::default());
     let pending = Arc::new(AtomicUsize::new(0));
     let cache = KvCache::for_device(
-        model.cache_spec(),
+        CacheSpec {
+            dtype: cfg.cache_dtype,
+            ..model.cache_spec()
+        },
         cfg.num_blocks,
         cfg.block_size,
         model.device(),

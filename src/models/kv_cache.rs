@@ -2,11 +2,12 @@
 //! slots, each `num_kv_heads * head_dim` wide (layout `[num_blocks, block_size, num_kv_heads,
 //! head_dim]`). Which block belongs to whom is decided by `engine::kv`; this only stores.
 //!
-//! Two storages: plain host vectors (f32) that the CPU attention kernel reads in place, and
+//! Two storages: plain host vectors (f32 or f16) that the CPU attention kernel reads in place, and
 //! device tensors (`[slots, num_kv_heads * head_dim]` in the model's dtype) that stay on the
 //! accelerator and are read by the tensor attention path (`layers::paged_tensor`).
 
 use candle_core::{DType, Device, Tensor};
+use half::f16;
 
 use super::Result;
 
@@ -36,11 +37,75 @@ impl CacheSpec {
     }
 }
 
-/// One layer's K and V slots on the host.
+/// An element type of host K/V storage.
+pub trait KvElem: Copy + Send + Sync + std::fmt::Debug + 'static {
+    const ZERO: Self;
+    /// `dst[i] = src[i]` rounded to this type.
+    fn store(dst: &mut [Self], src: &[f32]);
+}
+
+impl KvElem for f32 {
+    const ZERO: Self = 0.0;
+    fn store(dst: &mut [Self], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl KvElem for f16 {
+    const ZERO: Self = f16::ZERO;
+    fn store(dst: &mut [Self], src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+}
+
+/// One layer's K and V slots on the host (`v` empty when values live in K).
 #[derive(Debug)]
-pub struct LayerKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+pub struct HostKv<E> {
+    pub k: Vec<E>,
+    pub v: Vec<E>,
+}
+
+impl<E: KvElem> HostKv<E> {
+    fn zeros(n: usize, nv: usize) -> Self {
+        Self {
+            k: vec![E::ZERO; n],
+            v: vec![E::ZERO; nv],
+        }
+    }
+
+    fn write(&mut self, w: usize, k: &[f32], v: &[f32], slot_mapping: &[usize]) {
+        let values = !self.v.is_empty();
+        for (t, &slot) in slot_mapping.iter().enumerate() {
+            E::store(
+                &mut self.k[slot * w..(slot + 1) * w],
+                &k[t * w..(t + 1) * w],
+            );
+            if values {
+                E::store(
+                    &mut self.v[slot * w..(slot + 1) * w],
+                    &v[t * w..(t + 1) * w],
+                );
+            }
+        }
+    }
+}
+
+/// One layer's host K/V, f32 or f16 (half the bytes read per attended key).
+#[derive(Debug)]
+pub enum LayerKv {
+    F32(HostKv<f32>),
+    F16(HostKv<f16>),
+}
+
+impl LayerKv {
+    /// Whether V has storage of its own (not with MLA, whose values are in K).
+    pub fn has_values(&self) -> bool {
+        match self {
+            Self::F32(l) => !l.v.is_empty(),
+            Self::F16(l) => !l.v.is_empty(),
+        }
+    }
 }
 
 /// One layer's K and V slots as device tensors, `[slots, slot_width]` each.
@@ -65,21 +130,24 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Zeroed host storage (f32); pages are only touched (and so only resident) once written.
+    /// Zeroed host storage, f16 when `spec.dtype` is F16 and f32 otherwise; pages are only
+    /// touched (and so only resident) once written.
     pub fn new(spec: CacheSpec, num_blocks: usize, block_size: usize) -> Self {
         let n = num_blocks * block_size * spec.slot_width();
         let nv = if spec.values_in_keys.is_some() { 0 } else { n };
+        let dtype = if spec.dtype == DType::F16 {
+            DType::F16
+        } else {
+            DType::F32
+        };
         let layers = (0..spec.num_layers)
-            .map(|_| LayerKv {
-                k: vec![0.0; n],
-                v: vec![0.0; nv],
+            .map(|_| match dtype {
+                DType::F16 => LayerKv::F16(HostKv::zeros(n, nv)),
+                _ => LayerKv::F32(HostKv::zeros(n, nv)),
             })
             .collect();
         Self {
-            spec: CacheSpec {
-                dtype: DType::F32,
-                ..spec
-            },
+            spec: CacheSpec { dtype, ..spec },
             num_blocks,
             block_size,
             storage: Storage::Host(layers),
@@ -121,7 +189,7 @@ impl KvCache {
         block_size: usize,
         device: &Device,
     ) -> Result<Self> {
-        if device.is_cpu() && spec.dtype == DType::F32 {
+        if device.is_cpu() && matches!(spec.dtype, DType::F32 | DType::F16) {
             Ok(Self::new(spec, num_blocks, block_size))
         } else {
             Self::tensors(spec, num_blocks, block_size, device)
@@ -164,13 +232,9 @@ impl KvCache {
         let Storage::Host(layers) = &mut self.storage else {
             return;
         };
-        let l = &mut layers[layer];
-        let values = !l.v.is_empty();
-        for (t, &slot) in slot_mapping.iter().enumerate() {
-            l.k[slot * w..(slot + 1) * w].copy_from_slice(&k[t * w..(t + 1) * w]);
-            if values {
-                l.v[slot * w..(slot + 1) * w].copy_from_slice(&v[t * w..(t + 1) * w]);
-            }
+        match &mut layers[layer] {
+            LayerKv::F32(l) => l.write(w, k, v, slot_mapping),
+            LayerKv::F16(l) => l.write(w, k, v, slot_mapping),
         }
     }
 }

@@ -48,6 +48,7 @@ pub fn default_engine() -> EngineSettings {
         enable_prefix_caching: true,
         device: inferd::config::DeviceSpec::Cpu,
         gpu_memory_utilization: 0.9,
+        kv_cache_dtype: inferd::config::KvCacheDtype::Auto,
     }
 }
 

@@ -7,7 +7,9 @@
 
 use rayon::prelude::*;
 
-use crate::models::kv_cache::LayerKv;
+use half::f16;
+
+use crate::models::kv_cache::{HostKv, KvElem, LayerKv};
 use crate::models::ForwardBatch;
 
 #[derive(Debug, Clone, Copy)]
@@ -81,9 +83,24 @@ fn attend_in_chunks(
     token_seq: &[(usize, usize)],
     chunk: usize,
 ) -> Vec<f32> {
+    match cache {
+        LayerKv::F32(c) => attend_typed(q, c, batch, d, token_seq, chunk),
+        LayerKv::F16(c) => attend_typed(q, c, batch, d, token_seq, chunk),
+    }
+}
+
+fn attend_typed<E: Elem>(
+    q: &[f32],
+    cache: &HostKv<E>,
+    batch: &ForwardBatch,
+    d: AttnDims,
+    token_seq: &[(usize, usize)],
+    chunk: usize,
+) -> Vec<f32> {
     let it = Item {
         q,
-        cache,
+        keys: &cache.k,
+        values: if d.values_in_keys { &cache.k } else { &cache.v },
         batch,
         d,
         token_seq,
@@ -123,7 +140,7 @@ impl Simd {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("fma") {
+            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("fma") {
                 return Self::Avx512;
             }
             if has!("avx2") && has!("fma") {
@@ -145,13 +162,56 @@ struct Scratch {
 }
 
 /// Everything a work item reads.
-struct Item<'a> {
+struct Item<'a, E> {
     q: &'a [f32],
-    cache: &'a LayerKv,
+    keys: &'a [E],
+    /// V storage, or the K storage for MLA.
+    values: &'a [E],
     batch: &'a ForwardBatch,
     d: AttnDims,
     token_seq: &'a [(usize, usize)],
     chunk: usize,
+}
+
+/// A host K/V element as the kernels read it.
+trait Elem: KvElem {
+    /// `row` as f32: itself, or converted into `buf`.
+    fn row<'a>(row: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
+
+    /// Up to 16 lanes (`mask`) from `p`, widened to f32.
+    /// SAFETY: AVX-512 F/BW/VL; the masked lanes readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self, mask: u16) -> std::arch::x86_64::__m512;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn row<'a>(row: &'a [Self], _buf: &'a mut [f32]) -> &'a [f32] {
+        row
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self, mask: u16) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_maskz_loadu_ps(mask, p)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn row<'a>(row: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        let buf = &mut buf[..row.len()];
+        row.convert_to_f32_slice(buf);
+        buf
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self, mask: u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
+    }
 }
 
 /// The vector operations of the kernel; one implementation is chosen per machine, so a
@@ -165,17 +225,18 @@ trait Lanes {
 
     /// `scores[c * n + j] = scale * dot(q_c, key_j)`.
     #[inline(always)]
-    fn scores(
+    fn scores<E: Elem>(
         q: &[f32],
         hd: usize,
-        keys: &[f32],
+        keys: &[E],
         k_offs: &[usize],
         scale: f32,
         scores: &mut [f32],
     ) {
         let n = k_offs.len();
+        let mut buf = vec![0f32; hd];
         for (j, &off) in k_offs.iter().enumerate() {
-            let krow = &keys[off..off + hd];
+            let krow = E::row(&keys[off..off + hd], &mut buf);
             for (c, qrow) in q.chunks_exact(hd).enumerate() {
                 scores[c * n + j] = Self::dot(qrow, krow) * scale;
             }
@@ -196,18 +257,19 @@ trait Lanes {
 
     /// `o[c] = inv[c] * Σ_j p[c * n + j] * value_j` for each of the `inv.len()` heads.
     #[inline(always)]
-    fn weighted_values(
+    fn weighted_values<E: Elem>(
         o: &mut [f32],
         vd: usize,
         p: &[f32],
-        values: &[f32],
+        values: &[E],
         v_offs: &[usize],
         inv: &[f32],
     ) {
         let n = v_offs.len();
+        let mut buf = vec![0f32; vd];
         o.fill(0.0);
         for (j, &off) in v_offs.iter().enumerate() {
-            let vrow = &values[off..off + vd];
+            let vrow = E::row(&values[off..off + vd], &mut buf);
             for c in 0..inv.len() {
                 Self::axpy(&mut o[c * vd..(c + 1) * vd], p[c * n + j], vrow);
             }
@@ -218,7 +280,7 @@ trait Lanes {
     }
 }
 
-impl Item<'_> {
+impl<E: Elem> Item<'_, E> {
     /// Work item `idx`: one token, `chunk` query heads of one KV head; writes `o`.
     #[inline(always)]
     fn run<L: Lanes>(&self, idx: usize, o: &mut [f32], scratch: &mut Scratch) {
@@ -235,7 +297,6 @@ impl Item<'_> {
         let kvh = h0 / group;
         let (kv_off, v_off) = (kvh * hd, kvh * vd);
         let slot = |j: usize| table[j / bs] as usize * bs + j % bs;
-        let cache = self.cache;
         let Scratch {
             scores,
             k_offs,
@@ -243,26 +304,25 @@ impl Item<'_> {
         } = scratch;
         k_offs.clear();
         k_offs.extend((0..n).map(|j| slot(j) * slot_w + kv_off));
-        let values = if d.values_in_keys {
-            &cache.k
+        let v_offs = if d.values_in_keys {
+            &*k_offs
         } else {
             v_offs.clear();
             v_offs.extend((0..n).map(|j| slot(j) * v_slot_w + v_off));
-            &cache.v
+            &*v_offs
         };
-        let v_offs = if d.values_in_keys { &*k_offs } else { &*v_offs };
 
         // Scores of every key for each head of the chunk: scores[c * n + j].
         scores.clear();
         scores.resize(chunk * n, 0.0);
         let q = &self.q[(t * d.num_heads + h0) * hd..][..chunk * hd];
-        L::scores(q, hd, &cache.k, k_offs, d.scale, scores);
+        L::scores(q, hd, self.keys, k_offs, d.scale, scores);
         // Softmax numerators in place; the normalisation is applied with the values.
         let mut inv = [0f32; 8];
         for c in 0..chunk {
             inv[c] = 1.0 / L::softmax_numerators(&mut scores[c * n..(c + 1) * n]);
         }
-        L::weighted_values(o, vd, scores, values, v_offs, &inv[..chunk]);
+        L::weighted_values(o, vd, scores, self.values, v_offs, &inv[..chunk]);
     }
 }
 
@@ -315,7 +375,7 @@ impl Lanes for Avx2 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn item_avx2(it: &Item, idx: usize, o: &mut [f32], scratch: &mut Scratch) {
+unsafe fn item_avx2<E: Elem>(it: &Item<E>, idx: usize, o: &mut [f32], scratch: &mut Scratch) {
     it.run::<Avx2>(idx, o, scratch);
 }
 
@@ -325,8 +385,8 @@ unsafe fn item_avx2(it: &Item, idx: usize, o: &mut [f32], scratch: &mut Scratch)
 struct Avx512;
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn item_avx512(it: &Item, idx: usize, o: &mut [f32], scratch: &mut Scratch) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn item_avx512<E: Elem>(it: &Item<E>, idx: usize, o: &mut [f32], scratch: &mut Scratch) {
     it.run::<Avx512>(idx, o, scratch);
 }
 
@@ -345,10 +405,10 @@ impl Lanes for Avx512 {
     }
 
     #[inline(always)]
-    fn scores(
+    fn scores<E: Elem>(
         q: &[f32],
         hd: usize,
-        keys: &[f32],
+        keys: &[E],
         k_offs: &[usize],
         scale: f32,
         scores: &mut [f32],
@@ -364,25 +424,25 @@ impl Lanes for Avx512 {
     }
 
     #[inline(always)]
-    fn weighted_values(
+    fn weighted_values<E: Elem>(
         o: &mut [f32],
         vd: usize,
         p: &[f32],
-        values: &[f32],
+        values: &[E],
         v_offs: &[usize],
         inv: &[f32],
     ) {
         // SAFETY: as above; every V row `v_offs[j]..+vd` is inside `values`.
         unsafe {
             match inv.len() {
-                1 => weighted_values_avx512::<1>(o, vd, p, values, v_offs, inv),
-                2 => weighted_values_avx512::<2>(o, vd, p, values, v_offs, inv),
-                3 => weighted_values_avx512::<3>(o, vd, p, values, v_offs, inv),
-                4 => weighted_values_avx512::<4>(o, vd, p, values, v_offs, inv),
-                5 => weighted_values_avx512::<5>(o, vd, p, values, v_offs, inv),
-                6 => weighted_values_avx512::<6>(o, vd, p, values, v_offs, inv),
-                7 => weighted_values_avx512::<7>(o, vd, p, values, v_offs, inv),
-                _ => weighted_values_avx512::<8>(o, vd, p, values, v_offs, inv),
+                1 => weighted_values_avx512::<E, 1>(o, vd, p, values, v_offs, inv),
+                2 => weighted_values_avx512::<E, 2>(o, vd, p, values, v_offs, inv),
+                3 => weighted_values_avx512::<E, 3>(o, vd, p, values, v_offs, inv),
+                4 => weighted_values_avx512::<E, 4>(o, vd, p, values, v_offs, inv),
+                5 => weighted_values_avx512::<E, 5>(o, vd, p, values, v_offs, inv),
+                6 => weighted_values_avx512::<E, 6>(o, vd, p, values, v_offs, inv),
+                7 => weighted_values_avx512::<E, 7>(o, vd, p, values, v_offs, inv),
+                _ => weighted_values_avx512::<E, 8>(o, vd, p, values, v_offs, inv),
             }
         }
     }
@@ -395,12 +455,13 @@ const PREFETCH_AHEAD: usize = 4;
 /// Prefetch the cache lines of `len` floats from `p` into L1.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn prefetch_row(p: *const f32, len: usize) {
+unsafe fn prefetch_row<E>(p: *const E, len: usize) {
     use std::arch::x86_64::*;
+    let bytes = len * std::mem::size_of::<E>();
     let mut i = 0;
-    while i < len {
-        _mm_prefetch::<_MM_HINT_T0>(p.add(i) as *const i8);
-        i += 16;
+    while i < bytes {
+        _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(i));
+        i += 64;
     }
 }
 
@@ -416,12 +477,12 @@ fn lane_mask(len: usize) -> u16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 #[inline]
-unsafe fn scores_avx512(
+unsafe fn scores_avx512<E: Elem>(
     q: &[f32],
     hd: usize,
-    keys: &[f32],
+    keys: &[E],
     k_offs: &[usize],
     scale: f32,
     scores: &mut [f32],
@@ -440,7 +501,7 @@ unsafe fn scores_avx512(
         let mut i = 0;
         while i < hd {
             let m = lane_mask(hd - i);
-            let k = _mm512_maskz_loadu_ps(m, krow.add(i));
+            let k = E::load16(krow.add(i), m);
             for (c, a) in acc.iter_mut().enumerate().take(chunk) {
                 let qv = _mm512_maskz_loadu_ps(m, q.as_ptr().add(c * hd + i));
                 *a = _mm512_fmadd_ps(qv, k, *a);
@@ -510,13 +571,13 @@ unsafe fn softmax_numerators_avx512(row: &mut [f32]) -> f32 {
 
 /// Sixteen output dimensions at a time, the `C` heads' sums kept in registers over all keys.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 #[inline]
-unsafe fn weighted_values_avx512<const C: usize>(
+unsafe fn weighted_values_avx512<E: Elem, const C: usize>(
     o: &mut [f32],
     vd: usize,
     p: &[f32],
-    values: &[f32],
+    values: &[E],
     v_offs: &[usize],
     inv: &[f32],
 ) {
@@ -531,7 +592,7 @@ unsafe fn weighted_values_avx512<const C: usize>(
             if let Some(&ahead) = v_offs.get(j + PREFETCH_AHEAD) {
                 prefetch_row(values.as_ptr().add(ahead + i), 16.min(vd - i));
             }
-            let v = _mm512_maskz_loadu_ps(m, values.as_ptr().add(off + i));
+            let v = E::load16(values.as_ptr().add(off + i), m);
             for (c, a) in acc.iter_mut().enumerate() {
                 *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.get_unchecked(c * n + j)), v, *a);
             }
@@ -654,6 +715,17 @@ pub(crate) mod tests {
 
     #[test]
     fn paged_matches_contiguous_with_scattered_blocks_and_gqa() {
+        check_paged(candle_core::DType::F32);
+    }
+
+    /// The f16 cache against the reference on the f16-rounded K/V: the kernels add no error
+    /// of their own beyond the storage's rounding.
+    #[test]
+    fn f16_cache_matches_the_reference_on_rounded_values() {
+        check_paged(candle_core::DType::F16);
+    }
+
+    fn check_paged(dtype: candle_core::DType) {
         let d = AttnDims {
             scale: 0.35,
             ..AttnDims::mha(4, 2, 8)
@@ -662,11 +734,12 @@ pub(crate) mod tests {
             num_layers: 1,
             num_kv_heads: 2,
             head_dim: 8,
-            dtype: candle_core::DType::F32,
+            dtype,
             values_in_keys: None,
         };
         let bs = 2;
         let mut cache = KvCache::new(spec, 8, bs);
+        assert_eq!(cache.spec().dtype, dtype);
         // One sequence of 7 tokens in scattered blocks [5, 1, 6, 3]; the last 3 tokens are the
         // new ones (a chunk at an offset), the first 4 were cached by an earlier step.
         let table = vec![5u32, 1, 6, 3];
@@ -677,6 +750,12 @@ pub(crate) mod tests {
             .map(|p| table[p / bs] as usize * bs + p % bs)
             .collect();
         cache.write(0, &k, &v, &slots);
+        let stored = |x: &[f32]| -> Vec<f32> {
+            match dtype {
+                candle_core::DType::F16 => x.iter().map(|&a| f16::from_f32(a).to_f32()).collect(),
+                _ => x.to_vec(),
+            }
+        };
         let q_all = pseudo(n_ctx * 32, 3);
         let q = &q_all[4 * 32..];
         let batch = ForwardBatch {
@@ -690,41 +769,57 @@ pub(crate) mod tests {
             block_size: bs,
         };
         batch.validate(cache.num_slots()).unwrap();
-        let got = paged_attention(q, cache.host_layer(0).unwrap(), &batch, d);
-        let want = reference(q, &k, &v, 3, d, 4);
+        let layer = cache.host_layer(0).unwrap();
+        let got = paged_attention(q, layer, &batch, d);
+        let want = reference(q, &stored(&k), &stored(&v), 3, d, 4);
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
         // Two query heads per work item (what larger batches use) computes the same bits.
         let token_seq = [(0, 5), (0, 6), (0, 7)];
-        let chunked = attend_in_chunks(q, cache.host_layer(0).unwrap(), &batch, d, &token_seq, 2);
+        let chunked = attend_in_chunks(q, layer, &batch, d, &token_seq, 2);
         assert_eq!(chunked, got);
-        // The portable lanes (machines without AVX2) agree with the reference too.
+        match layer {
+            LayerKv::F32(c) => other_lanes_agree(q, c, &batch, d, &token_seq, &want),
+            LayerKv::F16(c) => other_lanes_agree(q, c, &batch, d, &token_seq, &want),
+        }
+    }
+
+    /// The portable lanes (machines without AVX2), and the AVX2 lanes on a machine that picks
+    /// AVX-512, agree with the reference too.
+    fn other_lanes_agree<E: Elem>(
+        q: &[f32],
+        c: &HostKv<E>,
+        batch: &ForwardBatch,
+        d: AttnDims,
+        token_seq: &[(usize, usize)],
+        want: &[f32],
+    ) {
         let it = Item {
             q,
-            cache: cache.host_layer(0).unwrap(),
-            batch: &batch,
+            keys: &c.k,
+            values: &c.v,
+            batch,
             d,
-            token_seq: &token_seq,
+            token_seq,
             chunk: 1,
         };
-        let mut portable = vec![0f32; got.len()];
+        let mut portable = vec![0f32; want.len()];
         let mut scratch = Scratch::default();
         for (idx, o) in portable.chunks_mut(d.v_head_dim).enumerate() {
             it.run::<Portable>(idx, o, &mut scratch);
         }
-        for (a, b) in portable.iter().zip(&want) {
+        for (a, b) in portable.iter().zip(want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
-        // So do the AVX2 lanes, on a machine that picks AVX-512.
         #[cfg(target_arch = "x86_64")]
         if Simd::detect() != Simd::None {
-            let mut avx2 = vec![0f32; got.len()];
+            let mut avx2 = vec![0f32; want.len()];
             for (idx, o) in avx2.chunks_mut(d.v_head_dim).enumerate() {
                 // SAFETY: AVX2 and FMA are present (every detected level has them).
                 unsafe { item_avx2(&it, idx, o, &mut scratch) };
             }
-            for (a, b) in avx2.iter().zip(&want) {
+            for (a, b) in avx2.iter().zip(want) {
                 assert!((a - b).abs() < 1e-5, "{a} vs {b}");
             }
         }
