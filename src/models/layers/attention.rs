@@ -5,10 +5,9 @@
 //! then the weighted sum of values), each item on its own data, so a token's result never
 //! depends on what else is in the batch.
 
-use rayon::prelude::*;
-
 use half::f16;
 
+use super::pool::{self, SyncPtr};
 use crate::models::kv_cache::{HostKv, KvElem, LayerKv};
 use crate::models::ForwardBatch;
 
@@ -63,7 +62,7 @@ pub fn paged_attention(q: &[f32], cache: &LayerKv, batch: &ForwardBatch, d: Attn
     // 100-228: one head per item is 7% faster for a single decode; chunks of 3 heads made no
     // difference at 16 decodes — K/V reuse pays only once contexts are long.)
     let items_per_head = batch.num_tokens() * d.num_kv_heads;
-    let chunk = if items_per_head >= 4 * rayon::current_num_threads() {
+    let chunk = if items_per_head >= 4 * pool::threads() {
         (1..=group.min(8))
             .rev()
             .find(|c| group.is_multiple_of(*c))
@@ -108,23 +107,35 @@ fn attend_typed<E: Elem>(
     };
     let simd = Simd::detect();
     let mut out = vec![0f32; q.len() / d.head_dim * d.v_head_dim];
-    out.par_chunks_mut(chunk * d.v_head_dim)
-        .enumerate()
-        .for_each_init(Scratch::default, |scratch, (idx, o)| {
-            #[cfg(target_arch = "x86_64")]
-            match simd {
-                // SAFETY: the CPU has the features (detected above).
-                Simd::Avx512 => unsafe { item_avx512(&it, idx, o, scratch) },
-                Simd::Avx2 => unsafe { item_avx2(&it, idx, o, scratch) },
-                Simd::None => it.run::<Portable>(idx, o, scratch),
+    let width = chunk * d.v_head_dim;
+    let dst = SyncPtr(out.as_mut_ptr());
+    pool::for_each_range(out.len() / width, |range| {
+        SCRATCH.with_borrow_mut(|scratch| {
+            for idx in range {
+                // SAFETY: item `idx` alone writes `out[idx * width..(idx + 1) * width]`.
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(dst.get().add(idx * width), width) };
+                #[cfg(target_arch = "x86_64")]
+                match simd {
+                    // SAFETY: the CPU has the features (detected above).
+                    Simd::Avx512 => unsafe { item_avx512(&it, idx, o, scratch) },
+                    Simd::Avx2 => unsafe { item_avx2(&it, idx, o, scratch) },
+                    Simd::None => it.run::<Portable>(idx, o, scratch),
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    let _ = simd;
+                    it.run::<Portable>(idx, o, scratch);
+                }
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = simd;
-                it.run::<Portable>(idx, o, scratch);
-            }
-        });
+        })
+    });
     out
+}
+
+thread_local! {
+    /// Each pool thread's buffers, kept across layers and steps.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// The widest vector unit this CPU has for the kernel.

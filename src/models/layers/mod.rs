@@ -9,6 +9,7 @@ pub mod mlp;
 pub mod moe;
 pub mod paged;
 pub mod paged_tensor;
+pub mod pool;
 pub mod qtiles;
 pub mod rope;
 pub mod trunk;

@@ -16,11 +16,11 @@
 //! order, whatever the batch: a row's result does not depend on the rows beside it (batch
 //! invariance), and the portable twin [`TiledMatrix::matmul_portable`] gives the same bits.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
+
+use super::pool::{self, SyncPtr};
 
 /// Output rows per tile (one 512-bit register of f32).
 pub const TILE: usize = 16;
@@ -267,18 +267,9 @@ impl TiledMatrix {
         let row_blocks = m.div_ceil(ROW_BLOCK);
         let items = tiles * row_blocks;
         let dst = SyncPtr(out.as_mut_ptr());
-        let pool = candle_core::utils::barrier_pool();
-        let threads = pool.n_workers() + 1;
-        // a few grabs per thread: fast threads absorb a straggler's share
-        let chunk = items.div_ceil(threads * 4).max(1);
-        let cursor = AtomicUsize::new(0);
         let simd = available();
-        pool.execute(|_| loop {
-            let start = cursor.fetch_add(chunk, Ordering::Relaxed);
-            if start >= items {
-                break;
-            }
-            for item in start..items.min(start + chunk) {
+        pool::for_each_range(items, |range| {
+            for item in range {
                 let (rb, t) = (item / tiles, item % tiles);
                 let rows = rb * ROW_BLOCK..m.min((rb + 1) * ROW_BLOCK);
                 // SAFETY: `out` is `[m, n]`; item (rb, t) writes only rows `rows` × columns of
@@ -307,7 +298,7 @@ impl TiledMatrix {
         t: usize,
         rows: std::ops::Range<usize>,
         act: &Activations,
-        dst: SyncPtr,
+        dst: SyncPtr<f32>,
         simd: bool,
     ) {
         let lanes = TILE.min(self.n - t * TILE);
@@ -487,12 +478,6 @@ fn as_bytes_mut(lines: &mut [Line]) -> &mut [u8] {
     // SAFETY: as above.
     unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, lines.len() * 64) }
 }
-
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: workers write disjoint parts of the buffer behind it (see `matmul`).
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
 
 /// Activation rows quantized per 32-block: `q` `[m, k]`, and per block the scale `d`, the
 /// integer sum, and `s = d × sum`.
