@@ -39,20 +39,33 @@ impl CacheSpec {
 
 /// An element type of host K/V storage.
 pub trait KvElem: Copy + Send + Sync + std::fmt::Debug + 'static {
-    const ZERO: Self;
+    /// `n` zeros, from zeroed pages the OS maps on first write (not written here, so a pool
+    /// costs resident memory only as it fills).
+    fn zeros(n: usize) -> Vec<Self>;
     /// `dst[i] = src[i]` rounded to this type.
     fn store(dst: &mut [Self], src: &[f32]);
 }
 
 impl KvElem for f32 {
-    const ZERO: Self = 0.0;
+    fn zeros(n: usize) -> Vec<Self> {
+        vec![0.0; n]
+    }
+
     fn store(dst: &mut [Self], src: &[f32]) {
         dst.copy_from_slice(src);
     }
 }
 
 impl KvElem for f16 {
-    const ZERO: Self = f16::ZERO;
+    fn zeros(n: usize) -> Vec<Self> {
+        // `vec![f16::ZERO; n]` would write every element (only primitives get calloc); zeroed
+        // u16s are the same bits.
+        let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
+        // SAFETY: f16 is `repr(transparent)` over u16 (same size and alignment), and the
+        // allocation is handed over whole (pointer, length, capacity).
+        unsafe { Vec::from_raw_parts(v.as_mut_ptr() as *mut f16, v.len(), v.capacity()) }
+    }
+
     fn store(dst: &mut [Self], src: &[f32]) {
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src);
@@ -69,8 +82,8 @@ pub struct HostKv<E> {
 impl<E: KvElem> HostKv<E> {
     fn zeros(n: usize, nv: usize) -> Self {
         Self {
-            k: vec![E::ZERO; n],
-            v: vec![E::ZERO; nv],
+            k: E::zeros(n),
+            v: E::zeros(nv),
         }
     }
 
