@@ -4,7 +4,8 @@
 //! Why not candle's kernels: its Q4_1/Q5_0 dot products are scalar loops, and its SIMD Q8_0
 //! kernel wants rows of a multiple of 256 (SmolLM2's 576 and Qwen2.5's 896 pad to 768 and
 //! 1024). Here 4-bit weights stay 4-bit (Q4_1 reads 5 bits per weight, not Q8_0's 8.5 padded
-//! by a third), and any row length that is a multiple of 32 runs without padding.
+//! by a third; Q5_0 reads 6 bits, not 8.5), and any row length that is a multiple of 32 runs
+//! without padding.
 //!
 //! Layout: for each tile of 16 rows and each 32-column block, one record on a 64-byte line
 //! boundary: the 16 rows' scales (and for 4-bit, minimums), then the weights grouped by four
@@ -35,6 +36,9 @@ const ROW_BLOCK: usize = 32;
 pub enum TileFormat {
     /// `w = d·q + m`, `q` in 0..16: per row f16 `d` and `m` (64 bytes), 256 bytes of nibbles.
     Q4_1,
+    /// `w = d·(q - 16)`, `q` in 0..32: per row f16 `d` (64 bytes with padding), the fifth
+    /// bits as eight 64-bit byte masks (64 bytes), 256 bytes of low nibbles — 6 bits a weight.
+    Q5_0,
     /// `w = d·q`, `q` in -128..128 stored as `q + 128`: per row f32 `d` (64 bytes), 512 bytes.
     Q8_0,
 }
@@ -44,6 +48,7 @@ impl TileFormat {
     const fn record(self) -> usize {
         match self {
             Self::Q4_1 => 64 + TILE * QK / 2,
+            Self::Q5_0 => 128 + TILE * QK / 2,
             Self::Q8_0 => 64 + TILE * QK,
         }
     }
@@ -87,6 +92,7 @@ pub fn available() -> bool {
 /// A block of 32 weights decoded from its GGUF bytes: 4-bit (`q`, `d`, `m`) or 8-bit (`q`, `d`).
 enum Decoded {
     Four { q: [u8; QK], d: f16, m: f16 },
+    Five { q: [u8; QK], d: f16 },
     Eight { q: [i8; QK], d: f32 },
 }
 
@@ -94,8 +100,8 @@ fn f16_at(b: &[u8], i: usize) -> f16 {
     f16::from_le_bytes([b[i], b[i + 1]])
 }
 
-/// GGUF block size in bytes and the decoder of each type the tiles take. Q4_0 becomes Q4_1
-/// with `m = -8d` and Q5_0 becomes Q8_0 with the same scale: both exact.
+/// GGUF block size in bytes and the decoder of each type the tiles take (Q4_0 becomes Q4_1
+/// with `m = -8d`, exactly).
 /// Decodes one GGUF block.
 type Decoder = fn(&[u8]) -> Decoded;
 
@@ -127,17 +133,12 @@ fn gguf_block(dtype: GgmlDType) -> Option<(usize, TileFormat, Decoder)> {
     }
     fn q5_0(b: &[u8]) -> Decoded {
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let mut q = [0i8; QK];
+        let mut q = [0u8; QK];
         for j in 0..16 {
-            let lo = (b[6 + j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
-            let hi = (b[6 + j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-            q[j] = lo as i8 - 16;
-            q[j + 16] = hi as i8 - 16;
+            q[j] = (b[6 + j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+            q[j + 16] = (b[6 + j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
         }
-        Decoded::Eight {
-            q,
-            d: f16_at(b, 0).to_f32(),
-        }
+        Decoded::Five { q, d: f16_at(b, 0) }
     }
     fn q8_0(b: &[u8]) -> Decoded {
         let mut q = [0i8; QK];
@@ -152,7 +153,7 @@ fn gguf_block(dtype: GgmlDType) -> Option<(usize, TileFormat, Decoder)> {
     Some(match dtype {
         GgmlDType::Q4_0 => (18, TileFormat::Q4_1, q4_0),
         GgmlDType::Q4_1 => (20, TileFormat::Q4_1, q4_1),
-        GgmlDType::Q5_0 => (22, TileFormat::Q8_0, q5_0),
+        GgmlDType::Q5_0 => (22, TileFormat::Q5_0, q5_0),
         GgmlDType::Q8_0 => (34, TileFormat::Q8_0, q8_0),
         _ => return None,
     })
@@ -195,6 +196,20 @@ impl TiledMatrix {
                             for j in 0..4 {
                                 rec[64 + (g * TILE + r) * 4 + j] =
                                     q[4 * g + j] | (q[16 + 4 * g + j] << 4);
+                            }
+                        }
+                    }
+                    Decoded::Five { q, d } => {
+                        rec[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
+                        // mask 2g (+1): bit 4r+j is the fifth bit of column 4g+j (16+4g+j)
+                        for g in 0..4 {
+                            for j in 0..4 {
+                                let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
+                                rec[128 + (g * TILE + r) * 4 + j] =
+                                    (lo & 0x0f) | ((hi & 0x0f) << 4);
+                                let bit = 4 * r + j;
+                                rec[64 + 16 * g + bit / 8] |= (lo >> 4) << (bit % 8);
+                                rec[64 + 16 * g + 8 + bit / 8] |= (hi >> 4) << (bit % 8);
                             }
                         }
                     }
@@ -246,7 +261,13 @@ impl TiledMatrix {
                     let d = f16_at(rec, 2 * r).to_f32();
                     let m = f16_at(rec, 32 + 2 * r).to_f32();
                     for (c, v) in o.iter_mut().enumerate() {
-                        *v = (nibble(rec, r, c) as f32).mul_add(d, m);
+                        *v = (nibble(rec, 64, r, c) as f32).mul_add(d, m);
+                    }
+                }
+                TileFormat::Q5_0 => {
+                    let d = f16_at(rec, 2 * r).to_f32();
+                    for (c, v) in o.iter_mut().enumerate() {
+                        *v = (quint(rec, r, c) as i32 - 16) as f32 * d;
                     }
                 }
                 TileFormat::Q8_0 => {
@@ -351,12 +372,19 @@ impl TiledMatrix {
                     match self.format {
                         TileFormat::Q4_1 => {
                             let isum: i32 = (0..QK)
-                                .map(|c| nibble(rec, lane, c) as i32 * xq[c] as i32)
+                                .map(|c| nibble(rec, 64, lane, c) as i32 * xq[c] as i32)
                                 .sum();
                             let d = f16_at(rec, 2 * lane).to_f32();
                             let m = f16_at(rec, 32 + 2 * lane).to_f32();
                             *out = (isum as f32).mul_add(d * dx, *out);
                             *out = m.mul_add(sx, *out);
+                        }
+                        TileFormat::Q5_0 => {
+                            let isum: i32 = (0..QK)
+                                .map(|c| (quint(rec, lane, c) as i32 - 16) * xq[c] as i32)
+                                .sum();
+                            let d = f16_at(rec, 2 * lane).to_f32();
+                            *out = (isum as f32).mul_add(d * dx, *out);
                         }
                         TileFormat::Q8_0 => {
                             let isum: i32 = (0..QK)
@@ -423,6 +451,39 @@ impl TiledMatrix {
                     }
                 }
             }
+            TileFormat::Q5_0 => {
+                let low = _mm512_set1_epi8(0x0f);
+                let sixteen = _mm512_set1_epi8(16);
+                for b in 0..nb {
+                    let rec = base.add(b * rec_bytes);
+                    let d = _mm512_cvtph_ps(_mm256_load_si256(rec as *const __m256i));
+                    let mut lo = [_mm512_setzero_si512(); 4];
+                    let mut hi = [_mm512_setzero_si512(); 4];
+                    for g in 0..4 {
+                        let w = _mm512_load_si512(rec.add(128 + 64 * g) as *const __m512i);
+                        let masks = rec.add(64 + 16 * g) as *const u64;
+                        let l = _mm512_and_si512(w, low);
+                        let h = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+                        lo[g] = _mm512_mask_add_epi8(l, masks.read_unaligned(), l, sixteen);
+                        hi[g] = _mm512_mask_add_epi8(h, masks.add(1).read_unaligned(), h, sixteen);
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let row = first + j;
+                        let mut s0 = _mm512_setzero_si512();
+                        let mut s1 = _mm512_setzero_si512();
+                        for g in 0..4 {
+                            s0 = _mm512_dpbusd_epi32(s0, lo[g], xq(row, b, g));
+                            s1 = _mm512_dpbusd_epi32(s1, hi[g], xq(row, b, 4 + g));
+                        }
+                        // the weights are stored + 16
+                        let i = row * nb + b;
+                        let bias = _mm512_set1_epi32(16 * *act.sum.get_unchecked(i));
+                        let isum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), bias);
+                        let scale = _mm512_mul_ps(d, _mm512_set1_ps(*act.d.get_unchecked(i)));
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *a);
+                    }
+                }
+            }
             TileFormat::Q8_0 => {
                 for b in 0..nb {
                     let rec = base.add(b * rec_bytes);
@@ -453,15 +514,24 @@ impl TiledMatrix {
     }
 }
 
-/// 4-bit weight of tile row `r`, column `c` of a record.
-fn nibble(rec: &[u8], r: usize, c: usize) -> u8 {
+/// 4-bit weight (or low nibble) of tile row `r`, column `c` of a record whose nibbles start
+/// at `base`.
+fn nibble(rec: &[u8], base: usize, r: usize, c: usize) -> u8 {
     let (g, j, high) = ((c % 16) / 4, c % 4, c >= 16);
-    let byte = rec[64 + (g * TILE + r) * 4 + j];
+    let byte = rec[base + (g * TILE + r) * 4 + j];
     if high {
         byte >> 4
     } else {
         byte & 0x0f
     }
+}
+
+/// 5-bit weight (0..32, stored +16) of tile row `r`, column `c` of a Q5_0 record.
+fn quint(rec: &[u8], r: usize, c: usize) -> u8 {
+    let (g, j, mask) = ((c % 16) / 4, c % 4, usize::from(c >= 16));
+    let bit = 4 * r + j;
+    let fifth = (rec[64 + 16 * g + 8 * mask + bit / 8] >> (bit % 8)) & 1;
+    nibble(rec, 128, r, c) | (fifth << 4)
 }
 
 /// 8-bit weight of tile row `r`, column `c` of a record.
@@ -657,6 +727,7 @@ mod tests {
         }
         check(GgmlDType::Q4_1, 33, 576, 37);
         check(GgmlDType::Q8_0, 16, 64, 1);
+        check(GgmlDType::Q5_0, 33, 896, 5);
     }
 
     #[test]
