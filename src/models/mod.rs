@@ -6,6 +6,7 @@
 
 pub mod deepseek2;
 pub mod device;
+pub mod gguf_cpu;
 pub mod glm4;
 pub mod kv_cache;
 pub mod layers;
