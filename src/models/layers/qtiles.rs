@@ -1,4 +1,5 @@
-//! inferd's own CPU matmul for GGUF weights in 32-element blocks (Q4_0, Q4_1, Q5_0, Q8_0):
+//! inferd's own CPU matmul for GGUF weights in 32-element blocks (Q4_0, Q4_1, Q5_0, Q8_0, and
+//! Q4_K's 32-value sub-blocks):
 //! the weights repacked at load into tiles of 16 output rows, multiplied with AVX-512 VNNI.
 //!
 //! Why not candle's kernels: its Q4_1/Q5_0 dot products are scalar loops, and its SIMD Q8_0
@@ -36,6 +37,9 @@ const ROW_BLOCK: usize = 32;
 pub enum TileFormat {
     /// `w = d·q + m`, `q` in 0..16: per row f16 `d` and `m` (64 bytes), 256 bytes of nibbles.
     Q4_1,
+    /// Q4_K's 32-value sub-blocks as Q4_1 with f32 `d = d·scale` and `m = -dmin·min` (exact
+    /// products; 128 bytes), then 256 bytes of nibbles.
+    Q4K,
     /// `w = d·(q - 16)`, `q` in 0..32: per row f16 `d` (64 bytes with padding), the fifth
     /// bits as eight 64-bit byte masks (64 bytes), 256 bytes of low nibbles — 6 bits a weight.
     Q5_0,
@@ -48,6 +52,7 @@ impl TileFormat {
     const fn record(self) -> usize {
         match self {
             Self::Q4_1 => 64 + TILE * QK / 2,
+            Self::Q4K => 128 + TILE * QK / 2,
             Self::Q5_0 => 128 + TILE * QK / 2,
             Self::Q8_0 => 64 + TILE * QK,
         }
@@ -89,9 +94,10 @@ pub fn available() -> bool {
     }
 }
 
-/// A block of 32 weights decoded from its GGUF bytes: 4-bit (`q`, `d`, `m`) or 8-bit (`q`, `d`).
+/// A block of 32 weights decoded from its GGUF bytes: 4-bit (`w = d·q + m`), 5-bit
+/// (`w = d·(q - 16)`) or 8-bit (`w = d·q`).
 enum Decoded {
-    Four { q: [u8; QK], d: f16, m: f16 },
+    Four { q: [u8; QK], d: f32, m: f32 },
     Five { q: [u8; QK], d: f16 },
     Eight { q: [i8; QK], d: f32 },
 }
@@ -100,13 +106,20 @@ fn f16_at(b: &[u8], i: usize) -> f16 {
     f16::from_le_bytes([b[i], b[i + 1]])
 }
 
-/// GGUF block size in bytes and the decoder of each type the tiles take (Q4_0 becomes Q4_1
-/// with `m = -8d`, exactly).
-/// Decodes one GGUF block.
-type Decoder = fn(&[u8]) -> Decoded;
+/// Decodes 32-value sub-block `sub` of one GGUF block.
+type Decoder = fn(&[u8], usize) -> Decoded;
 
-fn gguf_block(dtype: GgmlDType) -> Option<(usize, TileFormat, Decoder)> {
-    fn q4_0(b: &[u8]) -> Decoded {
+/// A GGUF type the tiles take: values and bytes per GGUF block, the tile format, the decoder.
+/// Q4_0 becomes Q4_1 with `m = -8d`, exactly.
+struct GgufBlock {
+    values: usize,
+    bytes: usize,
+    format: TileFormat,
+    decode: Decoder,
+}
+
+fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
+    fn q4_0(b: &[u8], _: usize) -> Decoded {
         let d = f16_at(b, 0);
         let mut q = [0u8; QK];
         for j in 0..16 {
@@ -115,11 +128,11 @@ fn gguf_block(dtype: GgmlDType) -> Option<(usize, TileFormat, Decoder)> {
         }
         Decoded::Four {
             q,
-            d,
-            m: f16::from_f32(-8.0 * d.to_f32()),
+            d: d.to_f32(),
+            m: f16::from_f32(-8.0 * d.to_f32()).to_f32(),
         }
     }
-    fn q4_1(b: &[u8]) -> Decoded {
+    fn q4_1(b: &[u8], _: usize) -> Decoded {
         let mut q = [0u8; QK];
         for j in 0..16 {
             q[j] = b[4 + j] & 0x0f;
@@ -127,11 +140,39 @@ fn gguf_block(dtype: GgmlDType) -> Option<(usize, TileFormat, Decoder)> {
         }
         Decoded::Four {
             q,
-            d: f16_at(b, 0),
-            m: f16_at(b, 2),
+            d: f16_at(b, 0).to_f32(),
+            m: f16_at(b, 2).to_f32(),
         }
     }
-    fn q5_0(b: &[u8]) -> Decoded {
+    fn q4k(b: &[u8], sub: usize) -> Decoded {
+        // d, dmin, 12 bytes of 6-bit scales and mins, then 32-byte chunks whose low nibbles
+        // are sub-block 2c and high nibbles sub-block 2c + 1
+        let (d, dmin) = (f16_at(b, 0).to_f32(), f16_at(b, 2).to_f32());
+        let sc = &b[4..16];
+        let (scale, min) = if sub < 4 {
+            (sc[sub] & 63, sc[sub + 4] & 63)
+        } else {
+            (
+                (sc[sub + 4] & 0x0f) | ((sc[sub - 4] >> 6) << 4),
+                (sc[sub + 4] >> 4) | ((sc[sub] >> 6) << 4),
+            )
+        };
+        let chunk = &b[16 + 32 * (sub / 2)..][..32];
+        let mut q = [0u8; QK];
+        for (v, &x) in q.iter_mut().zip(chunk) {
+            *v = if sub.is_multiple_of(2) {
+                x & 0x0f
+            } else {
+                x >> 4
+            };
+        }
+        Decoded::Four {
+            q,
+            d: d * scale as f32,
+            m: -(dmin * min as f32),
+        }
+    }
+    fn q5_0(b: &[u8], _: usize) -> Decoded {
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
         let mut q = [0u8; QK];
         for j in 0..16 {
@@ -140,7 +181,7 @@ fn gguf_block(dtype: GgmlDType) -> Option<(usize, TileFormat, Decoder)> {
         }
         Decoded::Five { q, d: f16_at(b, 0) }
     }
-    fn q8_0(b: &[u8]) -> Decoded {
+    fn q8_0(b: &[u8], _: usize) -> Decoded {
         let mut q = [0i8; QK];
         for (v, &x) in q.iter_mut().zip(&b[2..2 + QK]) {
             *v = x as i8;
@@ -150,12 +191,19 @@ fn gguf_block(dtype: GgmlDType) -> Option<(usize, TileFormat, Decoder)> {
             d: f16_at(b, 0).to_f32(),
         }
     }
-    Some(match dtype {
-        GgmlDType::Q4_0 => (18, TileFormat::Q4_1, q4_0),
-        GgmlDType::Q4_1 => (20, TileFormat::Q4_1, q4_1),
-        GgmlDType::Q5_0 => (22, TileFormat::Q5_0, q5_0),
-        GgmlDType::Q8_0 => (34, TileFormat::Q8_0, q8_0),
+    let (values, bytes, format, decode): (usize, usize, TileFormat, Decoder) = match dtype {
+        GgmlDType::Q4_0 => (QK, 18, TileFormat::Q4_1, q4_0),
+        GgmlDType::Q4_1 => (QK, 20, TileFormat::Q4_1, q4_1),
+        GgmlDType::Q4K => (256, 144, TileFormat::Q4K, q4k),
+        GgmlDType::Q5_0 => (QK, 22, TileFormat::Q5_0, q5_0),
+        GgmlDType::Q8_0 => (QK, 34, TileFormat::Q8_0, q8_0),
         _ => return None,
+    };
+    Some(GgufBlock {
+        values,
+        bytes,
+        format,
+        decode,
     })
 }
 
@@ -173,9 +221,14 @@ impl TiledMatrix {
 
     /// From the GGUF bytes of an `[n, k]` tensor of type `dtype`.
     pub fn from_gguf(dtype: GgmlDType, n: usize, k: usize, data: &[u8]) -> Option<Self> {
-        let (block_bytes, format, decode) = gguf_block(dtype)?;
+        let GgufBlock {
+            values,
+            bytes,
+            format,
+            decode,
+        } = gguf_block(dtype)?;
         let nb = k / QK;
-        if !k.is_multiple_of(QK) || data.len() != n * nb * block_bytes {
+        if !k.is_multiple_of(values) || data.len() != n * (k / values) * bytes {
             return None;
         }
         let tiles = n.div_ceil(TILE);
@@ -184,17 +237,27 @@ impl TiledMatrix {
         for row in 0..n {
             let (t, r) = (row / TILE, row % TILE);
             for b in 0..nb {
-                let src = &data[(row * nb + b) * block_bytes..][..block_bytes];
+                let value = row * k + b * QK;
+                let src = &data[value / values * bytes..][..bytes];
                 let first = (t * nb + b) * rec_lines;
                 let rec = as_bytes_mut(&mut lines[first..first + rec_lines]);
-                match decode(src) {
+                match decode(src, value % values / QK) {
                     Decoded::Four { q, d, m } => {
-                        rec[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
-                        rec[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&m.to_le_bytes());
+                        let nibbles = if format == TileFormat::Q4K {
+                            rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+                            rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
+                            128
+                        } else {
+                            // from f16 values: exact
+                            rec[2 * r..2 * r + 2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                            rec[32 + 2 * r..32 + 2 * r + 2]
+                                .copy_from_slice(&f16::from_f32(m).to_le_bytes());
+                            64
+                        };
                         // group g, bytes j: columns 4g+j (low nibble) and 16+4g+j (high)
                         for g in 0..4 {
                             for j in 0..4 {
-                                rec[64 + (g * TILE + r) * 4 + j] =
+                                rec[nibbles + (g * TILE + r) * 4 + j] =
                                     q[4 * g + j] | (q[16 + 4 * g + j] << 4);
                             }
                         }
@@ -257,11 +320,10 @@ impl TiledMatrix {
         for (b, o) in out.chunks_exact_mut(QK).enumerate() {
             let rec = self.record(t, b);
             match self.format {
-                TileFormat::Q4_1 => {
-                    let d = f16_at(rec, 2 * r).to_f32();
-                    let m = f16_at(rec, 32 + 2 * r).to_f32();
+                TileFormat::Q4_1 | TileFormat::Q4K => {
+                    let (d, m, base) = four_bit_row(self.format, rec, r);
                     for (c, v) in o.iter_mut().enumerate() {
-                        *v = (nibble(rec, 64, r, c) as f32).mul_add(d, m);
+                        *v = (nibble(rec, base, r, c) as f32).mul_add(d, m);
                     }
                 }
                 TileFormat::Q5_0 => {
@@ -370,12 +432,11 @@ impl TiledMatrix {
                 let (dx, sx) = (act.d[row * nb + b], act.s[row * nb + b]);
                 for (lane, out) in a.iter_mut().enumerate() {
                     match self.format {
-                        TileFormat::Q4_1 => {
+                        TileFormat::Q4_1 | TileFormat::Q4K => {
+                            let (d, m, base) = four_bit_row(self.format, rec, lane);
                             let isum: i32 = (0..QK)
-                                .map(|c| nibble(rec, 64, lane, c) as i32 * xq[c] as i32)
+                                .map(|c| nibble(rec, base, lane, c) as i32 * xq[c] as i32)
                                 .sum();
-                            let d = f16_at(rec, 2 * lane).to_f32();
-                            let m = f16_at(rec, 32 + 2 * lane).to_f32();
                             *out = (isum as f32).mul_add(d * dx, *out);
                             *out = m.mul_add(sx, *out);
                         }
@@ -422,16 +483,23 @@ impl TiledMatrix {
             _mm512_set1_epi32(p.read_unaligned())
         };
         match self.format {
-            TileFormat::Q4_1 => {
+            TileFormat::Q4_1 | TileFormat::Q4K => {
                 let low = _mm512_set1_epi8(0x0f);
+                let f32_scales = self.format == TileFormat::Q4K;
                 for b in 0..nb {
                     let rec = base.add(b * rec_bytes);
-                    let d = _mm512_cvtph_ps(_mm256_load_si256(rec as *const __m256i));
-                    let m = _mm512_cvtph_ps(_mm256_load_si256(rec.add(32) as *const __m256i));
+                    let (d, m, nibbles) = if f32_scales {
+                        let d = _mm512_load_ps(rec as *const f32);
+                        (d, _mm512_load_ps(rec.add(64) as *const f32), 128)
+                    } else {
+                        let d = _mm512_cvtph_ps(_mm256_load_si256(rec as *const __m256i));
+                        let m = _mm512_cvtph_ps(_mm256_load_si256(rec.add(32) as *const __m256i));
+                        (d, m, 64)
+                    };
                     let mut lo = [_mm512_setzero_si512(); 4];
                     let mut hi = [_mm512_setzero_si512(); 4];
                     for g in 0..4 {
-                        let w = _mm512_load_si512(rec.add(64 + 64 * g) as *const __m512i);
+                        let w = _mm512_load_si512(rec.add(nibbles + 64 * g) as *const __m512i);
                         lo[g] = _mm512_and_si512(w, low);
                         hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
                     }
@@ -511,6 +579,19 @@ impl TiledMatrix {
         for (o, a) in out.iter_mut().zip(acc) {
             _mm512_storeu_ps(o.as_mut_ptr(), a);
         }
+    }
+}
+
+/// Row `r`'s scale and minimum in a 4-bit record, and where its nibbles start.
+fn four_bit_row(format: TileFormat, rec: &[u8], r: usize) -> (f32, f32, usize) {
+    let f32_at = |i: usize| f32::from_le_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
+    match format {
+        TileFormat::Q4K => (f32_at(4 * r), f32_at(64 + 4 * r), 128),
+        _ => (
+            f16_at(rec, 2 * r).to_f32(),
+            f16_at(rec, 32 + 2 * r).to_f32(),
+            64,
+        ),
     }
 }
 
@@ -728,6 +809,7 @@ mod tests {
         check(GgmlDType::Q4_1, 33, 576, 37);
         check(GgmlDType::Q8_0, 16, 64, 1);
         check(GgmlDType::Q5_0, 33, 896, 5);
+        check(GgmlDType::Q4K, 40, 512, 6);
     }
 
     #[test]
