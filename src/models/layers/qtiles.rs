@@ -1,5 +1,5 @@
 //! inferd's own CPU matmul for GGUF weights in 32-element blocks (Q4_0, Q4_1, Q5_0, Q8_0, and
-//! Q4_K's 32-value sub-blocks):
+//! the 32-value blocks of Q4_K and Q6_K):
 //! the weights repacked at load into tiles of 16 output rows, multiplied with AVX-512 VNNI.
 //!
 //! Why not candle's kernels: its Q4_1/Q5_0 dot products are scalar loops, and its SIMD Q8_0
@@ -40,6 +40,10 @@ pub enum TileFormat {
     /// Q4_K's 32-value sub-blocks as Q4_1 with f32 `d = d·scale` and `m = -dmin·min` (exact
     /// products; 128 bytes), then 256 bytes of nibbles.
     Q4K,
+    /// Q6_K's 32-value blocks: `w = d_half·(q - 32)`, `q` in 0..64, one f32 scale per 16
+    /// columns (`d·scale`, exact; 128 bytes), the fifth and sixth bits as byte masks (128
+    /// bytes), 256 bytes of low nibbles — 8 bits a weight.
+    Q6K,
     /// `w = d·(q - 16)`, `q` in 0..32: per row f16 `d` (64 bytes with padding), the fifth
     /// bits as eight 64-bit byte masks (64 bytes), 256 bytes of low nibbles — 6 bits a weight.
     Q5_0,
@@ -53,6 +57,7 @@ impl TileFormat {
         match self {
             Self::Q4_1 => 64 + TILE * QK / 2,
             Self::Q4K => 128 + TILE * QK / 2,
+            Self::Q6K => 256 + TILE * QK / 2,
             Self::Q5_0 => 128 + TILE * QK / 2,
             Self::Q8_0 => 64 + TILE * QK,
         }
@@ -97,9 +102,25 @@ pub fn available() -> bool {
 /// A block of 32 weights decoded from its GGUF bytes: 4-bit (`w = d·q + m`), 5-bit
 /// (`w = d·(q - 16)`) or 8-bit (`w = d·q`).
 enum Decoded {
-    Four { q: [u8; QK], d: f32, m: f32 },
-    Five { q: [u8; QK], d: f16 },
-    Eight { q: [i8; QK], d: f32 },
+    Four {
+        q: [u8; QK],
+        d: f32,
+        m: f32,
+    },
+    Five {
+        q: [u8; QK],
+        d: f16,
+    },
+    /// `w = d_lo·(q - 32)` for columns 0..16, `d_hi·(q - 32)` for 16..32.
+    Six {
+        q: [u8; QK],
+        d_lo: f32,
+        d_hi: f32,
+    },
+    Eight {
+        q: [i8; QK],
+        d: f32,
+    },
 }
 
 fn f16_at(b: &[u8], i: usize) -> f16 {
@@ -172,6 +193,26 @@ fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
             m: -(dmin * min as f32),
         }
     }
+    fn q6k(b: &[u8], sub: usize) -> Decoded {
+        // 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales, f16 d; each half
+        // of 128 values: ql[l] / ql[l + 32] low then high nibbles, qh[l] bit pairs 0..4
+        let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+        let d = f16_at(b, 208).to_f32();
+        let (half, quarter) = (sub / 4, sub % 4);
+        let mut q = [0u8; QK];
+        for (l, v) in q.iter_mut().enumerate() {
+            let low = ql[64 * half + l + 32 * (quarter % 2)];
+            let low = if quarter < 2 { low & 0x0f } else { low >> 4 };
+            let high = (qh[32 * half + l] >> (2 * quarter)) & 3;
+            *v = low | (high << 4);
+        }
+        let scale = |i: usize| d * sc[8 * half + i + 2 * quarter] as i8 as f32;
+        Decoded::Six {
+            q,
+            d_lo: scale(0),
+            d_hi: scale(1),
+        }
+    }
     fn q5_0(b: &[u8], _: usize) -> Decoded {
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
         let mut q = [0u8; QK];
@@ -196,6 +237,7 @@ fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
         GgmlDType::Q4_1 => (QK, 20, TileFormat::Q4_1, q4_1),
         GgmlDType::Q4K => (256, 144, TileFormat::Q4K, q4k),
         GgmlDType::Q5_0 => (QK, 22, TileFormat::Q5_0, q5_0),
+        GgmlDType::Q6K => (256, 210, TileFormat::Q6K, q6k),
         GgmlDType::Q8_0 => (QK, 34, TileFormat::Q8_0, q8_0),
         _ => return None,
     };
@@ -276,6 +318,23 @@ impl TiledMatrix {
                             }
                         }
                     }
+                    Decoded::Six { q, d_lo, d_hi } => {
+                        rec[4 * r..4 * r + 4].copy_from_slice(&d_lo.to_le_bytes());
+                        rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&d_hi.to_le_bytes());
+                        for g in 0..4 {
+                            for j in 0..4 {
+                                let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
+                                rec[256 + (g * TILE + r) * 4 + j] =
+                                    (lo & 0x0f) | ((hi & 0x0f) << 4);
+                                let bit = 4 * r + j;
+                                for (plane, shift) in [(128, 4), (192, 5)] {
+                                    let at = plane + 16 * g + bit / 8;
+                                    rec[at] |= ((lo >> shift) & 1) << (bit % 8);
+                                    rec[at + 8] |= ((hi >> shift) & 1) << (bit % 8);
+                                }
+                            }
+                        }
+                    }
                     Decoded::Eight { q, d } => {
                         rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
                         for g in 0..8 {
@@ -330,6 +389,13 @@ impl TiledMatrix {
                     let d = f16_at(rec, 2 * r).to_f32();
                     for (c, v) in o.iter_mut().enumerate() {
                         *v = (quint(rec, r, c) as i32 - 16) as f32 * d;
+                    }
+                }
+                TileFormat::Q6K => {
+                    let (d_lo, d_hi) = (f32_at(rec, 4 * r), f32_at(rec, 64 + 4 * r));
+                    for (c, v) in o.iter_mut().enumerate() {
+                        let d = if c < 16 { d_lo } else { d_hi };
+                        *v = (sext(rec, r, c) as i32 - 32) as f32 * d;
                     }
                 }
                 TileFormat::Q8_0 => {
@@ -447,6 +513,16 @@ impl TiledMatrix {
                             let d = f16_at(rec, 2 * lane).to_f32();
                             *out = (isum as f32).mul_add(d * dx, *out);
                         }
+                        TileFormat::Q6K => {
+                            let half = |cols: std::ops::Range<usize>| -> i32 {
+                                cols.map(|c| (sext(rec, lane, c) as i32 - 32) * xq[c] as i32)
+                                    .sum()
+                            };
+                            let d_lo = f32_at(rec, 4 * lane);
+                            let d_hi = f32_at(rec, 64 + 4 * lane);
+                            *out = (half(0..16) as f32).mul_add(d_lo * dx, *out);
+                            *out = (half(16..32) as f32).mul_add(d_hi * dx, *out);
+                        }
                         TileFormat::Q8_0 => {
                             let isum: i32 = (0..QK)
                                 .map(|c| byte8(rec, lane, c) as i32 * xq[c] as i32)
@@ -552,6 +628,50 @@ impl TiledMatrix {
                     }
                 }
             }
+            TileFormat::Q6K => {
+                let low = _mm512_set1_epi8(0x0f);
+                let (sixteen, thirty_two) = (_mm512_set1_epi8(16), _mm512_set1_epi8(32));
+                for b in 0..nb {
+                    let rec = base.add(b * rec_bytes);
+                    let d_lo = _mm512_load_ps(rec as *const f32);
+                    let d_hi = _mm512_load_ps(rec.add(64) as *const f32);
+                    let mut lo = [_mm512_setzero_si512(); 4];
+                    let mut hi = [_mm512_setzero_si512(); 4];
+                    for g in 0..4 {
+                        let w = _mm512_load_si512(rec.add(256 + 64 * g) as *const __m512i);
+                        let fifth = rec.add(128 + 16 * g) as *const u64;
+                        let sixth = rec.add(192 + 16 * g) as *const u64;
+                        let mut l = _mm512_and_si512(w, low);
+                        let mut h = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+                        l = _mm512_mask_add_epi8(l, fifth.read_unaligned(), l, sixteen);
+                        l = _mm512_mask_add_epi8(l, sixth.read_unaligned(), l, thirty_two);
+                        h = _mm512_mask_add_epi8(h, fifth.add(1).read_unaligned(), h, sixteen);
+                        h = _mm512_mask_add_epi8(h, sixth.add(1).read_unaligned(), h, thirty_two);
+                        lo[g] = l;
+                        hi[g] = h;
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let row = first + j;
+                        let mut s0 = _mm512_setzero_si512();
+                        let mut s1 = _mm512_setzero_si512();
+                        for g in 0..4 {
+                            s0 = _mm512_dpbusd_epi32(s0, lo[g], xq(row, b, g));
+                            s1 = _mm512_dpbusd_epi32(s1, hi[g], xq(row, b, 4 + g));
+                        }
+                        // the weights are stored + 32; each half has its own scale
+                        let i = row * nb + b;
+                        let (sum, sum_lo) =
+                            (*act.sum.get_unchecked(i), *act.sum_lo.get_unchecked(i));
+                        let isum_lo = _mm512_sub_epi32(s0, _mm512_set1_epi32(32 * sum_lo));
+                        let isum_hi = _mm512_sub_epi32(s1, _mm512_set1_epi32(32 * (sum - sum_lo)));
+                        let dx = _mm512_set1_ps(*act.d.get_unchecked(i));
+                        let scale_lo = _mm512_mul_ps(d_lo, dx);
+                        let scale_hi = _mm512_mul_ps(d_hi, dx);
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum_lo), scale_lo, *a);
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum_hi), scale_hi, *a);
+                    }
+                }
+            }
             TileFormat::Q8_0 => {
                 for b in 0..nb {
                     let rec = base.add(b * rec_bytes);
@@ -584,9 +704,8 @@ impl TiledMatrix {
 
 /// Row `r`'s scale and minimum in a 4-bit record, and where its nibbles start.
 fn four_bit_row(format: TileFormat, rec: &[u8], r: usize) -> (f32, f32, usize) {
-    let f32_at = |i: usize| f32::from_le_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
     match format {
-        TileFormat::Q4K => (f32_at(4 * r), f32_at(64 + 4 * r), 128),
+        TileFormat::Q4K => (f32_at(rec, 4 * r), f32_at(rec, 64 + 4 * r), 128),
         _ => (
             f16_at(rec, 2 * r).to_f32(),
             f16_at(rec, 32 + 2 * r).to_f32(),
@@ -615,6 +734,18 @@ fn quint(rec: &[u8], r: usize, c: usize) -> u8 {
     nibble(rec, 128, r, c) | (fifth << 4)
 }
 
+/// 6-bit weight (0..64, stored +32) of tile row `r`, column `c` of a Q6_K record.
+fn sext(rec: &[u8], r: usize, c: usize) -> u8 {
+    let (g, j, mask) = ((c % 16) / 4, c % 4, usize::from(c >= 16));
+    let bit = 4 * r + j;
+    let at = |plane: usize| (rec[plane + 16 * g + 8 * mask + bit / 8] >> (bit % 8)) & 1;
+    nibble(rec, 256, r, c) | (at(128) << 4) | (at(192) << 5)
+}
+
+fn f32_at(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
+}
+
 /// 8-bit weight of tile row `r`, column `c` of a record.
 fn byte8(rec: &[u8], r: usize, c: usize) -> i8 {
     (rec[64 + ((c / 4) * TILE + r) * 4 + c % 4] ^ 0x80) as i8
@@ -636,6 +767,8 @@ struct Activations {
     q: Vec<i8>,
     d: Vec<f32>,
     sum: Vec<i32>,
+    /// The sum of each block's first 16 values (Q6_K scales its halves apart).
+    sum_lo: Vec<i32>,
     s: Vec<f32>,
 }
 
@@ -647,6 +780,7 @@ impl Activations {
             q: vec![0; m * k],
             d: vec![0.0; blocks],
             sum: vec![0; blocks],
+            sum_lo: vec![0; blocks],
             s: vec![0.0; blocks],
         };
         let simd = available();
@@ -656,19 +790,20 @@ impl Activations {
             .enumerate()
         {
             #[cfg(target_arch = "x86_64")]
-            let (d, sum) = if simd {
+            let (d, sum, sum_lo) = if simd {
                 // SAFETY: AVX-512 F/BW present (`available`); both slices are one block long.
                 unsafe { quantize_block_avx512(xs, qs) }
             } else {
                 quantize_block(xs, qs)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let (d, sum) = {
+            let (d, sum, sum_lo) = {
                 let _ = simd;
                 quantize_block(xs, qs)
             };
             act.d[b] = d;
             act.sum[b] = sum;
+            act.sum_lo[b] = sum_lo;
             act.s[b] = d * sum as f32;
         }
         act
@@ -676,24 +811,27 @@ impl Activations {
 }
 
 /// One block of 32 activations to 8 bits: `q = round(x / d)` (ties to even), `d = max|x| /
-/// 127`. Returns `d` and the sum of `q`.
-fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
+/// 127`. Returns `d`, the sum of `q`, and the sum of its first 16.
+fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32, i32) {
     let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-    let mut sum = 0i32;
-    for (q, &v) in qs.iter_mut().zip(xs) {
+    let (mut sum, mut sum_lo) = (0i32, 0i32);
+    for (i, (q, &v)) in qs.iter_mut().zip(xs).enumerate() {
         let r = (v * inv).round_ties_even() as i32;
         *q = r as i8;
         sum += r;
+        if i == 15 {
+            sum_lo = sum;
+        }
     }
-    (d, sum)
+    (d, sum, sum_lo)
 }
 
 /// [`quantize_block`] in two 16-lane registers, bit for bit.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_block_avx512(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
+unsafe fn quantize_block_avx512(xs: &[f32], qs: &mut [i8]) -> (f32, i32, i32) {
     use std::arch::x86_64::*;
     debug_assert!(xs.len() == QK && qs.len() == QK);
     let x0 = _mm512_loadu_ps(xs.as_ptr());
@@ -709,7 +847,8 @@ unsafe fn quantize_block_avx512(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
         qs.as_mut_ptr().add(16) as *mut __m128i,
         _mm512_cvtepi32_epi8(q1),
     );
-    (d, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)))
+    let sum_lo = _mm512_reduce_add_epi32(q0);
+    (d, sum_lo + _mm512_reduce_add_epi32(q1), sum_lo)
 }
 
 /// `x W^T` as a candle op: `x` `[.., k]` f32, contiguous → `[.., n]`.
@@ -810,6 +949,7 @@ mod tests {
         check(GgmlDType::Q8_0, 16, 64, 1);
         check(GgmlDType::Q5_0, 33, 896, 5);
         check(GgmlDType::Q4K, 40, 512, 6);
+        check(GgmlDType::Q6K, 40, 512, 6);
     }
 
     #[test]
