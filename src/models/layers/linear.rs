@@ -174,3 +174,55 @@ impl RmsNorm {
         )?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::Device;
+
+    /// A tied table in tiles: lookups are the dequantized rows, the head is the tiled matmul,
+    /// and an id past the vocabulary is an error, not a panic.
+    #[test]
+    fn tiled_embedding_and_tied_head_share_one_table() {
+        let dev = Device::Cpu;
+        let w: Vec<f32> = (0..40 * 64)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+            .collect();
+        let w = Tensor::from_vec(w, (40, 64), &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let deq = q.dequantize(&dev).unwrap();
+        let table = Arc::new(TiledMatrix::from_qtensor(&q).unwrap().unwrap());
+        let emb = Embedding::Tiled(table.clone());
+        let ids = Tensor::new(&[3u32, 39, 0], &dev).unwrap();
+        let rows = emb.forward(&ids).unwrap();
+        let want = deq.index_select(&ids, 0).unwrap();
+        assert_eq!(
+            rows.to_vec2::<f32>().unwrap(),
+            want.to_vec2::<f32>().unwrap()
+        );
+        let head = Linear::tiled(table, None);
+        let logits = head.forward(&rows).unwrap();
+        let dense = rows.matmul(&deq.t().unwrap()).unwrap();
+        for (got, want) in logits
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .zip(dense.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        {
+            // the activations are quantized to 8 bits; the weights are exact
+            assert!(
+                (got - want).abs() < 0.02 * (1.0 + want.abs()),
+                "{got} vs {want}"
+            );
+        }
+        let bad = Tensor::new(&[40u32], &dev).unwrap();
+        let err = emb.forward(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("token id 40 outside the vocabulary of 40"),
+            "{err}"
+        );
+    }
+}
