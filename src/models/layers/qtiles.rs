@@ -276,76 +276,20 @@ impl TiledMatrix {
         let tiles = n.div_ceil(TILE);
         let rec_lines = format.record() / 64;
         let mut lines = vec![Line([0; 64]); tiles * nb * rec_lines];
-        for row in 0..n {
-            let (t, r) = (row / TILE, row % TILE);
-            for b in 0..nb {
-                let value = row * k + b * QK;
-                let src = &data[value / values * bytes..][..bytes];
-                let first = (t * nb + b) * rec_lines;
-                let rec = as_bytes_mut(&mut lines[first..first + rec_lines]);
-                match decode(src, value % values / QK) {
-                    Decoded::Four { q, d, m } => {
-                        let nibbles = if format == TileFormat::Q4K {
-                            rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
-                            rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
-                            128
-                        } else {
-                            // from f16 values: exact
-                            rec[2 * r..2 * r + 2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-                            rec[32 + 2 * r..32 + 2 * r + 2]
-                                .copy_from_slice(&f16::from_f32(m).to_le_bytes());
-                            64
-                        };
-                        // group g, bytes j: columns 4g+j (low nibble) and 16+4g+j (high)
-                        for g in 0..4 {
-                            for j in 0..4 {
-                                rec[nibbles + (g * TILE + r) * 4 + j] =
-                                    q[4 * g + j] | (q[16 + 4 * g + j] << 4);
-                            }
-                        }
-                    }
-                    Decoded::Five { q, d } => {
-                        rec[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
-                        // mask 2g (+1): bit 4r+j is the fifth bit of column 4g+j (16+4g+j)
-                        for g in 0..4 {
-                            for j in 0..4 {
-                                let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
-                                rec[128 + (g * TILE + r) * 4 + j] =
-                                    (lo & 0x0f) | ((hi & 0x0f) << 4);
-                                let bit = 4 * r + j;
-                                rec[64 + 16 * g + bit / 8] |= (lo >> 4) << (bit % 8);
-                                rec[64 + 16 * g + 8 + bit / 8] |= (hi >> 4) << (bit % 8);
-                            }
-                        }
-                    }
-                    Decoded::Six { q, d_lo, d_hi } => {
-                        rec[4 * r..4 * r + 4].copy_from_slice(&d_lo.to_le_bytes());
-                        rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&d_hi.to_le_bytes());
-                        for g in 0..4 {
-                            for j in 0..4 {
-                                let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
-                                rec[256 + (g * TILE + r) * 4 + j] =
-                                    (lo & 0x0f) | ((hi & 0x0f) << 4);
-                                let bit = 4 * r + j;
-                                for (plane, shift) in [(128, 4), (192, 5)] {
-                                    let at = plane + 16 * g + bit / 8;
-                                    rec[at] |= ((lo >> shift) & 1) << (bit % 8);
-                                    rec[at + 8] |= ((hi >> shift) & 1) << (bit % 8);
-                                }
-                            }
-                        }
-                    }
-                    Decoded::Eight { q, d } => {
-                        rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
-                        for g in 0..8 {
-                            for j in 0..4 {
-                                rec[64 + (g * TILE + r) * 4 + j] = (q[4 * g + j] as u8) ^ 0x80;
-                            }
-                        }
+        lines
+            .chunks_mut(nb * rec_lines)
+            .enumerate()
+            .for_each(|(t, tile)| {
+                for r in 0..TILE.min(n - t * TILE) {
+                    let row = t * TILE + r;
+                    for b in 0..nb {
+                        let value = row * k + b * QK;
+                        let src = &data[value / values * bytes..][..bytes];
+                        let rec = as_bytes_mut(&mut tile[b * rec_lines..(b + 1) * rec_lines]);
+                        pack(format, rec, r, decode(src, value % values / QK));
                     }
                 }
-            }
-        }
+            });
         Some(Self {
             format,
             n,
@@ -698,6 +642,67 @@ impl TiledMatrix {
         }
         for (o, a) in out.iter_mut().zip(acc) {
             _mm512_storeu_ps(o.as_mut_ptr(), a);
+        }
+    }
+}
+
+/// Row `r` of a tile's block record: its scales, and its weights in the format's layout.
+fn pack(format: TileFormat, rec: &mut [u8], r: usize, decoded: Decoded) {
+    match decoded {
+        Decoded::Four { q, d, m } => {
+            let nibbles = if format == TileFormat::Q4K {
+                rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+                rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
+                128
+            } else {
+                // from f16 values: exact
+                rec[2 * r..2 * r + 2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                rec[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&f16::from_f32(m).to_le_bytes());
+                64
+            };
+            // group g, bytes j: columns 4g+j (low nibble) and 16+4g+j (high)
+            for g in 0..4 {
+                for j in 0..4 {
+                    rec[nibbles + (g * TILE + r) * 4 + j] = q[4 * g + j] | (q[16 + 4 * g + j] << 4);
+                }
+            }
+        }
+        Decoded::Five { q, d } => {
+            rec[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
+            // mask 2g (+1): bit 4r+j is the fifth bit of column 4g+j (16+4g+j)
+            for g in 0..4 {
+                for j in 0..4 {
+                    let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
+                    rec[128 + (g * TILE + r) * 4 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
+                    let bit = 4 * r + j;
+                    rec[64 + 16 * g + bit / 8] |= (lo >> 4) << (bit % 8);
+                    rec[64 + 16 * g + 8 + bit / 8] |= (hi >> 4) << (bit % 8);
+                }
+            }
+        }
+        Decoded::Six { q, d_lo, d_hi } => {
+            rec[4 * r..4 * r + 4].copy_from_slice(&d_lo.to_le_bytes());
+            rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&d_hi.to_le_bytes());
+            for g in 0..4 {
+                for j in 0..4 {
+                    let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
+                    rec[256 + (g * TILE + r) * 4 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
+                    let bit = 4 * r + j;
+                    for (plane, shift) in [(128, 4), (192, 5)] {
+                        let at = plane + 16 * g + bit / 8;
+                        rec[at] |= ((lo >> shift) & 1) << (bit % 8);
+                        rec[at + 8] |= ((hi >> shift) & 1) << (bit % 8);
+                    }
+                }
+            }
+        }
+        Decoded::Eight { q, d } => {
+            rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+            for g in 0..8 {
+                for j in 0..4 {
+                    rec[64 + (g * TILE + r) * 4 + j] = (q[4 * g + j] as u8) ^ 0x80;
+                }
+            }
         }
     }
 }
