@@ -24,6 +24,12 @@ use half::f16;
 
 use super::pool::{self, SyncPtr};
 
+mod gguf;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use gguf::{gguf_block, pack, GgufBlock};
+
 /// Output rows per tile (one 512-bit register of f32).
 pub const TILE: usize = 16;
 /// Columns per block.
@@ -99,154 +105,8 @@ pub fn available() -> bool {
     }
 }
 
-/// A block of 32 weights decoded from its GGUF bytes: 4-bit (`w = d·q + m`), 5-bit
-/// (`w = d·(q - 16)`) or 8-bit (`w = d·q`).
-enum Decoded {
-    Four {
-        q: [u8; QK],
-        d: f32,
-        m: f32,
-    },
-    Five {
-        q: [u8; QK],
-        d: f16,
-    },
-    /// `w = d_lo·(q - 32)` for columns 0..16, `d_hi·(q - 32)` for 16..32.
-    Six {
-        q: [u8; QK],
-        d_lo: f32,
-        d_hi: f32,
-    },
-    Eight {
-        q: [i8; QK],
-        d: f32,
-    },
-}
-
 fn f16_at(b: &[u8], i: usize) -> f16 {
     f16::from_le_bytes([b[i], b[i + 1]])
-}
-
-/// Decodes 32-value sub-block `sub` of one GGUF block.
-type Decoder = fn(&[u8], usize) -> Decoded;
-
-/// A GGUF type the tiles take: values and bytes per GGUF block, the tile format, the decoder.
-/// Q4_0 becomes Q4_1 with `m = -8d`, exactly.
-struct GgufBlock {
-    values: usize,
-    bytes: usize,
-    format: TileFormat,
-    decode: Decoder,
-}
-
-fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
-    fn q4_0(b: &[u8], _: usize) -> Decoded {
-        let d = f16_at(b, 0);
-        let mut q = [0u8; QK];
-        for j in 0..16 {
-            q[j] = b[2 + j] & 0x0f;
-            q[j + 16] = b[2 + j] >> 4;
-        }
-        Decoded::Four {
-            q,
-            d: d.to_f32(),
-            m: f16::from_f32(-8.0 * d.to_f32()).to_f32(),
-        }
-    }
-    fn q4_1(b: &[u8], _: usize) -> Decoded {
-        let mut q = [0u8; QK];
-        for j in 0..16 {
-            q[j] = b[4 + j] & 0x0f;
-            q[j + 16] = b[4 + j] >> 4;
-        }
-        Decoded::Four {
-            q,
-            d: f16_at(b, 0).to_f32(),
-            m: f16_at(b, 2).to_f32(),
-        }
-    }
-    fn q4k(b: &[u8], sub: usize) -> Decoded {
-        // d, dmin, 12 bytes of 6-bit scales and mins, then 32-byte chunks whose low nibbles
-        // are sub-block 2c and high nibbles sub-block 2c + 1
-        let (d, dmin) = (f16_at(b, 0).to_f32(), f16_at(b, 2).to_f32());
-        let sc = &b[4..16];
-        let (scale, min) = if sub < 4 {
-            (sc[sub] & 63, sc[sub + 4] & 63)
-        } else {
-            (
-                (sc[sub + 4] & 0x0f) | ((sc[sub - 4] >> 6) << 4),
-                (sc[sub + 4] >> 4) | ((sc[sub] >> 6) << 4),
-            )
-        };
-        let chunk = &b[16 + 32 * (sub / 2)..][..32];
-        let mut q = [0u8; QK];
-        for (v, &x) in q.iter_mut().zip(chunk) {
-            *v = if sub.is_multiple_of(2) {
-                x & 0x0f
-            } else {
-                x >> 4
-            };
-        }
-        Decoded::Four {
-            q,
-            d: d * scale as f32,
-            m: -(dmin * min as f32),
-        }
-    }
-    fn q6k(b: &[u8], sub: usize) -> Decoded {
-        // 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales, f16 d; each half
-        // of 128 values: ql[l] / ql[l + 32] low then high nibbles, qh[l] bit pairs 0..4
-        let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
-        let d = f16_at(b, 208).to_f32();
-        let (half, quarter) = (sub / 4, sub % 4);
-        let mut q = [0u8; QK];
-        for (l, v) in q.iter_mut().enumerate() {
-            let low = ql[64 * half + l + 32 * (quarter % 2)];
-            let low = if quarter < 2 { low & 0x0f } else { low >> 4 };
-            let high = (qh[32 * half + l] >> (2 * quarter)) & 3;
-            *v = low | (high << 4);
-        }
-        let scale = |i: usize| d * sc[8 * half + i + 2 * quarter] as i8 as f32;
-        Decoded::Six {
-            q,
-            d_lo: scale(0),
-            d_hi: scale(1),
-        }
-    }
-    fn q5_0(b: &[u8], _: usize) -> Decoded {
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let mut q = [0u8; QK];
-        for j in 0..16 {
-            q[j] = (b[6 + j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
-            q[j + 16] = (b[6 + j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-        }
-        Decoded::Five { q, d: f16_at(b, 0) }
-    }
-    fn q8_0(b: &[u8], _: usize) -> Decoded {
-        let mut q = [0i8; QK];
-        for (v, &x) in q.iter_mut().zip(&b[2..2 + QK]) {
-            *v = x as i8;
-        }
-        Decoded::Eight {
-            q,
-            d: f16_at(b, 0).to_f32(),
-        }
-    }
-    let (values, bytes, format, decode): (usize, usize, TileFormat, Decoder) = match dtype {
-        GgmlDType::Q4_0 => (QK, 18, TileFormat::Q4_1, q4_0),
-        GgmlDType::Q4_1 => (QK, 20, TileFormat::Q4_1, q4_1),
-        GgmlDType::Q4K => (256, 144, TileFormat::Q4K, q4k),
-        GgmlDType::Q5_0 => (QK, 22, TileFormat::Q5_0, q5_0),
-        GgmlDType::Q6K => (256, 210, TileFormat::Q6K, q6k),
-        GgmlDType::Q8_0 => (QK, 34, TileFormat::Q8_0, q8_0),
-        _ => return None,
-    };
-    Some(GgufBlock {
-        values,
-        bytes,
-        format,
-        decode,
-    })
 }
 
 impl TiledMatrix {
@@ -343,7 +203,7 @@ impl TiledMatrix {
                     }
                 }
                 TileFormat::Q8_0 => {
-                    let d = f32::from_le_bytes(rec[4 * r..4 * r + 4].try_into().unwrap_or([0; 4]));
+                    let d = f32_at(rec, 4 * r);
                     for (c, v) in o.iter_mut().enumerate() {
                         *v = byte8(rec, r, c) as f32 * d;
                     }
@@ -402,10 +262,10 @@ impl TiledMatrix {
             #[cfg(target_arch = "x86_64")]
             if simd {
                 match r {
-                    4 => self.tile_avx512::<4>(t, i, act, &mut acc),
-                    3 => self.tile_avx512::<3>(t, i, act, &mut acc),
-                    2 => self.tile_avx512::<2>(t, i, act, &mut acc),
-                    _ => self.tile_avx512::<1>(t, i, act, &mut acc),
+                    4 => x86::tile::<4>(self, t, i, act, &mut acc),
+                    3 => x86::tile::<3>(self, t, i, act, &mut acc),
+                    2 => x86::tile::<2>(self, t, i, act, &mut acc),
+                    _ => x86::tile::<1>(self, t, i, act, &mut acc),
                 }
             } else {
                 self.tile_portable(t, i, r, act, &mut acc);
@@ -471,236 +331,10 @@ impl TiledMatrix {
                             let isum: i32 = (0..QK)
                                 .map(|c| byte8(rec, lane, c) as i32 * xq[c] as i32)
                                 .sum();
-                            let d = f32::from_le_bytes(
-                                rec[4 * lane..4 * lane + 4].try_into().unwrap_or([0; 4]),
-                            );
+                            let d = f32_at(rec, 4 * lane);
                             *out = (isum as f32).mul_add(d * dx, *out);
                         }
                     }
-                }
-            }
-        }
-    }
-
-    /// `R` activation rows from `first` against tile `t`; each weight block is loaded (and for
-    /// 4-bit, unpacked) once for all `R` rows.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn tile_avx512<const R: usize>(
-        &self,
-        t: usize,
-        first: usize,
-        act: &Activations,
-        out: &mut [[f32; TILE]; ROWS],
-    ) {
-        use std::arch::x86_64::*;
-        let nb = self.k / QK;
-        let rec_bytes = self.format.record();
-        let base = (self.lines.as_ptr() as *const u8).add(t * nb * rec_bytes);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let xq = |row: usize, b: usize, word: usize| -> __m512i {
-            let p = act.q.as_ptr().add(row * self.k + b * QK + 4 * word) as *const i32;
-            _mm512_set1_epi32(p.read_unaligned())
-        };
-        match self.format {
-            TileFormat::Q4_1 | TileFormat::Q4K => {
-                let low = _mm512_set1_epi8(0x0f);
-                let f32_scales = self.format == TileFormat::Q4K;
-                for b in 0..nb {
-                    let rec = base.add(b * rec_bytes);
-                    let (d, m, nibbles) = if f32_scales {
-                        let d = _mm512_load_ps(rec as *const f32);
-                        (d, _mm512_load_ps(rec.add(64) as *const f32), 128)
-                    } else {
-                        let d = _mm512_cvtph_ps(_mm256_load_si256(rec as *const __m256i));
-                        let m = _mm512_cvtph_ps(_mm256_load_si256(rec.add(32) as *const __m256i));
-                        (d, m, 64)
-                    };
-                    let mut lo = [_mm512_setzero_si512(); 4];
-                    let mut hi = [_mm512_setzero_si512(); 4];
-                    for g in 0..4 {
-                        let w = _mm512_load_si512(rec.add(nibbles + 64 * g) as *const __m512i);
-                        lo[g] = _mm512_and_si512(w, low);
-                        hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-                    }
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        let row = first + j;
-                        let mut s0 = _mm512_setzero_si512();
-                        let mut s1 = _mm512_setzero_si512();
-                        for g in 0..4 {
-                            s0 = _mm512_dpbusd_epi32(s0, lo[g], xq(row, b, g));
-                            s1 = _mm512_dpbusd_epi32(s1, hi[g], xq(row, b, 4 + g));
-                        }
-                        let isum = _mm512_add_epi32(s0, s1);
-                        let i = row * nb + b;
-                        let scale = _mm512_mul_ps(d, _mm512_set1_ps(*act.d.get_unchecked(i)));
-                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *a);
-                        *a = _mm512_fmadd_ps(m, _mm512_set1_ps(*act.s.get_unchecked(i)), *a);
-                    }
-                }
-            }
-            TileFormat::Q5_0 => {
-                let low = _mm512_set1_epi8(0x0f);
-                let sixteen = _mm512_set1_epi8(16);
-                for b in 0..nb {
-                    let rec = base.add(b * rec_bytes);
-                    let d = _mm512_cvtph_ps(_mm256_load_si256(rec as *const __m256i));
-                    let mut lo = [_mm512_setzero_si512(); 4];
-                    let mut hi = [_mm512_setzero_si512(); 4];
-                    for g in 0..4 {
-                        let w = _mm512_load_si512(rec.add(128 + 64 * g) as *const __m512i);
-                        let masks = rec.add(64 + 16 * g) as *const u64;
-                        let l = _mm512_and_si512(w, low);
-                        let h = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-                        lo[g] = _mm512_mask_add_epi8(l, masks.read_unaligned(), l, sixteen);
-                        hi[g] = _mm512_mask_add_epi8(h, masks.add(1).read_unaligned(), h, sixteen);
-                    }
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        let row = first + j;
-                        let mut s0 = _mm512_setzero_si512();
-                        let mut s1 = _mm512_setzero_si512();
-                        for g in 0..4 {
-                            s0 = _mm512_dpbusd_epi32(s0, lo[g], xq(row, b, g));
-                            s1 = _mm512_dpbusd_epi32(s1, hi[g], xq(row, b, 4 + g));
-                        }
-                        // the weights are stored + 16
-                        let i = row * nb + b;
-                        let bias = _mm512_set1_epi32(16 * *act.sum.get_unchecked(i));
-                        let isum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), bias);
-                        let scale = _mm512_mul_ps(d, _mm512_set1_ps(*act.d.get_unchecked(i)));
-                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *a);
-                    }
-                }
-            }
-            TileFormat::Q6K => {
-                let low = _mm512_set1_epi8(0x0f);
-                let (sixteen, thirty_two) = (_mm512_set1_epi8(16), _mm512_set1_epi8(32));
-                for b in 0..nb {
-                    let rec = base.add(b * rec_bytes);
-                    let d_lo = _mm512_load_ps(rec as *const f32);
-                    let d_hi = _mm512_load_ps(rec.add(64) as *const f32);
-                    let mut lo = [_mm512_setzero_si512(); 4];
-                    let mut hi = [_mm512_setzero_si512(); 4];
-                    for g in 0..4 {
-                        let w = _mm512_load_si512(rec.add(256 + 64 * g) as *const __m512i);
-                        let fifth = rec.add(128 + 16 * g) as *const u64;
-                        let sixth = rec.add(192 + 16 * g) as *const u64;
-                        let mut l = _mm512_and_si512(w, low);
-                        let mut h = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-                        l = _mm512_mask_add_epi8(l, fifth.read_unaligned(), l, sixteen);
-                        l = _mm512_mask_add_epi8(l, sixth.read_unaligned(), l, thirty_two);
-                        h = _mm512_mask_add_epi8(h, fifth.add(1).read_unaligned(), h, sixteen);
-                        h = _mm512_mask_add_epi8(h, sixth.add(1).read_unaligned(), h, thirty_two);
-                        lo[g] = l;
-                        hi[g] = h;
-                    }
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        let row = first + j;
-                        let mut s0 = _mm512_setzero_si512();
-                        let mut s1 = _mm512_setzero_si512();
-                        for g in 0..4 {
-                            s0 = _mm512_dpbusd_epi32(s0, lo[g], xq(row, b, g));
-                            s1 = _mm512_dpbusd_epi32(s1, hi[g], xq(row, b, 4 + g));
-                        }
-                        // the weights are stored + 32; each half has its own scale
-                        let i = row * nb + b;
-                        let (sum, sum_lo) =
-                            (*act.sum.get_unchecked(i), *act.sum_lo.get_unchecked(i));
-                        let isum_lo = _mm512_sub_epi32(s0, _mm512_set1_epi32(32 * sum_lo));
-                        let isum_hi = _mm512_sub_epi32(s1, _mm512_set1_epi32(32 * (sum - sum_lo)));
-                        let dx = _mm512_set1_ps(*act.d.get_unchecked(i));
-                        let scale_lo = _mm512_mul_ps(d_lo, dx);
-                        let scale_hi = _mm512_mul_ps(d_hi, dx);
-                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum_lo), scale_lo, *a);
-                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum_hi), scale_hi, *a);
-                    }
-                }
-            }
-            TileFormat::Q8_0 => {
-                for b in 0..nb {
-                    let rec = base.add(b * rec_bytes);
-                    let d = _mm512_load_ps(rec as *const f32);
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        let row = first + j;
-                        let mut s0 = _mm512_setzero_si512();
-                        let mut s1 = _mm512_setzero_si512();
-                        for g in 0..4 {
-                            let w0 = _mm512_load_si512(rec.add(64 + 128 * g) as *const __m512i);
-                            let w1 = _mm512_load_si512(rec.add(128 + 128 * g) as *const __m512i);
-                            s0 = _mm512_dpbusd_epi32(s0, w0, xq(row, b, 2 * g));
-                            s1 = _mm512_dpbusd_epi32(s1, w1, xq(row, b, 2 * g + 1));
-                        }
-                        // the weights were stored + 128
-                        let i = row * nb + b;
-                        let bias = _mm512_set1_epi32(128 * *act.sum.get_unchecked(i));
-                        let isum = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), bias);
-                        let scale = _mm512_mul_ps(d, _mm512_set1_ps(*act.d.get_unchecked(i)));
-                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *a);
-                    }
-                }
-            }
-        }
-        for (o, a) in out.iter_mut().zip(acc) {
-            _mm512_storeu_ps(o.as_mut_ptr(), a);
-        }
-    }
-}
-
-/// Row `r` of a tile's block record: its scales, and its weights in the format's layout.
-fn pack(format: TileFormat, rec: &mut [u8], r: usize, decoded: Decoded) {
-    match decoded {
-        Decoded::Four { q, d, m } => {
-            let nibbles = if format == TileFormat::Q4K {
-                rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
-                rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
-                128
-            } else {
-                // from f16 values: exact
-                rec[2 * r..2 * r + 2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-                rec[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&f16::from_f32(m).to_le_bytes());
-                64
-            };
-            // group g, bytes j: columns 4g+j (low nibble) and 16+4g+j (high)
-            for g in 0..4 {
-                for j in 0..4 {
-                    rec[nibbles + (g * TILE + r) * 4 + j] = q[4 * g + j] | (q[16 + 4 * g + j] << 4);
-                }
-            }
-        }
-        Decoded::Five { q, d } => {
-            rec[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
-            // mask 2g (+1): bit 4r+j is the fifth bit of column 4g+j (16+4g+j)
-            for g in 0..4 {
-                for j in 0..4 {
-                    let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
-                    rec[128 + (g * TILE + r) * 4 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
-                    let bit = 4 * r + j;
-                    rec[64 + 16 * g + bit / 8] |= (lo >> 4) << (bit % 8);
-                    rec[64 + 16 * g + 8 + bit / 8] |= (hi >> 4) << (bit % 8);
-                }
-            }
-        }
-        Decoded::Six { q, d_lo, d_hi } => {
-            rec[4 * r..4 * r + 4].copy_from_slice(&d_lo.to_le_bytes());
-            rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&d_hi.to_le_bytes());
-            for g in 0..4 {
-                for j in 0..4 {
-                    let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
-                    rec[256 + (g * TILE + r) * 4 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
-                    let bit = 4 * r + j;
-                    for (plane, shift) in [(128, 4), (192, 5)] {
-                        let at = plane + 16 * g + bit / 8;
-                        rec[at] |= ((lo >> shift) & 1) << (bit % 8);
-                        rec[at + 8] |= ((hi >> shift) & 1) << (bit % 8);
-                    }
-                }
-            }
-        }
-        Decoded::Eight { q, d } => {
-            rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
-            for g in 0..8 {
-                for j in 0..4 {
-                    rec[64 + (g * TILE + r) * 4 + j] = (q[4 * g + j] as u8) ^ 0x80;
                 }
             }
         }
@@ -797,7 +431,7 @@ impl Activations {
             #[cfg(target_arch = "x86_64")]
             let (d, sum, sum_lo) = if simd {
                 // SAFETY: AVX-512 F/BW present (`available`); both slices are one block long.
-                unsafe { quantize_block_avx512(xs, qs) }
+                unsafe { x86::quantize_block(xs, qs) }
             } else {
                 quantize_block(xs, qs)
             };
@@ -831,29 +465,6 @@ fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32, i32) {
         }
     }
     (d, sum, sum_lo)
-}
-
-/// [`quantize_block`] in two 16-lane registers, bit for bit.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_block_avx512(xs: &[f32], qs: &mut [i8]) -> (f32, i32, i32) {
-    use std::arch::x86_64::*;
-    debug_assert!(xs.len() == QK && qs.len() == QK);
-    let x0 = _mm512_loadu_ps(xs.as_ptr());
-    let x1 = _mm512_loadu_ps(xs.as_ptr().add(16));
-    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
-    let d = amax / 127.0;
-    let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
-    // cvtps2dq rounds to nearest, ties to even (the default MXCSR mode)
-    let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, inv));
-    let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, inv));
-    _mm_storeu_si128(qs.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
-    _mm_storeu_si128(
-        qs.as_mut_ptr().add(16) as *mut __m128i,
-        _mm512_cvtepi32_epi8(q1),
-    );
-    let sum_lo = _mm512_reduce_add_epi32(q0);
-    (d, sum_lo + _mm512_reduce_add_epi32(q1), sum_lo)
 }
 
 /// `x W^T` as a candle op: `x` `[.., k]` f32, contiguous → `[.., n]`.
@@ -973,7 +584,7 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             if available() {
                 // SAFETY: AVX-512 present.
-                let got = unsafe { quantize_block_avx512(xs, &mut b) };
+                let got = unsafe { x86::quantize_block(xs, &mut b) };
                 assert_eq!((got, b), (want, a));
             }
             let _ = &mut b;

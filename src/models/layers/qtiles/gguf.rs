@@ -1,0 +1,214 @@
+//! GGUF blocks into tile records: each supported type's decoder (one 32-value block at a
+//! time) and the packing of one row of a record in its tile format.
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+use super::{f16_at, TileFormat, QK, TILE};
+
+/// A block of 32 weights decoded from its GGUF bytes: 4-bit (`w = d·q + m`), 5-bit
+/// (`w = d·(q - 16)`) or 8-bit (`w = d·q`).
+pub(super) enum Decoded {
+    Four {
+        q: [u8; QK],
+        d: f32,
+        m: f32,
+    },
+    Five {
+        q: [u8; QK],
+        d: f16,
+    },
+    /// `w = d_lo·(q - 32)` for columns 0..16, `d_hi·(q - 32)` for 16..32.
+    Six {
+        q: [u8; QK],
+        d_lo: f32,
+        d_hi: f32,
+    },
+    Eight {
+        q: [i8; QK],
+        d: f32,
+    },
+}
+
+/// Decodes 32-value sub-block `sub` of one GGUF block.
+pub(super) type Decoder = fn(&[u8], usize) -> Decoded;
+
+/// A GGUF type the tiles take: values and bytes per GGUF block, the tile format, the decoder.
+/// Q4_0 becomes Q4_1 with `m = -8d`, exactly.
+pub(super) struct GgufBlock {
+    pub values: usize,
+    pub bytes: usize,
+    pub format: TileFormat,
+    pub decode: Decoder,
+}
+
+pub(super) fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
+    fn q4_0(b: &[u8], _: usize) -> Decoded {
+        let d = f16_at(b, 0);
+        let mut q = [0u8; QK];
+        for j in 0..16 {
+            q[j] = b[2 + j] & 0x0f;
+            q[j + 16] = b[2 + j] >> 4;
+        }
+        Decoded::Four {
+            q,
+            d: d.to_f32(),
+            m: f16::from_f32(-8.0 * d.to_f32()).to_f32(),
+        }
+    }
+    fn q4_1(b: &[u8], _: usize) -> Decoded {
+        let mut q = [0u8; QK];
+        for j in 0..16 {
+            q[j] = b[4 + j] & 0x0f;
+            q[j + 16] = b[4 + j] >> 4;
+        }
+        Decoded::Four {
+            q,
+            d: f16_at(b, 0).to_f32(),
+            m: f16_at(b, 2).to_f32(),
+        }
+    }
+    fn q4k(b: &[u8], sub: usize) -> Decoded {
+        // d, dmin, 12 bytes of 6-bit scales and mins, then 32-byte chunks whose low nibbles
+        // are sub-block 2c and high nibbles sub-block 2c + 1
+        let (d, dmin) = (f16_at(b, 0).to_f32(), f16_at(b, 2).to_f32());
+        let sc = &b[4..16];
+        let (scale, min) = if sub < 4 {
+            (sc[sub] & 63, sc[sub + 4] & 63)
+        } else {
+            (
+                (sc[sub + 4] & 0x0f) | ((sc[sub - 4] >> 6) << 4),
+                (sc[sub + 4] >> 4) | ((sc[sub] >> 6) << 4),
+            )
+        };
+        let chunk = &b[16 + 32 * (sub / 2)..][..32];
+        let mut q = [0u8; QK];
+        for (v, &x) in q.iter_mut().zip(chunk) {
+            *v = if sub.is_multiple_of(2) {
+                x & 0x0f
+            } else {
+                x >> 4
+            };
+        }
+        Decoded::Four {
+            q,
+            d: d * scale as f32,
+            m: -(dmin * min as f32),
+        }
+    }
+    fn q6k(b: &[u8], sub: usize) -> Decoded {
+        // 128 bytes of low nibbles, 64 of high bit pairs, 16 signed scales, f16 d; each half
+        // of 128 values: ql[l] / ql[l + 32] low then high nibbles, qh[l] bit pairs 0..4
+        let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+        let d = f16_at(b, 208).to_f32();
+        let (half, quarter) = (sub / 4, sub % 4);
+        let mut q = [0u8; QK];
+        for (l, v) in q.iter_mut().enumerate() {
+            let low = ql[64 * half + l + 32 * (quarter % 2)];
+            let low = if quarter < 2 { low & 0x0f } else { low >> 4 };
+            let high = (qh[32 * half + l] >> (2 * quarter)) & 3;
+            *v = low | (high << 4);
+        }
+        let scale = |i: usize| d * sc[8 * half + i + 2 * quarter] as i8 as f32;
+        Decoded::Six {
+            q,
+            d_lo: scale(0),
+            d_hi: scale(1),
+        }
+    }
+    fn q5_0(b: &[u8], _: usize) -> Decoded {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let mut q = [0u8; QK];
+        for j in 0..16 {
+            q[j] = (b[6 + j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+            q[j + 16] = (b[6 + j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+        }
+        Decoded::Five { q, d: f16_at(b, 0) }
+    }
+    fn q8_0(b: &[u8], _: usize) -> Decoded {
+        let mut q = [0i8; QK];
+        for (v, &x) in q.iter_mut().zip(&b[2..2 + QK]) {
+            *v = x as i8;
+        }
+        Decoded::Eight {
+            q,
+            d: f16_at(b, 0).to_f32(),
+        }
+    }
+    let (values, bytes, format, decode): (usize, usize, TileFormat, Decoder) = match dtype {
+        GgmlDType::Q4_0 => (QK, 18, TileFormat::Q4_1, q4_0),
+        GgmlDType::Q4_1 => (QK, 20, TileFormat::Q4_1, q4_1),
+        GgmlDType::Q4K => (256, 144, TileFormat::Q4K, q4k),
+        GgmlDType::Q5_0 => (QK, 22, TileFormat::Q5_0, q5_0),
+        GgmlDType::Q6K => (256, 210, TileFormat::Q6K, q6k),
+        GgmlDType::Q8_0 => (QK, 34, TileFormat::Q8_0, q8_0),
+        _ => return None,
+    };
+    Some(GgufBlock {
+        values,
+        bytes,
+        format,
+        decode,
+    })
+}
+
+/// Row `r` of a tile's block record: its scales, and its weights in the format's layout.
+pub(super) fn pack(format: TileFormat, rec: &mut [u8], r: usize, decoded: Decoded) {
+    match decoded {
+        Decoded::Four { q, d, m } => {
+            let nibbles = if format == TileFormat::Q4K {
+                rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+                rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
+                128
+            } else {
+                // from f16 values: exact
+                rec[2 * r..2 * r + 2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                rec[32 + 2 * r..32 + 2 * r + 2].copy_from_slice(&f16::from_f32(m).to_le_bytes());
+                64
+            };
+            // group g, bytes j: columns 4g+j (low nibble) and 16+4g+j (high)
+            for g in 0..4 {
+                for j in 0..4 {
+                    rec[nibbles + (g * TILE + r) * 4 + j] = q[4 * g + j] | (q[16 + 4 * g + j] << 4);
+                }
+            }
+        }
+        Decoded::Five { q, d } => {
+            rec[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
+            // mask 2g (+1): bit 4r+j is the fifth bit of column 4g+j (16+4g+j)
+            for g in 0..4 {
+                for j in 0..4 {
+                    let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
+                    rec[128 + (g * TILE + r) * 4 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
+                    let bit = 4 * r + j;
+                    rec[64 + 16 * g + bit / 8] |= (lo >> 4) << (bit % 8);
+                    rec[64 + 16 * g + 8 + bit / 8] |= (hi >> 4) << (bit % 8);
+                }
+            }
+        }
+        Decoded::Six { q, d_lo, d_hi } => {
+            rec[4 * r..4 * r + 4].copy_from_slice(&d_lo.to_le_bytes());
+            rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&d_hi.to_le_bytes());
+            for g in 0..4 {
+                for j in 0..4 {
+                    let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
+                    rec[256 + (g * TILE + r) * 4 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
+                    let bit = 4 * r + j;
+                    for (plane, shift) in [(128, 4), (192, 5)] {
+                        let at = plane + 16 * g + bit / 8;
+                        rec[at] |= ((lo >> shift) & 1) << (bit % 8);
+                        rec[at + 8] |= ((hi >> shift) & 1) << (bit % 8);
+                    }
+                }
+            }
+        }
+        Decoded::Eight { q, d } => {
+            rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+            for g in 0..8 {
+                for j in 0..4 {
+                    rec[64 + (g * TILE + r) * 4 + j] = (q[4 * g + j] as u8) ^ 0x80;
+                }
+            }
+        }
+    }
+}
