@@ -236,11 +236,39 @@ impl Elem for f16 {
 /// and value `j` start at `keys[k_offs[j]]` and `values[v_offs[j]]`; `p` and `scores` are
 /// `chunk` rows of `n = k_offs.len()`.
 trait Lanes {
+    /// `scores[c * n + j] = scale * dot(q_c, key_j)`.
+    fn scores<E: Elem>(
+        q: &[f32],
+        hd: usize,
+        keys: &[E],
+        k_offs: &[usize],
+        scale: f32,
+        scores: &mut [f32],
+    );
+
+    /// `row[j] = exp(row[j] - max(row))` in place; returns their sum.
+    fn softmax_numerators(row: &mut [f32]) -> f32;
+
+    /// `o[c] = inv[c] * Σ_j p[c * n + j] * value_j` for each of the `inv.len()` heads.
+    fn weighted_values<E: Elem>(
+        o: &mut [f32],
+        vd: usize,
+        p: &[f32],
+        values: &[E],
+        v_offs: &[usize],
+        inv: &[f32],
+    );
+}
+
+/// Lanes built from two row operations, a key or value row at a time (the portable and AVX2
+/// lanes).
+trait RowLanes {
     fn dot(a: &[f32], b: &[f32]) -> f32;
     /// `o += p * v`.
     fn axpy(o: &mut [f32], p: f32, v: &[f32]);
+}
 
-    /// `scores[c * n + j] = scale * dot(q_c, key_j)`.
+impl<L: RowLanes> Lanes for L {
     #[inline(always)]
     fn scores<E: Elem>(
         q: &[f32],
@@ -260,7 +288,6 @@ trait Lanes {
         }
     }
 
-    /// `row[j] = exp(row[j] - max(row))` in place; returns their sum.
     #[inline(always)]
     fn softmax_numerators(row: &mut [f32]) -> f32 {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -272,7 +299,6 @@ trait Lanes {
         sum
     }
 
-    /// `o[c] = inv[c] * Σ_j p[c * n + j] * value_j` for each of the `inv.len()` heads.
     #[inline(always)]
     fn weighted_values<E: Elem>(
         o: &mut [f32],
@@ -346,7 +372,7 @@ impl<E: Elem> Item<'_, E> {
 /// Plain loops (eight independent accumulators for the dot product).
 struct Portable;
 
-impl Lanes for Portable {
+impl RowLanes for Portable {
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = [0f32; 8];

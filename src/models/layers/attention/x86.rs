@@ -2,12 +2,12 @@
 //! row loaded once for all heads of a chunk, a vectorised exp, the values summed in registers
 //! 16 output dimensions at a time, K/V rows prefetched a few keys ahead).
 
-use super::{Elem, Item, Lanes, Scratch};
+use super::{Elem, Item, Lanes, RowLanes, Scratch};
 
 /// 8-lane AVX2 FMA; only reached through [`item_avx2`].
 struct Avx2;
 
-impl Lanes for Avx2 {
+impl RowLanes for Avx2 {
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: only called from `item_avx2`, which requires AVX2 and FMA.
@@ -47,18 +47,6 @@ pub(super) unsafe fn item_avx512<E: Elem>(
 
 impl Lanes for Avx512 {
     #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: only called from `item_avx512`, which requires AVX-512F (so AVX2) and FMA.
-        unsafe { dot_avx2(a, b) }
-    }
-
-    #[inline(always)]
-    fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
-        // SAFETY: as above.
-        unsafe { axpy_avx2(o, p, v) }
-    }
-
-    #[inline(always)]
     fn scores<E: Elem>(
         q: &[f32],
         hd: usize,
@@ -67,7 +55,8 @@ impl Lanes for Avx512 {
         scale: f32,
         scores: &mut [f32],
     ) {
-        // SAFETY: as above; every K row `k_offs[j]..+hd` is inside `keys` (slots of the cache).
+        // SAFETY: only called from `item_avx512`, which requires AVX-512 F/BW/VL and FMA; every
+        // K row `k_offs[j]..+hd` is inside `keys` (slots of the cache).
         unsafe { scores_avx512(q, hd, keys, k_offs, scale, scores) }
     }
 
