@@ -226,6 +226,83 @@ fn group_limited_routing_is_what_matches_the_reference() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A copy of fixture `name` whose config.json has `changes` applied, in a fresh directory.
+fn altered_fixture(name: &str, tag: &str, changes: serde_json::Value) -> PathBuf {
+    let src = fixture(name);
+    let dir = std::env::temp_dir().join(format!("inferd-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    for (k, v) in changes.as_object().unwrap() {
+        cfg[k] = v.clone();
+    }
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    dir
+}
+
+fn load_error(dir: &Path) -> String {
+    let err = match load_model(dir, &Device::Cpu, Some(64)) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    };
+    std::fs::remove_dir_all(dir).ok();
+    err
+}
+
+/// A config that disagrees with its tensors fails at load, naming the tensor and both shapes
+/// (it used to load and serve garbage).
+#[test]
+fn a_config_that_disagrees_with_the_weights_fails_at_load() {
+    let dir = altered_fixture(
+        "qwen2-tied-hub",
+        "shape",
+        serde_json::json!({"intermediate_size": 192}),
+    );
+    let err = load_error(&dir);
+    assert!(
+        err.contains("model.layers.0.mlp.gate_proj.weight")
+            && err.contains("[128, 64]")
+            && err.contains("[192, 64]"),
+        "{err}"
+    );
+    // THUDM's fused query_key_value is checked whole: with one KV group instead of two, q/k/v
+    // would split 128 rows as 64 + 16 + 16.
+    let dir = altered_fixture(
+        "glm4-thudm",
+        "qkv",
+        serde_json::json!({"multi_query_group_num": 1}),
+    );
+    let err = load_error(&dir);
+    assert!(
+        err.contains("transformer.encoder.layers.0.self_attention.query_key_value.weight")
+            && err.contains("[128, 64]")
+            && err.contains("[96, 64]"),
+        "{err}"
+    );
+}
+
+/// An architecture no family reads is refused with the list of those that are.
+#[test]
+fn an_unknown_architecture_lists_the_supported_ones() {
+    let dir = altered_fixture(
+        "llama3-hub",
+        "arch",
+        serde_json::json!({"architectures": ["MambaForCausalLM"]}),
+    );
+    let err = load_error(&dir);
+    assert!(err.contains("`MambaForCausalLM`"), "{err}");
+    for arch in [
+        "LlamaForCausalLM",
+        "Qwen2ForCausalLM",
+        "GlmForCausalLM",
+        "ChatGLMModel",
+        "DeepseekV2ForCausalLM",
+    ] {
+        assert!(err.contains(arch), "{err}");
+    }
+}
+
 /// Write the `llama3-hub` fixture as llama.cpp's converter would: GGUF `llama`, Q/K rows
 /// permuted for adjacent-pair RoPE, and Llama 3.1's scaling as `rope_freqs.weight` divisors
 /// (only when `rope_freqs`).

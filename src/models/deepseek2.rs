@@ -10,12 +10,13 @@
 //! part with YaRN scaling (cos/sin scaled by its attention factor, the softmax scale by
 //! `mscale(factor, mscale_all_dim)^2`).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
+use super::family::{self, Family, FamilyConfig};
 use super::layers::{
-    paged_attend, AttnDims, GatedMlp, Linear, Moe, Pass, RmsNorm, RopeScaling, RopeStyle,
-    RotaryEmbedding, Routing, TopkMethod, Trunk,
+    paged_attend, AttnDims, GateUpLayout, GatedMlp, HfRope, Linear, Moe, MoeDims, Pass, RmsNorm,
+    RopeStyle, RotaryEmbedding, Routing, TopkMethod, Trunk, TrunkDims,
 };
 use super::weights::Weights;
 use super::{CacheSpec, CausalLm, ForwardBatch, KvCache, ModelError, Result};
@@ -33,8 +34,8 @@ pub struct DeepseekV2Config {
     pub n_routed_experts: Option<usize>,
     #[serde(default = "one")]
     pub routed_scaling_factor: f64,
-    #[serde(default = "greedy")]
-    pub topk_method: String,
+    #[serde(default)]
+    pub topk_method: TopkMethod,
     pub n_group: Option<usize>,
     pub topk_group: Option<usize>,
     pub num_experts_per_tok: Option<usize>,
@@ -44,15 +45,15 @@ pub struct DeepseekV2Config {
     pub first_k_dense_replace: usize,
     #[serde(default)]
     pub norm_topk_prob: bool,
-    pub scoring_func: Option<String>,
+    #[serde(default)]
+    pub scoring_func: ScoringFunc,
     pub q_lora_rank: Option<usize>,
     pub kv_lora_rank: usize,
     pub qk_nope_head_dim: usize,
     pub qk_rope_head_dim: usize,
     pub v_head_dim: usize,
-    pub rope_theta: Option<f64>,
-    pub rope_scaling: Option<serde_json::Value>,
-    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(flatten)]
+    pub rope: HfRope,
     pub rms_norm_eps: f64,
     pub max_position_embeddings: Option<usize>,
     #[serde(default)]
@@ -67,51 +68,44 @@ fn one() -> f64 {
 fn one_usize() -> usize {
     1
 }
-fn greedy() -> String {
-    "greedy".into()
+
+/// How router logits become probabilities; DeepSeek-V2 uses softmax (V3's sigmoid is not
+/// implemented, so a V3 config fails at parse).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScoringFunc {
+    #[default]
+    Softmax,
+}
+
+/// The DeepSeek-V2 family.
+pub const FAMILY: Family = Family {
+    name: "deepseek_v2",
+    hf_architectures: &["DeepseekV2ForCausalLM"],
+    from_hf: |v| Ok(Box::new(DeepseekV2Config::from_json(v)?)),
+    gguf: None,
+};
+
+impl FamilyConfig for DeepseekV2Config {
+    fn max_position_embeddings(&self) -> usize {
+        self.max_positions()
+    }
+
+    fn load(self: Box<Self>, w: &Weights, max_positions: usize) -> Result<Box<dyn CausalLm>> {
+        Ok(Box::new(DeepseekV2::load(*self, w, max_positions)?))
+    }
 }
 
 impl DeepseekV2Config {
     pub fn from_json(v: serde_json::Value) -> Result<Self> {
-        let c: Self = serde_json::from_value(v).map_err(|e| ModelError::Config(e.to_string()))?;
-        if let Some(f) = c.scoring_func.as_deref().filter(|f| *f != "softmax") {
-            return Err(ModelError::Unsupported(format!(
-                "DeepSeek scoring_func `{f}` (DeepSeek-V2 uses softmax)"
-            )));
-        }
-        c.topk()?;
+        let c: Self = family::parse(v)?;
         if c.moe_layer_freq == 0 {
             return Err(ModelError::Config(
                 "moe_layer_freq must be at least 1".into(),
             ));
         }
+        c.rope.scaling().map_err(ModelError::Config)?;
         Ok(c)
-    }
-
-    fn topk(&self) -> Result<TopkMethod> {
-        match self.topk_method.as_str() {
-            "greedy" => Ok(TopkMethod::Greedy),
-            "group_limited_greedy" => Ok(TopkMethod::GroupLimitedGreedy),
-            other => Err(ModelError::Unsupported(format!(
-                "DeepSeek topk_method `{other}` (supported: greedy, group_limited_greedy)"
-            ))),
-        }
-    }
-
-    fn rope_theta(&self) -> f64 {
-        self.rope_theta
-            .or_else(|| {
-                self.rope_parameters
-                    .as_ref()
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(|v| v.as_f64())
-            })
-            .unwrap_or(10_000.0)
-    }
-
-    fn rope_scaling(&self) -> Result<RopeScaling> {
-        RopeScaling::from_hf(self.rope_scaling.as_ref().or(self.rope_parameters.as_ref()))
-            .map_err(ModelError::Config)
     }
 
     fn is_moe_layer(&self, i: usize) -> bool {
@@ -122,73 +116,6 @@ impl DeepseekV2Config {
 
     pub fn max_positions(&self) -> usize {
         self.max_position_embeddings.unwrap_or(4096)
-    }
-
-    /// Every weight's Hugging Face name and shape (for generated checkpoints).
-    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, heads) = (self.hidden_size, self.num_attention_heads);
-        let (nope, rope, v, lora) = (
-            self.qk_nope_head_dim,
-            self.qk_rope_head_dim,
-            self.v_head_dim,
-            self.kv_lora_rank,
-        );
-        let mut w = vec![
-            (
-                "model.embed_tokens.weight".to_string(),
-                vec![self.vocab_size, h],
-            ),
-            ("model.norm.weight".to_string(), vec![h]),
-        ];
-        if !self.tie_word_embeddings {
-            w.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
-        }
-        let mlp = |w: &mut Vec<(String, Vec<usize>)>, p: String, i: usize| {
-            w.push((format!("{p}.gate_proj.weight"), vec![i, h]));
-            w.push((format!("{p}.up_proj.weight"), vec![i, h]));
-            w.push((format!("{p}.down_proj.weight"), vec![h, i]));
-        };
-        for l in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let a = format!("{p}.self_attn");
-            w.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            w.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            match self.q_lora_rank {
-                None => w.push((format!("{a}.q_proj.weight"), vec![heads * (nope + rope), h])),
-                Some(r) => {
-                    w.push((format!("{a}.q_a_proj.weight"), vec![r, h]));
-                    w.push((format!("{a}.q_a_layernorm.weight"), vec![r]));
-                    w.push((
-                        format!("{a}.q_b_proj.weight"),
-                        vec![heads * (nope + rope), r],
-                    ));
-                }
-            }
-            w.push((
-                format!("{a}.kv_a_proj_with_mqa.weight"),
-                vec![lora + rope, h],
-            ));
-            w.push((format!("{a}.kv_a_layernorm.weight"), vec![lora]));
-            w.push((
-                format!("{a}.kv_b_proj.weight"),
-                vec![heads * (nope + v), lora],
-            ));
-            w.push((format!("{a}.o_proj.weight"), vec![h, heads * v]));
-            if self.is_moe_layer(l) {
-                let mi = self.moe_intermediate_size.unwrap_or(self.intermediate_size);
-                let e = self.n_routed_experts.unwrap_or(0);
-                w.push((format!("{p}.mlp.gate.weight"), vec![e, h]));
-                for x in 0..e {
-                    mlp(&mut w, format!("{p}.mlp.experts.{x}"), mi);
-                }
-                if let Some(n) = self.n_shared_experts.filter(|&n| n > 0) {
-                    mlp(&mut w, format!("{p}.mlp.shared_experts"), mi * n);
-                }
-            } else {
-                mlp(&mut w, format!("{p}.mlp"), self.intermediate_size);
-            }
-        }
-        w
     }
 }
 
@@ -208,6 +135,48 @@ struct Mla {
     o_proj: Linear,
 }
 
+impl Mla {
+    fn load(w: &Weights, c: &DeepseekV2Config) -> Result<Self> {
+        let (h, hidden, eps, bias) = (
+            c.num_attention_heads,
+            c.hidden_size,
+            c.rms_norm_eps,
+            c.attention_bias,
+        );
+        let (nope, rope, vd, lora) = (
+            c.qk_nope_head_dim,
+            c.qk_rope_head_dim,
+            c.v_head_dim,
+            c.kv_lora_rank,
+        );
+        let q_out = h * (nope + rope);
+        let q = match c.q_lora_rank {
+            None => QProj::Direct(Linear::load(&w.pp("q_proj"), hidden, q_out, false)?),
+            Some(r) => QProj::LowRank {
+                a: Linear::load(&w.pp("q_a_proj"), hidden, r, bias)?,
+                norm: RmsNorm::load(&w.pp("q_a_layernorm"), r, eps)?,
+                b: Linear::load(&w.pp("q_b_proj"), r, q_out, false)?,
+            },
+        };
+        let kv_b = w
+            .get("kv_b_proj.weight", (h * (nope + vd), lora))?
+            .reshape((h, nope + vd, lora))?;
+        Ok(Self {
+            q,
+            kv_a_proj_with_mqa: Linear::load(
+                &w.pp("kv_a_proj_with_mqa"),
+                hidden,
+                lora + rope,
+                bias,
+            )?,
+            kv_a_layernorm: RmsNorm::load(&w.pp("kv_a_layernorm"), lora, eps)?,
+            w_uk: kv_b.narrow(1, 0, nope)?.contiguous()?,
+            w_uv: kv_b.narrow(1, nope, vd)?.transpose(1, 2)?.contiguous()?,
+            o_proj: Linear::load(&w.pp("o_proj"), h * vd, hidden, bias)?,
+        })
+    }
+}
+
 enum Ffn {
     Dense(GatedMlp),
     Moe(Moe),
@@ -220,6 +189,35 @@ struct Layer {
     mlp: Ffn,
 }
 
+impl Layer {
+    fn load(w: &Weights, c: &DeepseekV2Config, i: usize, routing: Routing) -> Result<Self> {
+        let (hidden, eps) = (c.hidden_size, c.rms_norm_eps);
+        let mlp = w.pp("mlp");
+        let mlp = if c.is_moe_layer(i) {
+            let dims = MoeDims {
+                hidden,
+                n_routed_experts: c.n_routed_experts.unwrap_or(0),
+                expert_intermediate: c.moe_intermediate_size.unwrap_or(c.intermediate_size),
+                n_shared_experts: c.n_shared_experts.unwrap_or(0),
+            };
+            Ffn::Moe(Moe::load(&mlp, dims, routing)?)
+        } else {
+            let i = c.intermediate_size;
+            Ffn::Dense(GatedMlp::load(&mlp, hidden, i, GateUpLayout::Separate)?)
+        };
+        Ok(Self {
+            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), hidden, eps)?,
+            self_attn: Mla::load(&w.pp("self_attn"), c)?,
+            post_attention_layernorm: RmsNorm::load(
+                &w.pp("post_attention_layernorm"),
+                hidden,
+                eps,
+            )?,
+            mlp,
+        })
+    }
+}
+
 pub struct DeepseekV2 {
     cfg: DeepseekV2Config,
     layers: Vec<Layer>,
@@ -228,80 +226,33 @@ pub struct DeepseekV2 {
 }
 
 impl DeepseekV2 {
-    pub fn load(cfg: DeepseekV2Config, w: &mut Weights, max_positions: usize) -> Result<Self> {
-        let eps = cfg.rms_norm_eps;
-        let h = cfg.num_attention_heads;
-        let (nope, vd, lora) = (cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank);
-        let embedding = Trunk::embedding(w, cfg.tie_word_embeddings)?;
+    pub fn load(cfg: DeepseekV2Config, w: &Weights, max_positions: usize) -> Result<Self> {
         let routing = Routing {
             top_k: cfg.num_experts_per_tok.unwrap_or(1),
-            method: cfg.topk()?,
+            method: cfg.topk_method,
             n_group: cfg.n_group.unwrap_or(1),
             topk_group: cfg.topk_group.unwrap_or(1),
             norm_topk_prob: cfg.norm_topk_prob,
             routed_scaling_factor: cfg.routed_scaling_factor as f32,
         };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let a = format!("{p}.self_attn");
-            let bias = cfg.attention_bias;
-            let q = match cfg.q_lora_rank {
-                None => QProj::Direct(w.linear(&format!("{a}.q_proj"), false)?),
-                Some(_) => QProj::LowRank {
-                    a: w.linear(&format!("{a}.q_a_proj"), bias)?,
-                    norm: w.rms_norm(&format!("{a}.q_a_layernorm"), eps)?,
-                    b: w.linear(&format!("{a}.q_b_proj"), false)?,
-                },
-            };
-            let kv_b = w
-                .tensor(&format!("{a}.kv_b_proj.weight"))?
-                .reshape((h, nope + vd, lora))?;
-            let self_attn = Mla {
-                q,
-                kv_a_proj_with_mqa: w.linear(&format!("{a}.kv_a_proj_with_mqa"), bias)?,
-                kv_a_layernorm: w.rms_norm(&format!("{a}.kv_a_layernorm"), eps)?,
-                w_uk: kv_b.narrow(1, 0, nope)?.contiguous()?,
-                w_uv: kv_b.narrow(1, nope, vd)?.transpose(1, 2)?.contiguous()?,
-                o_proj: w.linear(&format!("{a}.o_proj"), bias)?,
-            };
-            let mlp = if cfg.is_moe_layer(i) {
-                let m = format!("{p}.mlp");
-                let experts = (0..cfg.n_routed_experts.unwrap_or(0))
-                    .map(|e| w.gated_mlp(&format!("{m}.experts.{e}")))
-                    .collect::<Result<Vec<_>>>()?;
-                let shared = match cfg.n_shared_experts {
-                    Some(n) if n > 0 => Some(w.gated_mlp(&format!("{m}.shared_experts"))?),
-                    _ => None,
-                };
-                Ffn::Moe(Moe {
-                    gate: w
-                        .tensor(&format!("{m}.gate.weight"))?
-                        .to_dtype(DType::F32)?,
-                    experts,
-                    shared,
-                    routing,
-                })
-            } else {
-                Ffn::Dense(w.gated_mlp(&format!("{p}.mlp"))?)
-            };
-            layers.push(Layer {
-                input_layernorm: w.rms_norm(&format!("{p}.input_layernorm"), eps)?,
-                self_attn,
-                post_attention_layernorm: w
-                    .rms_norm(&format!("{p}.post_attention_layernorm"), eps)?,
-                mlp,
-            });
-        }
-        let scaling = cfg.rope_scaling()?;
+        let scaling = cfg.rope.scaling().map_err(ModelError::Config)?;
         let rope = RotaryEmbedding::scaled(
-            cfg.rope_theta(),
+            cfg.rope.theta(10_000.0),
             cfg.qk_rope_head_dim,
             max_positions,
             RopeStyle::Interleaved,
             scaling,
         );
-        let trunk = Trunk::finish(w, embedding, eps, rope)?;
+        let dims = TrunkDims {
+            vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            tie_word_embeddings: cfg.tie_word_embeddings,
+            rms_norm_eps: cfg.rms_norm_eps,
+        };
+        let trunk = Trunk::load(w, dims, rope)?;
+        let layers = Trunk::load_layers(w, cfg.num_hidden_layers, |i, w| {
+            Layer::load(w, &cfg, i, routing)
+        })?;
         let qk_dim = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) as f64;
         let softmax_scale = (scaling.softmax_scale_factor() / qk_dim.sqrt()) as f32;
         Ok(Self {

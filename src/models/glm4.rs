@@ -6,10 +6,11 @@
 
 use serde::Deserialize;
 
-use super::layers::{RopeScaling, RopeStyle};
+use super::family::{self, Family, FamilyConfig};
+use super::layers::{GateUpLayout, HfRope, RopeScaling, RopeStyle};
 use super::llama::LlamaConfig;
-use super::weights::Rename;
-use super::{ModelError, Result};
+use super::weights::{Rename, Renamed, RowRange, Weights};
+use super::{CausalLm, ModelError, Result};
 
 /// `config.json` of `GlmForCausalLM`.
 #[derive(Debug, Deserialize)]
@@ -21,9 +22,8 @@ struct HfGlmConfig {
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     rms_norm_eps: f64,
-    rope_theta: Option<f64>,
-    partial_rotary_factor: Option<f64>,
-    rope_parameters: Option<serde_json::Value>,
+    #[serde(flatten)]
+    rope: HfRope,
     max_position_embeddings: Option<usize>,
     vocab_size: usize,
     attention_bias: Option<bool>,
@@ -56,29 +56,41 @@ fn yes() -> bool {
     true
 }
 
-fn glm_decoder(c: LlamaConfig) -> LlamaConfig {
-    LlamaConfig {
-        rope_style: RopeStyle::Interleaved,
-        rope_scaling: RopeScaling::None,
-        ..c
-    }
-}
+/// GLM-4 in Hugging Face's layout (glm-4-9b-chat-hf).
+pub const FAMILY: Family = Family {
+    name: "glm4",
+    hf_architectures: &["GlmForCausalLM"],
+    from_hf: |v| Ok(Box::new(hf_config(v)?)),
+    gguf: None,
+};
 
-fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T> {
-    serde_json::from_value(v).map_err(|e| ModelError::Config(e.to_string()))
+/// GLM-4 in THUDM's original layout (glm-4-9b-chat).
+pub const THUDM_FAMILY: Family = Family {
+    name: "chatglm",
+    hf_architectures: &["ChatGLMModel", "ChatGLMForConditionalGeneration"],
+    from_hf: |v| Ok(Box::new(Thudm(thudm_config(v)?))),
+    gguf: None,
+};
+
+/// A GLM-4 config whose tensors are in THUDM's layout.
+struct Thudm(LlamaConfig);
+
+impl FamilyConfig for Thudm {
+    fn max_position_embeddings(&self) -> usize {
+        self.0.max_position_embeddings
+    }
+
+    fn load(self: Box<Self>, w: &Weights, max_positions: usize) -> Result<Box<dyn CausalLm>> {
+        let w = w.with_rename(thudm_names(&self.0));
+        Box::new(self.0).load(&w, max_positions)
+    }
 }
 
 /// From `GlmForCausalLM`'s config: the hub's top-level `rope_theta` / `partial_rotary_factor`,
 /// or transformers 5's `rope_parameters`.
-pub fn hf_config(v: serde_json::Value) -> Result<LlamaConfig> {
-    let c: HfGlmConfig = parse(v)?;
-    let rp = |k: &str| {
-        c.rope_parameters
-            .as_ref()
-            .and_then(|p| p.get(k))
-            .and_then(|v| v.as_f64())
-    };
-    Ok(glm_decoder(LlamaConfig {
+fn hf_config(v: serde_json::Value) -> Result<LlamaConfig> {
+    let c: HfGlmConfig = family::parse(v)?;
+    Ok(LlamaConfig {
         hidden_size: c.hidden_size,
         intermediate_size: c.intermediate_size,
         num_hidden_layers: c.num_hidden_layers,
@@ -86,26 +98,22 @@ pub fn hf_config(v: serde_json::Value) -> Result<LlamaConfig> {
         num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
         head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
         rms_norm_eps: c.rms_norm_eps,
-        rope_theta: c
-            .rope_theta
-            .or_else(|| rp("rope_theta"))
-            .unwrap_or(10_000.0),
+        rope_theta: c.rope.theta(10_000.0),
         max_position_embeddings: c.max_position_embeddings.unwrap_or(131_072),
         vocab_size: c.vocab_size,
         attention_bias: c.attention_bias.unwrap_or(true),
         tie_word_embeddings: c.tie_word_embeddings,
         rope_style: RopeStyle::Interleaved,
-        rope_scaling: RopeScaling::None,
-        partial_rotary_factor: c
-            .partial_rotary_factor
-            .or_else(|| rp("partial_rotary_factor"))
-            .unwrap_or(0.5),
-    }))
+        rope_scaling: c.rope.scaling().map_err(ModelError::Config)?,
+        partial_rotary_factor: c.rope.partial_rotary_factor(0.5),
+        rope_freq_factors: None,
+        gate_up: GateUpLayout::Fused,
+    })
 }
 
 /// From THUDM's config: `rope_ratio` scales the base 10000; the rotary half is `kv_channels / 2`.
-pub fn thudm_config(v: serde_json::Value) -> Result<LlamaConfig> {
-    let c: ThudmConfig = parse(v)?;
+fn thudm_config(v: serde_json::Value) -> Result<LlamaConfig> {
+    let c: ThudmConfig = family::parse(v)?;
     let head_dim = c
         .kv_channels
         .unwrap_or(c.hidden_size / c.num_attention_heads);
@@ -114,7 +122,7 @@ pub fn thudm_config(v: serde_json::Value) -> Result<LlamaConfig> {
     } else {
         c.num_attention_heads
     };
-    Ok(glm_decoder(LlamaConfig {
+    Ok(LlamaConfig {
         hidden_size: c.hidden_size,
         intermediate_size: c.ffn_hidden_size,
         num_hidden_layers: c.num_layers,
@@ -130,16 +138,19 @@ pub fn thudm_config(v: serde_json::Value) -> Result<LlamaConfig> {
         rope_style: RopeStyle::Interleaved,
         rope_scaling: RopeScaling::None,
         partial_rotary_factor: 0.5,
-    }))
+        rope_freq_factors: None,
+        gate_up: GateUpLayout::Fused,
+    })
 }
 
 /// Hugging Face name → THUDM name, and the rows of it that hold the tensor (q, k and v are
 /// row ranges of `query_key_value`).
-pub fn thudm_names(cfg: &LlamaConfig) -> Rename {
+fn thudm_names(cfg: &LlamaConfig) -> Rename {
     let q = cfg.num_attention_heads * cfg.head_dim;
     let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let of = q + 2 * kv;
     Box::new(move |hf: &str| {
-        let whole = |s: String| (s, None);
+        let whole = |name: String| Renamed { name, rows: None };
         match hf {
             "model.embed_tokens.weight" => {
                 return whole("transformer.embedding.word_embeddings.weight".into())
@@ -155,19 +166,17 @@ pub fn thudm_names(cfg: &LlamaConfig) -> Rename {
         };
         let (layer, module) = rest.split_once('.').unwrap_or((rest, ""));
         let t = format!("transformer.encoder.layers.{layer}");
-        let qkv = |leaf: &str, rows| {
-            (
-                format!("{t}.self_attention.query_key_value.{leaf}"),
-                Some(rows),
-            )
+        let qkv = |leaf: &str, offset, len| Renamed {
+            name: format!("{t}.self_attention.query_key_value.{leaf}"),
+            rows: Some(RowRange { offset, len, of }),
         };
         match module {
-            "self_attn.q_proj.weight" => qkv("weight", (0, q)),
-            "self_attn.k_proj.weight" => qkv("weight", (q, kv)),
-            "self_attn.v_proj.weight" => qkv("weight", (q + kv, kv)),
-            "self_attn.q_proj.bias" => qkv("bias", (0, q)),
-            "self_attn.k_proj.bias" => qkv("bias", (q, kv)),
-            "self_attn.v_proj.bias" => qkv("bias", (q + kv, kv)),
+            "self_attn.q_proj.weight" => qkv("weight", 0, q),
+            "self_attn.k_proj.weight" => qkv("weight", q, kv),
+            "self_attn.v_proj.weight" => qkv("weight", q + kv, kv),
+            "self_attn.q_proj.bias" => qkv("bias", 0, q),
+            "self_attn.k_proj.bias" => qkv("bias", q, kv),
+            "self_attn.v_proj.bias" => qkv("bias", q + kv, kv),
             "self_attn.o_proj.weight" => whole(format!("{t}.self_attention.dense.weight")),
             "mlp.gate_up_proj.weight" => whole(format!("{t}.mlp.dense_h_to_4h.weight")),
             "mlp.down_proj.weight" => whole(format!("{t}.mlp.dense_4h_to_h.weight")),

@@ -1,14 +1,17 @@
-//! The Llama decoder (`LlamaForCausalLM`), which also serves Qwen2 (`Qwen2ForCausalLM`: the
-//! same blocks with q/k/v biases) and GLM-4 (`glm4.rs`: fused gate_up, partial interleaved RoPE).
-//! Fields are named after the checkpoint's tensors.
+//! The Llama decoder and the Llama family (`LlamaForCausalLM`, GGUF `llama`). The same decoder
+//! serves Qwen2 (`qwen2.rs`: q/k/v biases) and GLM-4 (`glm4.rs`: fused gate_up, partial
+//! interleaved RoPE), whose configs it takes as [`LlamaConfig`]. Fields are named after the
+//! checkpoint's tensors.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
+use super::family::{self, Family, FamilyConfig};
 use super::layers::{
-    paged_attend, AttnDims, GatedMlp, Linear, Pass, Projections, RmsNorm, RopeScaling, RopeStyle,
-    RotaryEmbedding, Trunk,
+    paged_attend, AttnDims, GateUpLayout, GatedMlp, HfRope, Linear, Pass, Projections, RmsNorm,
+    RopeScaling, RopeStyle, RotaryEmbedding, Trunk, TrunkDims,
 };
+use super::loader::GgufMeta;
 use super::weights::Weights;
 use super::{CacheSpec, CausalLm, ForwardBatch, KvCache, ModelError, Result};
 
@@ -32,6 +35,10 @@ pub struct LlamaConfig {
     pub rope_scaling: RopeScaling,
     /// Fraction of each head's dimensions that are rotated (GLM-4: 0.5); the rest pass through.
     pub partial_rotary_factor: f64,
+    /// llama.cpp's per-frequency divisors (a GGUF's `rope_freqs.weight`: Llama 3.1's scaling
+    /// as llama.cpp converts it), applied after `rope_scaling`.
+    pub rope_freq_factors: Option<Vec<f64>>,
+    pub gate_up: GateUpLayout,
 }
 
 impl LlamaConfig {
@@ -39,6 +46,22 @@ impl LlamaConfig {
         (self.head_dim as f64 * self.partial_rotary_factor) as usize
     }
 }
+
+/// The Llama family: `LlamaForCausalLM` and GGUF `llama`.
+pub const FAMILY: Family = Family {
+    name: "llama",
+    hf_architectures: &["LlamaForCausalLM"],
+    from_hf: |v| {
+        Ok(Box::new(
+            family::parse::<HfLlamaConfig>(v)?.into_config(false)?,
+        ))
+    },
+    // llama.cpp permutes Llama's Q/K rows so that its RoPE pairs adjacent dimensions.
+    gguf: Some((&["llama"], |md, w| {
+        let cfg = LlamaConfig::from_gguf(md, w, false, RopeStyle::Interleaved)?;
+        Ok(Box::new(cfg))
+    })),
+};
 
 /// `config.json` of a Hugging Face Llama or Qwen2 checkpoint.
 #[derive(Debug, Deserialize)]
@@ -50,9 +73,8 @@ pub struct HfLlamaConfig {
     pub num_key_value_heads: Option<usize>,
     pub head_dim: Option<usize>,
     pub rms_norm_eps: f64,
-    pub rope_theta: Option<f64>,
-    pub rope_parameters: Option<serde_json::Value>,
-    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(flatten)]
+    pub rope: HfRope,
     pub max_position_embeddings: Option<usize>,
     pub vocab_size: usize,
     pub attention_bias: Option<bool>,
@@ -61,20 +83,8 @@ pub struct HfLlamaConfig {
 }
 
 impl HfLlamaConfig {
-    pub fn into_config(self, qwen2: bool) -> Result<LlamaConfig> {
-        // transformers 5.x moves rope_theta under rope_parameters; hub checkpoints keep it on top.
-        let rope_theta = self
-            .rope_theta
-            .or_else(|| {
-                self.rope_parameters
-                    .as_ref()
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(|v| v.as_f64())
-            })
-            .unwrap_or(10_000.0);
-        let rope_scaling =
-            RopeScaling::from_hf(self.rope_scaling.as_ref().or(self.rope_parameters.as_ref()))
-                .map_err(ModelError::Config)?;
+    /// `attention_bias`: whether q/k/v carry biases when the config does not say (Qwen2 does).
+    pub fn into_config(self, attention_bias: bool) -> Result<LlamaConfig> {
         Ok(LlamaConfig {
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
@@ -83,54 +93,79 @@ impl HfLlamaConfig {
             num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
             head_dim: self
                 .head_dim
-                .unwrap_or(self.hidden_size / self.num_attention_heads),
+                .unwrap_or(self.hidden_size / self.num_attention_heads.max(1)),
             rms_norm_eps: self.rms_norm_eps,
-            rope_theta,
+            rope_theta: self.rope.theta(10_000.0),
             max_position_embeddings: self.max_position_embeddings.unwrap_or(4096),
             vocab_size: self.vocab_size,
-            attention_bias: self.attention_bias.unwrap_or(qwen2),
+            attention_bias: self.attention_bias.unwrap_or(attention_bias),
             tie_word_embeddings: self.tie_word_embeddings,
             rope_style: RopeStyle::Neox,
-            rope_scaling,
+            rope_scaling: self.rope.scaling().map_err(ModelError::Config)?,
             partial_rotary_factor: 1.0,
+            rope_freq_factors: None,
+            gate_up: GateUpLayout::Separate,
         })
     }
 }
 
 impl LlamaConfig {
-    /// Every weight's Hugging Face name and shape (for generated checkpoints).
-    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
-        let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
-        let mut w = vec![
-            (
-                "model.embed_tokens.weight".to_string(),
-                vec![self.vocab_size, h],
-            ),
-            ("model.norm.weight".to_string(), vec![h]),
-        ];
-        if !self.tie_word_embeddings {
-            w.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+    /// From a GGUF file's `{arch}.*` metadata (llama.cpp's Llama-style converters), with
+    /// `attention_bias` and the RoPE pairing the converter implies. A file without
+    /// `output.weight` ties its head to the embeddings.
+    pub fn from_gguf(
+        md: &GgufMeta,
+        w: &Weights,
+        attention_bias: bool,
+        rope_style: RopeStyle,
+    ) -> Result<Self> {
+        let hidden = md.arch_usize("embedding_length")?;
+        let heads = md.arch_usize("attention.head_count")?;
+        let head_dim = md
+            .arch_usize("rope.dimension_count")
+            .unwrap_or(hidden / heads.max(1));
+        let vocab = match md.arch_usize("vocab_size") {
+            Ok(v) => v,
+            Err(_) => md.array_len("tokenizer.ggml.tokens")?,
+        };
+        let mut cfg = Self {
+            hidden_size: hidden,
+            intermediate_size: md.arch_usize("feed_forward_length")?,
+            num_hidden_layers: md.arch_usize("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: md.arch_usize("attention.head_count_kv").unwrap_or(heads),
+            head_dim,
+            rms_norm_eps: md.arch_f64("attention.layer_norm_rms_epsilon")?,
+            rope_theta: md.arch_f64("rope.freq_base").unwrap_or(10_000.0),
+            max_position_embeddings: md.arch_usize("context_length").unwrap_or(4096),
+            vocab_size: vocab,
+            attention_bias,
+            tie_word_embeddings: !w.contains("lm_head.weight"),
+            rope_style,
+            rope_scaling: RopeScaling::None,
+            partial_rotary_factor: 1.0,
+            rope_freq_factors: None,
+            gate_up: GateUpLayout::Separate,
+        };
+        // llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors.
+        if w.contains("rope_freqs.weight") {
+            let factors = w
+                .get("rope_freqs.weight", cfg.rotary_dim() / 2)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            cfg.rope_freq_factors = Some(factors.into_iter().map(f64::from).collect());
         }
-        for l in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let mut add = |n: &str, s: Vec<usize>| w.push((format!("{p}.{n}"), s));
-            add("input_layernorm.weight", vec![h]);
-            add("post_attention_layernorm.weight", vec![h]);
-            add("self_attn.q_proj.weight", vec![q, h]);
-            add("self_attn.k_proj.weight", vec![kv, h]);
-            add("self_attn.v_proj.weight", vec![kv, h]);
-            add("self_attn.o_proj.weight", vec![h, q]);
-            if self.attention_bias {
-                add("self_attn.q_proj.bias", vec![q]);
-                add("self_attn.k_proj.bias", vec![kv]);
-                add("self_attn.v_proj.bias", vec![kv]);
-            }
-            add("mlp.gate_proj.weight", vec![i, h]);
-            add("mlp.up_proj.weight", vec![i, h]);
-            add("mlp.down_proj.weight", vec![h, i]);
-        }
-        w
+        Ok(cfg)
+    }
+}
+
+impl FamilyConfig for LlamaConfig {
+    fn max_position_embeddings(&self) -> usize {
+        self.max_position_embeddings
+    }
+
+    fn load(self: Box<Self>, w: &Weights, max_positions: usize) -> Result<Box<dyn CausalLm>> {
+        Ok(Box::new(Llama::load(*self, w, max_positions)?))
     }
 }
 
@@ -140,11 +175,35 @@ struct Attention {
     o_proj: Linear,
 }
 
+impl Attention {
+    fn load(w: &Weights, cfg: &LlamaConfig) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+        let names = ["q_proj", "k_proj", "v_proj"];
+        Ok(Self {
+            qkv: Projections::load(w, &names, h, &[q, kv, kv], cfg.attention_bias)?,
+            o_proj: Linear::load(&w.pp("o_proj"), q, h, false)?,
+        })
+    }
+}
+
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: GatedMlp,
+}
+
+impl DecoderLayer {
+    fn load(w: &Weights, cfg: &LlamaConfig) -> Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, eps)?,
+            self_attn: Attention::load(&w.pp("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), h, eps)?,
+            mlp: GatedMlp::load(&w.pp("mlp"), h, cfg.intermediate_size, cfg.gate_up)?,
+        })
+    }
 }
 
 pub struct Llama {
@@ -155,43 +214,19 @@ pub struct Llama {
 
 impl Llama {
     /// `max_positions`: how many positions the RoPE tables cover (the serving context length).
-    pub fn load(cfg: LlamaConfig, w: &mut Weights, max_positions: usize) -> Result<Self> {
-        if !cfg
-            .num_attention_heads
-            .is_multiple_of(cfg.num_key_value_heads)
+    pub fn load(cfg: LlamaConfig, w: &Weights, max_positions: usize) -> Result<Self> {
+        if cfg.num_key_value_heads == 0
+            || !cfg
+                .num_attention_heads
+                .is_multiple_of(cfg.num_key_value_heads)
         {
             return Err(ModelError::Config(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 cfg.num_attention_heads, cfg.num_key_value_heads
             )));
         }
-        let embedding = Trunk::embedding(w, cfg.tie_word_embeddings)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let b = cfg.attention_bias;
-            layers.push(DecoderLayer {
-                input_layernorm: w.rms_norm(&format!("{p}.input_layernorm"), cfg.rms_norm_eps)?,
-                self_attn: Attention {
-                    qkv: w.projections(
-                        &["q_proj", "k_proj", "v_proj"].map(|n| format!("{p}.self_attn.{n}")),
-                        b,
-                    )?,
-                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), false)?,
-                },
-                post_attention_layernorm: w
-                    .rms_norm(&format!("{p}.post_attention_layernorm"), cfg.rms_norm_eps)?,
-                mlp: w.gated_mlp(&format!("{p}.mlp"))?,
-            });
-        }
         let mut inv_freq = cfg.rope_scaling.inv_freqs(cfg.rope_theta, cfg.rotary_dim());
-        // llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors.
-        if w.contains("rope_freqs.weight") {
-            let factors = w
-                .tensor("rope_freqs.weight")?
-                .to_dtype(candle_core::DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+        if let Some(factors) = &cfg.rope_freq_factors {
             if factors.len() != inv_freq.len() {
                 return Err(ModelError::Config(format!(
                     "rope_freqs.weight has {} factors for {} frequencies",
@@ -200,7 +235,7 @@ impl Llama {
                 )));
             }
             for (f, d) in inv_freq.iter_mut().zip(factors) {
-                *f /= d as f64;
+                *f /= d;
             }
         }
         let rope = RotaryEmbedding::from_inv_freqs(
@@ -209,7 +244,15 @@ impl Llama {
             max_positions,
             cfg.rope_style,
         );
-        let trunk = Trunk::finish(w, embedding, cfg.rms_norm_eps, rope)?;
+        let dims = TrunkDims {
+            vocab_size: cfg.vocab_size,
+            hidden_size: cfg.hidden_size,
+            tie_word_embeddings: cfg.tie_word_embeddings,
+            rms_norm_eps: cfg.rms_norm_eps,
+        };
+        let trunk = Trunk::load(w, dims, rope)?;
+        let layers =
+            Trunk::load_layers(w, cfg.num_hidden_layers, |_, w| DecoderLayer::load(w, &cfg))?;
         Ok(Self { layers, trunk, cfg })
     }
 

@@ -1,5 +1,6 @@
-//! Loading a model from disk: a `.gguf` file or a Hugging Face directory. The one `match` on the
-//! architecture name lives here.
+//! Loading a model from disk — a `.gguf` file or a Hugging Face directory — or a synthetic
+//! preset: find the family in the table (`family.rs`) by its architecture, parse the config,
+//! and let the family load itself from the [`Weights`].
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -7,12 +8,9 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 
-use super::deepseek2::{DeepseekV2, DeepseekV2Config};
-use super::layers::{RopeScaling, RopeStyle};
-use super::llama::{HfLlamaConfig, Llama, LlamaConfig};
+use super::family::{self, FamilyConfig};
 use super::weights::Weights;
-use super::{glm4, synthetic};
-use super::{CausalLm, ModelError, Result};
+use super::{synthetic, CausalLm, ModelError, Result};
 
 /// The dtype dense weights are loaded in on `device`: f32 on the CPU (its kernels and the
 /// batch-invariance guarantee are f32), bf16 on accelerators.
@@ -77,23 +75,28 @@ pub fn read_gguf_header(path: &Path) -> Result<gguf_file::Content> {
     Ok(gguf_file::Content::read(&mut f).map_err(|e| e.with_path(path))?)
 }
 
+/// Build the family's model over `w`, closing the progress bar when done.
+fn build(
+    cfg: Box<dyn FamilyConfig>,
+    w: &Weights,
+    max_positions: Option<usize>,
+) -> Result<Box<dyn CausalLm>> {
+    let positions = max_positions.unwrap_or(cfg.max_position_embeddings());
+    let model = cfg.load(w, positions);
+    w.finish();
+    model
+}
+
 fn load_gguf(path: &Path, device: &Device, max_positions: Option<usize>) -> Result<LoadedModel> {
-    let content = read_gguf_header(path)?;
-    let md = GgufMeta(&content);
-    let arch = md.string("general.architecture")?;
-    let cfg = match arch.as_str() {
-        "llama" | "qwen2" => llama_config_from_gguf(&md, &arch)?,
-        other => {
-            return Err(ModelError::Unsupported(format!(
-                "GGUF architecture `{other}` (supported: llama, qwen2)"
-            )))
-        }
-    };
-    let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
-    let mut w = Weights::gguf(path, content, device)?;
-    let model = Llama::load(cfg, &mut w, positions)?;
+    let w = Weights::gguf(path, read_gguf_header(path)?, device)?;
+    let header = w
+        .gguf_header()
+        .ok_or_else(|| ModelError::Config("not a GGUF source".into()))?;
+    let md = GgufMeta::new(header)?;
+    let cfg = family::by_gguf_architecture(&md.arch)?(&md, &w)?;
+    let arch = md.arch;
     Ok(LoadedModel {
-        model: Box::new(model),
+        model: build(cfg, &w, max_positions)?,
         architecture: arch,
     })
 }
@@ -104,65 +107,13 @@ fn load_synthetic(
     dtype: DType,
     max_positions: Option<usize>,
 ) -> Result<LoadedModel> {
-    let model: Box<dyn CausalLm> = match synthetic::preset(name)? {
-        synthetic::Preset::Llama(cfg) => {
-            let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
-            let mut w = Weights::synthetic(cfg.weight_shapes(), synthetic::SEED, dtype, device);
-            Box::new(Llama::load(cfg, &mut w, positions)?)
-        }
-        synthetic::Preset::DeepseekV2(cfg) => {
-            let positions = max_positions.unwrap_or(cfg.max_positions());
-            let mut w = Weights::synthetic(cfg.weight_shapes(), synthetic::SEED, dtype, device);
-            Box::new(DeepseekV2::load(*cfg, &mut w, positions)?)
-        }
-    };
+    let preset = synthetic::preset(name)?;
+    let cfg = (family::by_hf_architecture(preset.architecture)?.from_hf)(preset.config())?;
+    let w = Weights::synthetic(synthetic::SEED, dtype, device);
     Ok(LoadedModel {
-        model,
+        model: build(cfg, &w, max_positions)?,
         architecture: format!("synthetic:{name}"),
     })
-}
-
-fn llama_config_from_gguf(md: &GgufMeta, arch: &str) -> Result<LlamaConfig> {
-    let k = |s: &str| format!("{arch}.{s}");
-    let hidden = md.usize(&k("embedding_length"))?;
-    let heads = md.usize(&k("attention.head_count"))?;
-    let head_dim = md
-        .usize(&k("rope.dimension_count"))
-        .unwrap_or(hidden / heads);
-    let vocab = match md.usize(&k("vocab_size")) {
-        Ok(v) => v,
-        Err(_) => md.array_len("tokenizer.ggml.tokens")?,
-    };
-    Ok(LlamaConfig {
-        hidden_size: hidden,
-        intermediate_size: md.usize(&k("feed_forward_length"))?,
-        num_hidden_layers: md.usize(&k("block_count"))?,
-        num_attention_heads: heads,
-        num_key_value_heads: md.usize(&k("attention.head_count_kv")).unwrap_or(heads),
-        head_dim,
-        rms_norm_eps: md.f64(&k("attention.layer_norm_rms_epsilon"))?,
-        rope_theta: md.f64(&k("rope.freq_base")).unwrap_or(10_000.0),
-        max_position_embeddings: md.usize(&k("context_length")).unwrap_or(4096),
-        vocab_size: vocab,
-        attention_bias: arch == "qwen2",
-        tie_word_embeddings: false, // decided by whether `output.weight` exists
-        // llama.cpp permutes Llama's Q/K rows so that its RoPE pairs adjacent dimensions;
-        // Qwen2 is converted unpermuted and uses NeoX pairing.
-        rope_style: if arch == "llama" {
-            RopeStyle::Interleaved
-        } else {
-            RopeStyle::Neox
-        },
-        rope_scaling: RopeScaling::None,
-        partial_rotary_factor: 1.0,
-    })
-}
-
-/// The decoder a Hugging Face architecture runs on, with what it needs to load.
-enum Family {
-    /// Llama, Qwen2, GLM-4 (with THUDM's tensor names mapped when it is that layout).
-    Llama(LlamaConfig, Option<super::weights::Rename>),
-    DeepseekV2(DeepseekV2Config),
 }
 
 fn load_hf_dir(
@@ -178,45 +129,11 @@ fn load_hf_dir(
         .as_str()
         .ok_or_else(|| ModelError::Config("config.json has no `architectures`".into()))?
         .to_string();
+    let cfg = (family::by_hf_architecture(&arch)?.from_hf)(raw)?;
     let files = safetensors_files(dir)?;
-    let parse = |v: serde_json::Value| -> Result<HfLlamaConfig> {
-        serde_json::from_value(v).map_err(|e| ModelError::Config(e.to_string()))
-    };
-    // The one match on the architecture: which config format, tensor layout and decoder.
-    let family = match arch.as_str() {
-        "LlamaForCausalLM" | "Qwen2ForCausalLM" => {
-            Family::Llama(parse(raw)?.into_config(arch == "Qwen2ForCausalLM")?, None)
-        }
-        "GlmForCausalLM" => Family::Llama(glm4::hf_config(raw)?, None),
-        "ChatGLMModel" | "ChatGLMForConditionalGeneration" => {
-            let cfg = glm4::thudm_config(raw)?;
-            let rename = glm4::thudm_names(&cfg);
-            Family::Llama(cfg, Some(rename))
-        }
-        "DeepseekV2ForCausalLM" => Family::DeepseekV2(DeepseekV2Config::from_json(raw)?),
-        other => {
-            return Err(ModelError::Unsupported(format!(
-                "architecture `{other}` (supported: LlamaForCausalLM, Qwen2ForCausalLM, \
-                 GlmForCausalLM, ChatGLMModel, DeepseekV2ForCausalLM)"
-            )))
-        }
-    };
-    let mut w = Weights::safetensors(&files, dtype, device, tensor_count(&files)?)?;
-    let model: Box<dyn CausalLm> = match family {
-        Family::Llama(cfg, rename) => {
-            if let Some(r) = rename {
-                w = w.with_rename(r);
-            }
-            let positions = max_positions.unwrap_or(cfg.max_position_embeddings);
-            Box::new(Llama::load(cfg, &mut w, positions)?)
-        }
-        Family::DeepseekV2(cfg) => {
-            let positions = max_positions.unwrap_or(cfg.max_positions());
-            Box::new(DeepseekV2::load(cfg, &mut w, positions)?)
-        }
-    };
+    let w = Weights::safetensors(&files, dtype, device, tensor_count(&files)?)?;
     Ok(LoadedModel {
-        model,
+        model: build(cfg, &w, max_positions)?,
         architecture: arch,
     })
 }
@@ -256,11 +173,34 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Typed access to GGUF metadata.
-pub struct GgufMeta<'a>(pub &'a gguf_file::Content);
+pub struct GgufMeta<'a> {
+    content: &'a gguf_file::Content,
+    /// `general.architecture`, which prefixes the model's own keys.
+    pub arch: String,
+}
 
-impl GgufMeta<'_> {
+impl<'a> GgufMeta<'a> {
+    pub fn new(content: &'a gguf_file::Content) -> Result<Self> {
+        let mut md = Self {
+            content,
+            arch: String::new(),
+        };
+        md.arch = md.string("general.architecture")?;
+        Ok(md)
+    }
+
+    /// `{arch}.{key}` as an integer.
+    pub fn arch_usize(&self, key: &str) -> Result<usize> {
+        self.usize(&format!("{}.{key}", self.arch))
+    }
+
+    /// `{arch}.{key}` as a float.
+    pub fn arch_f64(&self, key: &str) -> Result<f64> {
+        self.f64(&format!("{}.{key}", self.arch))
+    }
+
     fn get(&self, key: &str) -> Result<&gguf_file::Value> {
-        self.0
+        self.content
             .metadata
             .get(key)
             .ok_or_else(|| ModelError::Config(format!("GGUF metadata `{key}` is missing")))

@@ -6,12 +6,14 @@
 
 pub mod deepseek2;
 pub mod device;
+pub mod family;
 pub mod gguf_cpu;
 pub mod glm4;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod loader;
+pub mod qwen2;
 pub mod synthetic;
 pub mod weights;
 
@@ -32,6 +34,12 @@ pub enum ModelError {
     Unsupported(String),
     #[error("missing weight `{0}`")]
     MissingWeight(String),
+    #[error("weight `{name}` has shape {found:?}, but the config implies {expected:?}")]
+    WeightShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     #[error("invalid batch: {0}")]
     Batch(String),
     #[error("device {0}")]

@@ -1,20 +1,24 @@
-//! Where weights come from: a GGUF file (quantized) or a Hugging Face safetensors directory.
+//! Where weights come from: a GGUF file (quantized), a Hugging Face safetensors directory, or
+//! seeded random values (`synthetic:<preset>`).
 //!
-//! Model files ask for tensors by their Hugging Face names; [`gguf_name`] is the one table that
-//! maps them to llama.cpp's names. Which CPU kernel runs a GGUF matrix is `gguf_cpu`'s choice.
+//! [`Weights`] is a cheap, cloneable view at a name prefix (the candle-transformers
+//! `VarBuilder` habit): a layer asks `w.pp("self_attn").pp("q_proj").matrix("weight", (out,
+//! in))` for each tensor with the shape its config implies, so a checkpoint that disagrees with
+//! its config fails at load naming the tensor and both shapes. Synthetic checkpoints generate
+//! each tensor from that same requested shape, so there is no second table of shapes. Model
+//! files use Hugging Face names; [`gguf_name`] is the one table that maps them to llama.cpp's,
+//! and a family with a layout of its own (THUDM's GLM-4) supplies a [`Rename`].
 
 use std::borrow::Cow;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use indicatif::ProgressBar;
 
-use super::gguf_cpu::{gguf_linear, pad_q8_0_rows, repack_for_cpu, tiled};
-use super::layers::{Embedding, GatedMlp, Linear, Projections, RmsNorm};
 use super::{ModelError, Result};
 
 /// Hugging Face name suffix → GGUF name suffix, for the llama-style families.
@@ -52,44 +56,84 @@ pub fn gguf_name(hf: &str) -> String {
     format!("{mapped}.{leaf}")
 }
 
-/// Maps a Hugging Face tensor name to the checkpoint's own name, and the rows of that tensor
-/// that hold it (`(offset, len)`; for fused tensors split at load, like THUDM's
-/// `query_key_value`).
-pub type Rename = Box<dyn Fn(&str) -> (String, Option<(usize, usize)>) + Send>;
+/// Where a Hugging Face tensor lives in a checkpoint of another layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renamed {
+    pub name: String,
+    /// The rows of that tensor that hold it, for fused tensors split at load (THUDM's
+    /// `query_key_value`): `offset`, `len`, and the fused tensor's row count, which is checked.
+    pub rows: Option<RowRange>,
+}
 
-pub enum Weights {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowRange {
+    pub offset: usize,
+    pub len: usize,
+    pub of: usize,
+}
+
+/// Maps a Hugging Face tensor name to where the checkpoint keeps it.
+pub type Rename = Box<dyn Fn(&str) -> Renamed + Send + Sync>;
+
+/// A weight matrix as the checkpoint stores it: dense (in the load dtype) or GGUF-quantized.
+/// `Linear` decides which kernel runs it.
+pub enum Matrix {
+    Dense(Tensor),
+    Quantized(QTensor),
+}
+
+enum Source {
     Gguf {
         content: gguf_file::Content,
         file: File,
         device: Device,
-        progress: ProgressBar,
     },
-    Safetensors {
-        vb: VarBuilder<'static>,
-        progress: ProgressBar,
-        rename: Option<Rename>,
-    },
-    /// Seeded random weights of given shapes (benchmarks and tests of model shapes whose
-    /// checkpoints are not at hand). Values are bf16-representable whatever `dtype` is, so a
-    /// bf16 copy on a GPU and an f32 copy on the CPU hold the same numbers.
+    Safetensors(VarBuilder<'static>),
+    /// Seeded random weights of the shapes the model asks for (benchmarks and tests of model
+    /// shapes whose checkpoints are not at hand). Values are bf16-representable whatever
+    /// `dtype` is, so a bf16 copy on a GPU and an f32 copy on the CPU hold the same numbers.
     Synthetic {
-        shapes: std::collections::HashMap<String, Vec<usize>>,
         seed: u64,
         dtype: DType,
         device: Device,
-        progress: ProgressBar,
     },
 }
 
+struct Shared {
+    source: Source,
+    progress: ProgressBar,
+}
+
+/// A view of a checkpoint's tensors under a name prefix.
+#[derive(Clone)]
+pub struct Weights {
+    shared: Arc<Shared>,
+    prefix: String,
+    /// Applied to full Hugging Face names before a safetensors lookup.
+    rename: Option<Arc<Rename>>,
+}
+
 impl Weights {
+    fn new(source: Source, progress: ProgressBar) -> Self {
+        Self {
+            shared: Arc::new(Shared { source, progress }),
+            prefix: String::new(),
+            rename: None,
+        }
+    }
+
     pub fn gguf(path: &Path, content: gguf_file::Content, device: &Device) -> Result<Self> {
-        let progress = progress_bar(content.tensor_infos.len() as u64, path);
-        Ok(Self::Gguf {
-            content,
-            file: File::open(path)?,
-            device: device.clone(),
+        let progress = progress_bar(Some(content.tensor_infos.len() as u64), path);
+        let file = File::open(path)?;
+        let device = device.clone();
+        Ok(Self::new(
+            Source::Gguf {
+                content,
+                file,
+                device,
+            },
             progress,
-        })
+        ))
     }
 
     pub fn safetensors(
@@ -101,292 +145,187 @@ impl Weights {
         // SAFETY: the files are memory-mapped read-only; inferd never writes them, and a user
         // rewriting a checkpoint under a running daemon is outside what any loader can guard.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? };
-        let progress = progress_bar(count, files.first().map_or(Path::new(""), |p| p.as_path()));
-        Ok(Self::Safetensors {
-            vb,
-            progress,
-            rename: None,
-        })
+        let first = files.first().map_or(Path::new(""), |p| p.as_path());
+        Ok(Self::new(
+            Source::Safetensors(vb),
+            progress_bar(Some(count), first),
+        ))
     }
 
-    /// Read tensors under the names `rename` gives (checkpoints in a layout of their own).
-    pub fn with_rename(mut self, r: Rename) -> Self {
-        if let Self::Safetensors { rename, .. } = &mut self {
-            *rename = Some(r);
-        }
-        self
-    }
-
-    pub fn synthetic(
-        shapes: Vec<(String, Vec<usize>)>,
-        seed: u64,
-        dtype: DType,
-        device: &Device,
-    ) -> Self {
-        let progress = progress_bar(shapes.len() as u64, Path::new("synthetic weights"));
-        Self::Synthetic {
-            shapes: shapes.into_iter().collect(),
+    pub fn synthetic(seed: u64, dtype: DType, device: &Device) -> Self {
+        let source = Source::Synthetic {
             seed,
             dtype,
             device: device.clone(),
-            progress,
+        };
+        Self::new(source, progress_bar(None, Path::new("synthetic weights")))
+    }
+
+    /// This view with tensors read under the names `rename` gives (a safetensors checkpoint in
+    /// a layout of its own).
+    pub fn with_rename(&self, rename: Rename) -> Self {
+        Self {
+            rename: Some(Arc::new(rename)),
+            ..self.clone()
+        }
+    }
+
+    /// The view one level down: `w.pp("model").pp("norm")` reads `model.norm.*`.
+    pub fn pp(&self, name: impl AsRef<str>) -> Self {
+        Self {
+            prefix: self.full_name(name.as_ref()),
+            ..self.clone()
+        }
+    }
+
+    /// The Hugging Face name of `name` under this view.
+    pub fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
         }
     }
 
     pub fn device(&self) -> &Device {
-        match self {
-            Self::Gguf { device, .. } | Self::Synthetic { device, .. } => device,
-            Self::Safetensors { vb, .. } => vb.device(),
+        match &self.shared.source {
+            Source::Gguf { device, .. } | Source::Synthetic { device, .. } => device,
+            Source::Safetensors(vb) => vb.device(),
         }
     }
 
     /// The dtype dense tensors come in, which models use for activations and the KV cache
     /// (GGUF: f32, what candle's quantized kernels take).
     pub fn dtype(&self) -> DType {
-        match self {
-            Self::Gguf { .. } => DType::F32,
-            Self::Safetensors { vb, .. } => vb.dtype(),
-            Self::Synthetic { dtype, .. } => *dtype,
+        match &self.shared.source {
+            Source::Gguf { .. } => DType::F32,
+            Source::Safetensors(vb) => vb.dtype(),
+            Source::Synthetic { dtype, .. } => *dtype,
         }
     }
 
-    pub fn contains(&self, hf_name: &str) -> bool {
-        match self {
-            Self::Gguf { content, .. } => content.tensor_infos.contains_key(&gguf_name(hf_name)),
-            Self::Safetensors { vb, rename, .. } => match rename {
-                Some(r) => vb.contains_tensor(&r(hf_name).0),
-                None => vb.contains_tensor(hf_name),
+    /// The GGUF file's metadata and tensor index, when the weights come from one.
+    pub fn gguf_header(&self) -> Option<&gguf_file::Content> {
+        match &self.shared.source {
+            Source::Gguf { content, .. } => Some(content),
+            _ => None,
+        }
+    }
+
+    /// Whether the checkpoint holds `name` under this view. A synthetic checkpoint holds every
+    /// tensor a model asks for.
+    pub fn contains(&self, name: &str) -> bool {
+        let full = self.full_name(name);
+        match &self.shared.source {
+            Source::Gguf { content, .. } => content.tensor_infos.contains_key(&gguf_name(&full)),
+            Source::Safetensors(vb) => vb.contains_tensor(&self.renamed(&full).name),
+            Source::Synthetic { .. } => true,
+        }
+    }
+
+    fn renamed(&self, full: &str) -> Renamed {
+        match &self.rename {
+            Some(r) => r(full),
+            None => Renamed {
+                name: full.to_string(),
+                rows: None,
             },
-            Self::Synthetic { shapes, .. } => shapes.contains_key(hf_name),
         }
     }
 
-    fn qtensor(&mut self, hf_name: &str) -> Result<QTensor> {
-        let Self::Gguf {
-            content,
-            file,
-            device,
-            progress,
-        } = self
-        else {
-            unreachable!("qtensor is only called on GGUF weights")
-        };
-        let name = gguf_name(hf_name);
-        if !content.tensor_infos.contains_key(&name) {
-            return Err(ModelError::MissingWeight(name));
+    /// The dense tensor `name` (norm weights, biases, small matrices), of `shape`; GGUF tensors
+    /// are dequantized.
+    pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        match self.matrix_any(name, &shape.into())? {
+            Matrix::Dense(t) => Ok(t),
+            Matrix::Quantized(q) => Ok(q.dequantize(self.device())?),
         }
-        let t = content.tensor(file, &name, device)?;
-        progress.inc(1);
-        Ok(t)
     }
 
-    /// A dense f32 tensor (norm weights, biases).
-    pub fn tensor(&mut self, hf_name: &str) -> Result<Tensor> {
-        match self {
-            Self::Gguf { .. } => {
-                let dev = self.device().clone();
-                Ok(self.qtensor(hf_name)?.dequantize(&dev)?)
-            }
-            Self::Safetensors {
-                vb,
-                progress,
-                rename,
+    /// The matrix `name` of shape `(rows, cols)` (output features first), as stored: GGUF
+    /// weights stay quantized.
+    pub fn matrix(&self, name: &str, (rows, cols): (usize, usize)) -> Result<Matrix> {
+        self.matrix_any(name, &Shape::from((rows, cols)))
+    }
+
+    fn matrix_any(&self, name: &str, shape: &Shape) -> Result<Matrix> {
+        let full = self.full_name(name);
+        let shared = &*self.shared;
+        let m = match &shared.source {
+            Source::Gguf {
+                content,
+                file,
+                device,
             } => {
-                let (name, rows) = match rename {
-                    Some(r) => r(hf_name),
-                    None => (hf_name.to_string(), None),
-                };
+                let gname = gguf_name(&full);
+                if !content.tensor_infos.contains_key(&gname) {
+                    return Err(ModelError::MissingWeight(gname));
+                }
+                let mut reader = file;
+                let q = content.tensor(&mut reader, &gname, device)?;
+                check_shape(&gname, q.shape(), shape)?;
+                Matrix::Quantized(q)
+            }
+            Source::Safetensors(vb) => {
+                let Renamed { name, rows } = self.renamed(&full);
                 if !vb.contains_tensor(&name) {
                     return Err(ModelError::MissingWeight(name));
                 }
                 let mut t = vb.get_unchecked(&name)?;
-                if let Some((offset, len)) = rows {
-                    t = t.narrow(0, offset, len)?.contiguous()?;
+                if let Some(r) = rows {
+                    let mut whole = shape.dims().to_vec();
+                    if let Some(first) = whole.first_mut() {
+                        *first = r.of;
+                    }
+                    check_shape(&name, t.shape(), &Shape::from(whole))?;
+                    t = t.narrow(0, r.offset, r.len)?.contiguous()?;
                 }
-                progress.inc(1);
-                Ok(t)
+                check_shape(&name, t.shape(), shape)?;
+                Matrix::Dense(t)
             }
-            Self::Synthetic {
-                shapes,
+            Source::Synthetic {
                 seed,
                 dtype,
                 device,
-                progress,
-            } => {
-                let shape = shapes
-                    .get(hf_name)
-                    .ok_or_else(|| ModelError::MissingWeight(hf_name.to_string()))?;
-                let t = super::synthetic::tensor(hf_name, shape, *seed)?
+            } => Matrix::Dense(
+                super::synthetic::tensor(&full, shape.dims(), *seed)?
                     .to_dtype(*dtype)?
-                    .to_device(device)?;
-                progress.inc(1);
-                Ok(t)
-            }
-        }
-    }
-
-    /// `{prefix}.weight` (and `{prefix}.bias` when `bias`).
-    pub fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
-        let w = format!("{prefix}.weight");
-        let bias = if bias {
-            Some(self.tensor(&format!("{prefix}.bias"))?)
-        } else {
-            None
+                    .to_device(device)?,
+            ),
         };
-        match self {
-            Self::Gguf { .. } => gguf_linear(self.qtensor(&w)?, bias),
-            Self::Safetensors { .. } | Self::Synthetic { .. } => {
-                Ok(Linear::new(QMatMul::Tensor(self.tensor(&w)?), bias))
-            }
-        }
+        shared.progress.inc(1);
+        Ok(m)
     }
 
-    /// Projections of one input (`{prefix}.weight` each, and `.bias` when `bias`), as one matmul
-    /// over their rows concatenated when their weights share a type (one kernel dispatch and one
-    /// quantization of the input instead of several), else one by one.
-    pub fn projections(&mut self, prefixes: &[String], bias: bool) -> Result<Projections> {
-        let biases = |w: &mut Self| -> Result<Option<Vec<Tensor>>> {
-            bias.then(|| {
-                prefixes
-                    .iter()
-                    .map(|p| w.tensor(&format!("{p}.bias")))
-                    .collect::<Result<Vec<_>>>()
-            })
-            .transpose()
-        };
-        let cat_bias = |b: Option<Vec<Tensor>>| -> Result<Option<Tensor>> {
-            Ok(match b {
-                Some(b) => Some(Tensor::cat(&b, 0)?),
-                None => None,
-            })
-        };
-        match self {
-            Self::Gguf { .. } => {
-                let qs = prefixes
-                    .iter()
-                    .map(|p| self.qtensor(&format!("{p}.weight")))
-                    .collect::<Result<Vec<_>>>()?;
-                let b = biases(self)?;
-                let first = &qs[0];
-                let same = qs.iter().all(|q| {
-                    q.dtype() == first.dtype()
-                        && q.shape().dims().len() == 2
-                        && q.shape().dims()[1] == first.shape().dims()[1]
-                });
-                if !same {
-                    let parts = qs
-                        .into_iter()
-                        .zip(0..)
-                        .map(|(q, i)| gguf_linear(q, b.as_ref().map(|b| b[i].clone())))
-                        .collect::<Result<Vec<_>>>()?;
-                    return Ok(Projections::Separate(parts));
-                }
-                let widths: Vec<usize> = qs.iter().map(|q| q.shape().dims()[0]).collect();
-                let k = first.shape().dims()[1];
-                let dtype = first.dtype();
-                let mut data = Vec::new();
-                for q in &qs {
-                    data.extend_from_slice(&q.data()?);
-                }
-                let storage = QStorage::from_data(Cow::Owned(data), &first.device(), dtype)?;
-                let q = QTensor::new(storage, (widths.iter().sum::<usize>(), k))?;
-                let linear = gguf_linear(q, cat_bias(b)?)?;
-                Ok(Projections::Fused { linear, widths })
-            }
-            Self::Safetensors { .. } | Self::Synthetic { .. } => {
-                let ws = prefixes
-                    .iter()
-                    .map(|p| self.tensor(&format!("{p}.weight")))
-                    .collect::<Result<Vec<_>>>()?;
-                let widths = ws
-                    .iter()
-                    .map(|w| w.dim(0))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                let weight = QMatMul::Tensor(Tensor::cat(&ws, 0)?);
-                let linear = Linear::new(weight, cat_bias(biases(self)?)?);
-                Ok(Projections::Fused { linear, widths })
-            }
-        }
-    }
-
-    /// An embedding table, and the same weights as an output projection when `tied`.
-    pub fn embedding(&mut self, prefix: &str, tied: bool) -> Result<(Embedding, Option<Linear>)> {
-        let w = format!("{prefix}.weight");
-        match self {
-            Self::Gguf { .. } => {
-                let q = self.qtensor(&w)?;
-                if let Some(table) = tiled(&q)? {
-                    let table = Arc::new(table);
-                    let head = tied.then(|| Linear::tiled(table.clone(), None));
-                    return Ok((Embedding::Tiled(table), head));
-                }
-                let (q, k_pad) = pad_q8_0_rows(repack_for_cpu(q)?)?;
-                let q = Arc::new(q);
-                let hidden = q.shape().dims2()?.1 - k_pad;
-                let head = tied
-                    .then(|| {
-                        QMatMul::from_arc(q.clone()).map(|m| Linear::with_k_pad(m, None, k_pad))
-                    })
-                    .transpose()?;
-                let emb = match q.dtype() {
-                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                        Embedding::Dense(q.dequantize(&q.device())?)
-                    }
-                    _ => Embedding::Quantized { table: q, hidden },
-                };
-                Ok((emb, head))
-            }
-            Self::Safetensors { .. } | Self::Synthetic { .. } => {
-                let t = self.tensor(&w)?;
-                let head = tied.then(|| Linear::new(QMatMul::Tensor(t.clone()), None));
-                Ok((Embedding::Dense(t), head))
-            }
-        }
-    }
-
-    /// `{prefix}.gate_up_proj` (fused, gate first) if present, else `{prefix}.gate_proj` and
-    /// `{prefix}.up_proj`; then `{prefix}.down_proj`.
-    pub fn gated_mlp(&mut self, prefix: &str) -> Result<GatedMlp> {
-        let down = |w: &mut Self| w.linear(&format!("{prefix}.down_proj"), false);
-        if self.contains(&format!("{prefix}.gate_up_proj.weight")) {
-            let gate_up = self.linear(&format!("{prefix}.gate_up_proj"), false)?;
-            Ok(GatedMlp::fused(gate_up, down(self)?))
-        } else {
-            let names = [format!("{prefix}.gate_proj"), format!("{prefix}.up_proj")];
-            match self.projections(&names, false)? {
-                Projections::Fused { linear, .. } => Ok(GatedMlp::fused(linear, down(self)?)),
-                Projections::Separate(mut p) => {
-                    let up = p.pop();
-                    let gate = p.pop();
-                    match (gate, up) {
-                        (Some(gate), Some(up)) => Ok(GatedMlp::new(gate, up, down(self)?)),
-                        _ => Err(ModelError::MissingWeight(names[0].clone())),
-                    }
-                }
-            }
-        }
-    }
-
-    pub fn rms_norm(&mut self, prefix: &str, eps: f64) -> Result<RmsNorm> {
-        Ok(RmsNorm::new(
-            self.tensor(&format!("{prefix}.weight"))?,
-            eps as f32,
-        ))
-    }
-
+    /// Close the progress bar.
     pub fn finish(&self) {
-        match self {
-            Self::Gguf { progress, .. }
-            | Self::Safetensors { progress, .. }
-            | Self::Synthetic { progress, .. } => progress.finish_and_clear(),
-        }
+        self.shared.progress.finish_and_clear();
     }
 }
 
-fn progress_bar(len: u64, path: &Path) -> ProgressBar {
-    let pb = ProgressBar::new(len);
+/// A checkpoint tensor whose shape is not the one the config implies is a load error.
+fn check_shape(name: &str, found: &Shape, expected: &Shape) -> Result<()> {
+    if found.dims() == expected.dims() {
+        Ok(())
+    } else {
+        Err(ModelError::WeightShape {
+            name: name.to_string(),
+            expected: expected.dims().to_vec(),
+            found: found.dims().to_vec(),
+        })
+    }
+}
+
+fn progress_bar(len: Option<u64>, path: &Path) -> ProgressBar {
+    let (pb, template) = match len {
+        Some(n) => (
+            ProgressBar::new(n),
+            "{msg} [{bar:40}] {pos}/{len} tensors ({elapsed})",
+        ),
+        None => (ProgressBar::no_length(), "{msg}: {pos} tensors ({elapsed})"),
+    };
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tensors ({elapsed})")
+        indicatif::ProgressStyle::with_template(template)
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
@@ -401,6 +340,35 @@ fn progress_bar(len: u64, path: &Path) -> ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn views_read_full_names_with_the_declared_shape() {
+        let w = Weights::synthetic(7, DType::F32, &Device::Cpu);
+        let layer = w.pp("model.layers.1").pp("mlp");
+        assert_eq!(
+            layer.full_name("up_proj.weight"),
+            "model.layers.1.mlp.up_proj.weight"
+        );
+        let t = layer.get("up_proj.weight", (6, 4)).unwrap();
+        assert_eq!(t.dims(), &[6, 4]);
+        // The same name and shape give the same numbers however the name was reached.
+        let direct = w.get("model.layers.1.mlp.up_proj.weight", (6, 4)).unwrap();
+        assert_eq!(
+            t.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            direct.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn shape_mismatches_name_the_tensor_and_both_shapes() {
+        let err = check_shape("a.weight", &Shape::from((160, 64)), &Shape::from((192, 64)))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "weight `a.weight` has shape [160, 64], but the config implies [192, 64]"
+        );
+    }
 
     #[test]
     fn maps_hf_names_to_gguf() {

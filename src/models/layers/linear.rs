@@ -1,11 +1,15 @@
-//! Weight-backed layers that hide whether their weights are dense or GGUF-quantized.
+//! Weight-backed layers that hide whether their weights are dense or GGUF-quantized, each with
+//! its `load` from a [`Weights`] view (shape-checked against the config).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Module, Tensor};
 
 use super::qtiles::TiledMatrix;
+use crate::models::gguf_cpu::{gguf_linear, pad_q8_0_rows, repack_for_cpu, tiled};
+use crate::models::weights::{Matrix, Weights};
 use crate::models::{ModelError, Result};
 
 /// Which kernel computes `x W^T`.
@@ -57,6 +61,22 @@ impl Linear {
         }
     }
 
+    /// `weight` (`[out_dim, in_dim]`) and, when `bias`, `bias` (`[out_dim]`) under `w`.
+    pub fn load(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let m = w.matrix("weight", (out_dim, in_dim))?;
+        let b = bias.then(|| w.get("bias", out_dim)).transpose()?;
+        Self::from_matrix(m, b)
+    }
+
+    /// The kernel for a stored matrix: candle's dense matmul, or for GGUF the CPU kernel
+    /// `gguf_cpu` picks.
+    pub fn from_matrix(m: Matrix, bias: Option<Tensor>) -> Result<Self> {
+        match m {
+            Matrix::Dense(t) => Ok(Self::new(QMatMul::Tensor(t), bias)),
+            Matrix::Quantized(q) => gguf_linear(q, bias),
+        }
+    }
+
     /// `x`: `[tokens, in]` → `[tokens, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = if self.k_pad > 0 {
@@ -88,6 +108,47 @@ pub enum Projections {
 }
 
 impl Projections {
+    /// The projections `names` (each `[out_dims[i], in_dim]`, with a bias when `bias`) of one
+    /// input under `w`: one matmul over their rows concatenated when their weights share a type
+    /// (one kernel dispatch and one quantization of the input instead of several), else one by
+    /// one.
+    pub fn load(
+        w: &Weights,
+        names: &[&str],
+        in_dim: usize,
+        out_dims: &[usize],
+        bias: bool,
+    ) -> Result<Self> {
+        let parts = names.iter().zip(out_dims).map(|(n, &out)| {
+            let w = w.pp(n);
+            let m = w.matrix("weight", (out, in_dim))?;
+            let b = bias.then(|| w.get("bias", out)).transpose()?;
+            Ok((m, b))
+        });
+        let (mats, biases): (Vec<Matrix>, Vec<Option<Tensor>>) =
+            parts.collect::<Result<Vec<_>>>()?.into_iter().unzip();
+        match concat_rows(&mats)? {
+            Some(m) => {
+                let bias = if bias {
+                    let b: Vec<Tensor> = biases.into_iter().flatten().collect();
+                    Some(Tensor::cat(&b, 0)?)
+                } else {
+                    None
+                };
+                Ok(Self::Fused {
+                    linear: Linear::from_matrix(m, bias)?,
+                    widths: out_dims.to_vec(),
+                })
+            }
+            None => Ok(Self::Separate(
+                mats.into_iter()
+                    .zip(biases)
+                    .map(|(m, b)| Linear::from_matrix(m, b))
+                    .collect::<Result<Vec<_>>>()?,
+            )),
+        }
+    }
+
     /// Each projection of `x` (`[tokens, in]`), in order.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
@@ -108,6 +169,51 @@ impl Projections {
     }
 }
 
+/// Matrices of one input width stacked by rows, when they are all dense or all quantized in
+/// one type; `None` otherwise.
+fn concat_rows(mats: &[Matrix]) -> Result<Option<Matrix>> {
+    let dense: Option<Vec<&Tensor>> = mats
+        .iter()
+        .map(|m| match m {
+            Matrix::Dense(t) => Some(t),
+            Matrix::Quantized(_) => None,
+        })
+        .collect();
+    if let Some(ts) = dense {
+        return Ok(Some(Matrix::Dense(Tensor::cat(&ts, 0)?)));
+    }
+    let quantized: Option<Vec<&QTensor>> = mats
+        .iter()
+        .map(|m| match m {
+            Matrix::Quantized(q) => Some(q),
+            Matrix::Dense(_) => None,
+        })
+        .collect();
+    let Some(qs) = quantized else {
+        return Ok(None);
+    };
+    let Some(first) = qs.first() else {
+        return Ok(None);
+    };
+    let k = first.shape().dims().get(1).copied();
+    let same = qs.iter().all(|q| {
+        q.dtype() == first.dtype()
+            && q.shape().dims().len() == 2
+            && q.shape().dims().get(1).copied() == k
+    });
+    let Some(k) = k.filter(|_| same) else {
+        return Ok(None);
+    };
+    let mut data = Vec::new();
+    let mut rows = 0;
+    for q in &qs {
+        data.extend_from_slice(&q.data()?);
+        rows += q.shape().dims()[0];
+    }
+    let storage = QStorage::from_data(Cow::Owned(data), &first.device(), first.dtype())?;
+    Ok(Some(Matrix::Quantized(QTensor::new(storage, (rows, k))?)))
+}
+
 /// Token embeddings; quantized tables are dequantized one row at a time.
 #[derive(Debug, Clone)]
 pub enum Embedding {
@@ -122,6 +228,43 @@ pub enum Embedding {
 }
 
 impl Embedding {
+    /// The table `weight` (`[vocab, hidden]`) under `w`, and the same weights as the output
+    /// projection when `tied`.
+    pub fn load(
+        w: &Weights,
+        vocab: usize,
+        hidden: usize,
+        tied: bool,
+    ) -> Result<(Self, Option<Linear>)> {
+        match w.matrix("weight", (vocab, hidden))? {
+            Matrix::Quantized(q) => {
+                if let Some(table) = tiled(&q)? {
+                    let table = Arc::new(table);
+                    let head = tied.then(|| Linear::tiled(table.clone(), None));
+                    return Ok((Self::Tiled(table), head));
+                }
+                let (q, k_pad) = pad_q8_0_rows(repack_for_cpu(q)?)?;
+                let q = Arc::new(q);
+                let head = tied
+                    .then(|| {
+                        QMatMul::from_arc(q.clone()).map(|m| Linear::with_k_pad(m, None, k_pad))
+                    })
+                    .transpose()?;
+                let emb = match q.dtype() {
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                        Self::Dense(q.dequantize(&q.device())?)
+                    }
+                    _ => Self::Quantized { table: q, hidden },
+                };
+                Ok((emb, head))
+            }
+            Matrix::Dense(t) => {
+                let head = tied.then(|| Linear::new(QMatMul::Tensor(t.clone()), None));
+                Ok((Self::Dense(t), head))
+            }
+        }
+    }
+
     /// `ids`: `[tokens]` u32 → `[tokens, hidden]` f32.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
@@ -164,6 +307,11 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn new(weight: Tensor, eps: f32) -> Self {
         Self { weight, eps }
+    }
+
+    /// `weight` (`[size]`) under `w`.
+    pub fn load(w: &Weights, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self::new(w.get("weight", size)?, eps as f32))
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

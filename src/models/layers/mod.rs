@@ -16,9 +16,9 @@ pub mod trunk;
 
 pub use attention::{paged_attention, AttnDims};
 pub use linear::{Embedding, Linear, Projections, RmsNorm};
-pub use mlp::GatedMlp;
-pub use moe::{Moe, Routing, TopkMethod};
+pub use mlp::{GateUpLayout, GatedMlp};
+pub use moe::{Moe, MoeDims, Routing, TopkMethod};
 pub use paged::{paged_attend, CachePath};
 pub use paged_tensor::TensorAttnPlan;
-pub use rope::{RopeRows, RopeScaling, RopeStyle, RopeTables, RotaryEmbedding};
-pub use trunk::{Pass, Trunk};
+pub use rope::{HfRope, RopeRows, RopeScaling, RopeStyle, RopeTables, RotaryEmbedding};
+pub use trunk::{Pass, Trunk, TrunkDims};

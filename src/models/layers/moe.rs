@@ -4,12 +4,16 @@
 
 use candle_core::{DType, Tensor};
 
-use super::GatedMlp;
+use super::{GateUpLayout, GatedMlp};
+use crate::models::weights::Weights;
 use crate::models::Result;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// DeepSeek's `topk_method`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TopkMethod {
     /// The `top_k` highest scores.
+    #[default]
     Greedy,
     /// Only experts in the `topk_group` groups whose best expert scores highest compete.
     GroupLimitedGreedy,
@@ -75,7 +79,40 @@ pub struct Moe {
     pub routing: Routing,
 }
 
+/// The sizes of a mixture-of-experts block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MoeDims {
+    pub hidden: usize,
+    pub n_routed_experts: usize,
+    /// Each expert's intermediate size.
+    pub expert_intermediate: usize,
+    /// Shared experts run as one MLP `n_shared_experts` times as wide; 0 for none.
+    pub n_shared_experts: usize,
+}
+
 impl Moe {
+    /// `gate`, `experts.{e}` and `shared_experts` under `w` (DeepSeek's names).
+    pub fn load(w: &Weights, d: MoeDims, routing: Routing) -> Result<Self> {
+        let (h, i) = (d.hidden, d.expert_intermediate);
+        let experts = (0..d.n_routed_experts)
+            .map(|e| GatedMlp::load(&w.pp(format!("experts.{e}")), h, i, GateUpLayout::Separate))
+            .collect::<Result<Vec<_>>>()?;
+        let shared = (d.n_shared_experts > 0)
+            .then(|| {
+                let wide = i * d.n_shared_experts;
+                GatedMlp::load(&w.pp("shared_experts"), h, wide, GateUpLayout::Separate)
+            })
+            .transpose()?;
+        Ok(Self {
+            gate: w
+                .get("gate.weight", (d.n_routed_experts, h))?
+                .to_dtype(DType::F32)?,
+            experts,
+            shared,
+            routing,
+        })
+    }
+
     /// `x`: `[tokens, hidden]`. Routing is decided on the host (a few floats per token); each
     /// expert then runs once on the rows routed to it.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

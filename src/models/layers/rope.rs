@@ -42,6 +42,43 @@ pub enum RopeScaling {
     },
 }
 
+/// The rotary keys of a Hugging Face `config.json`, in both forms: the hub's top-level
+/// `rope_theta` / `rope_scaling` / `partial_rotary_factor`, and transformers 5's
+/// `rope_parameters` holding all three. Family configs `#[serde(flatten)]` it, so every family
+/// reads them one way.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct HfRope {
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    rope_parameters: Option<serde_json::Value>,
+    partial_rotary_factor: Option<f64>,
+}
+
+impl HfRope {
+    fn parameter(&self, key: &str) -> Option<f64> {
+        self.rope_parameters.as_ref()?.get(key)?.as_f64()
+    }
+
+    /// The base; `default` when the config names none.
+    pub fn theta(&self, default: f64) -> f64 {
+        self.rope_theta
+            .or_else(|| self.parameter("rope_theta"))
+            .unwrap_or(default)
+    }
+
+    /// The context-extension scaling (`rope_scaling`, else `rope_parameters`).
+    pub fn scaling(&self) -> Result<RopeScaling, String> {
+        RopeScaling::from_hf(self.rope_scaling.as_ref().or(self.rope_parameters.as_ref()))
+    }
+
+    /// The fraction of each head that rotates; `default` when the config names none.
+    pub fn partial_rotary_factor(&self, default: f64) -> f64 {
+        self.partial_rotary_factor
+            .or_else(|| self.parameter("partial_rotary_factor"))
+            .unwrap_or(default)
+    }
+}
+
 /// YaRN's magnitude correction.
 fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
     if scale <= 1.0 {

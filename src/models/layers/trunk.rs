@@ -24,30 +24,28 @@ pub struct Pass<'a> {
     pub rows: RopeRows,
 }
 
-impl Trunk {
-    /// The embedding table (also the output head when tied, or when the checkpoint has no
-    /// `lm_head`); call before loading the layers, then [`Trunk::finish`].
-    pub fn embedding(
-        w: &mut Weights,
-        tie_word_embeddings: bool,
-    ) -> Result<(Embedding, Option<Linear>)> {
-        let tied = tie_word_embeddings || !w.contains("lm_head.weight");
-        w.embedding("model.embed_tokens", tied)
-    }
+/// The sizes the trunk's weights are checked against.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrunkDims {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub tie_word_embeddings: bool,
+    pub rms_norm_eps: f64,
+}
 
-    /// Load the final norm and the output head, and put the RoPE tables on the device.
-    pub fn finish(
-        w: &mut Weights,
-        (embed_tokens, tied_head): (Embedding, Option<Linear>),
-        rms_norm_eps: f64,
-        rope: RotaryEmbedding,
-    ) -> Result<Self> {
-        let norm = w.rms_norm("model.norm", rms_norm_eps)?;
+impl Trunk {
+    /// `model.embed_tokens`, `model.norm` and `lm_head` (the embedding table when tied, or when
+    /// the checkpoint has no `lm_head`), with the RoPE tables put on the device.
+    pub fn load(w: &Weights, d: TrunkDims, rope: RotaryEmbedding) -> Result<Self> {
+        let (vocab, hidden) = (d.vocab_size, d.hidden_size);
+        let tied = d.tie_word_embeddings || !w.contains("lm_head.weight");
+        let (embed_tokens, tied_head) =
+            Embedding::load(&w.pp("model.embed_tokens"), vocab, hidden, tied)?;
+        let norm = RmsNorm::load(&w.pp("model.norm"), hidden, d.rms_norm_eps)?;
         let lm_head = match tied_head {
             Some(h) => h,
-            None => w.linear("lm_head", false)?,
+            None => Linear::load(&w.pp("lm_head"), hidden, vocab, false)?,
         };
-        w.finish();
         let dtype = w.dtype();
         Ok(Self {
             embed_tokens,
@@ -57,6 +55,17 @@ impl Trunk {
             device: w.device().clone(),
             dtype,
         })
+    }
+
+    /// The decoder layers `model.layers.{i}` for `i < n`, each loaded by `layer`.
+    pub fn load_layers<L>(
+        w: &Weights,
+        n: usize,
+        mut layer: impl FnMut(usize, &Weights) -> Result<L>,
+    ) -> Result<Vec<L>> {
+        (0..n)
+            .map(|i| layer(i, &w.pp(format!("model.layers.{i}"))))
+            .collect()
     }
 
     /// Embed the batch, run `layer(i, x, kv, pass)` for layers `0..num_layers` (each returns
