@@ -13,7 +13,8 @@ pub mod telemetry;
 pub mod tokenizer;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use candle_core::Device;
@@ -21,25 +22,28 @@ use tokio::net::TcpListener;
 
 use api::{AppState, ServedModel};
 use config::{Config, EngineSettings, ModelConfig};
-use engine::{spawn_engine, EngineConfig};
+use engine::{spawn_engine, EngineConfig, EngineThread};
 use tokenizer::Tokenizer;
 
 /// Load every configured model and start its engine thread. Blocking (reads weights).
 pub fn load(config: &Config) -> anyhow::Result<AppState> {
-    let models = config
-        .models
-        .iter()
-        .map(|m| load_model(m).map(Arc::new))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut models = Vec::new();
+    let mut engines = Vec::new();
+    for m in &config.models {
+        let (model, engine) = load_model(m)?;
+        models.push(Arc::new(model));
+        engines.push(engine);
+    }
     Ok(AppState {
         models: Arc::new(models),
         api_key: config.api_key.as_deref().map(Arc::from),
         metrics: telemetry::install(),
+        engines: Arc::new(Mutex::new(engines)),
     })
 }
 
 /// Load one model (weights, tokenizer), size its KV pool and start its engine.
-fn load_model(config: &ModelConfig) -> anyhow::Result<ServedModel> {
+fn load_model(config: &ModelConfig) -> anyhow::Result<(ServedModel, EngineThread)> {
     let path = &config.path;
     let synthetic = models::synthetic::preset_name(path).is_some();
     if !synthetic && !path.exists() {
@@ -100,7 +104,7 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<ServedModel> {
     );
     let tokenizer = Arc::new(tokenizer);
     let vocab_size = model.vocab_size();
-    let engine = spawn_engine(
+    let (engine, thread) = spawn_engine(
         &config.served_model_name,
         model,
         tokenizer.clone(),
@@ -118,13 +122,14 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<ServedModel> {
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    Ok(ServedModel {
+    let served = ServedModel {
         name: config.served_model_name.clone(),
         engine,
         tokenizer,
         vocab_size,
         created,
-    })
+    };
+    Ok((served, thread))
 }
 
 /// Memory still needed beside the KV pool on a GPU once the weights are loaded: activations of
@@ -160,25 +165,34 @@ fn kv_budget(e: &EngineSettings, device: &Device) -> anyhow::Result<u64> {
     Ok(budget)
 }
 
-/// Serve the API on `listener` until `shutdown` resolves, then stop accepting and let
-/// in-flight requests finish.
+/// How long `serve` waits, once the server has stopped, for each engine thread to end.
+const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serve the API on `listener` until `shutdown` resolves, then stop accepting, let in-flight
+/// requests finish, and join the engine threads.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, api::router(state))
+    let engines = state
+        .engines
+        .lock()
+        .map(|mut e| std::mem::take(&mut *e))
+        .unwrap_or_default();
+    let served = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown)
-        .await
-}
-
-/// [`load`] then [`serve`].
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let state = tokio::task::spawn_blocking(move || load(&config)).await??;
-    serve(state, listener, shutdown).await?;
-    Ok(())
+        .await;
+    // The router, dropped with the server, held every engine handle: with them gone each
+    // engine aborts what is left of its (disconnected) requests and stops.
+    let joined = tokio::task::spawn_blocking(move || {
+        for e in engines {
+            e.join(ENGINE_STOP_TIMEOUT);
+        }
+    })
+    .await;
+    if let Err(e) = joined {
+        tracing::error!(error = %e, "joining the engine threads failed");
+    }
+    served
 }

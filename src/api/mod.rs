@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use tower_http::trace::TraceLayer;
 
-use crate::engine::EngineHandle;
+use crate::engine::{EngineHandle, EngineThread};
 use crate::tokenizer::Tokenizer;
 pub use error::ApiError;
 
@@ -37,6 +37,8 @@ pub struct AppState {
     pub api_key: Option<Arc<str>>,
     /// Renders `/metrics` (`None` when another metrics recorder owns the process).
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The models' engine threads, taken by `serve` to join them once the server has stopped.
+    pub engines: Arc<std::sync::Mutex<Vec<EngineThread>>>,
 }
 
 /// The id of one HTTP request (`x-request-id`), set by [`middleware::request_id`].

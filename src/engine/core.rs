@@ -2,28 +2,20 @@
 //! one loaded model, with no locks. Each iteration: take new requests, drop those whose client
 //! went away, schedule, run one forward pass over the flat batch, sample, and send events.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use tokio::sync::mpsc::UnboundedSender;
-
 use super::kv::{KvManager, SeqId};
-use super::logits::{is_identity, process, TokenHistory};
+use super::request::{Outcome, Request, Row, TokenLatency};
 use super::runner::{build_batch, execute, Sampled};
-use super::sampler::{logprobs, sample};
-use super::scheduler::{Scheduler, SchedulerConfig};
+use super::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
 use super::sequence::Sequence;
-use super::{
-    EngineError, EngineEvent, EngineHandle, EngineLimits, EngineMsg, EngineStats, FinishReason,
-    GenerationRequest, Usage,
-};
+use super::stop::{check_stop, StopCheck};
+use super::{EngineError, EngineEvent, EngineHandle, EngineLimits, EngineMsg, EngineStats, Usage};
 use crate::models::{CacheSpec, CausalLm, KvCache};
 use crate::telemetry;
-use crate::tokenizer::{IncrementalDecoder, StopMatcher, Tokenizer};
+use crate::tokenizer::{StopStep, Tokenizer};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EngineConfig {
@@ -38,58 +30,63 @@ pub struct EngineConfig {
     pub cache_dtype: candle_core::DType,
 }
 
-/// Per-request state that is not the scheduler's business.
-struct Request {
-    params: GenerationRequest,
-    events: UnboundedSender<EngineEvent>,
-    decoder: IncrementalDecoder,
-    stop: StopMatcher,
-    rng: StdRng,
-    history: TokenHistory,
-    /// Tokens that end generation (EOS unless ignored, and `stop_token_ids`).
-    end_tokens: Vec<u32>,
-    /// Has left the waiting queue once (so it no longer counts against `pending`).
-    admitted: bool,
-    arrival: Instant,
-    last_token: Option<Instant>,
-}
-
-/// One sampling sequence's share of a step's output.
-enum Row {
-    Logits(Vec<f32>),
-    /// Picked on the model's device (plain greedy).
-    Token(u32),
-}
-
-impl Request {
-    /// Greedy with nothing between the logits and the argmax (no processors, no logprobs).
-    fn plain_greedy(&self) -> bool {
-        let sp = &self.params.sampling;
-        sp.is_greedy() && sp.logprobs.is_none() && is_identity(sp, &self.history)
-    }
-}
-
 struct Engine {
     name: String,
     model: Box<dyn CausalLm>,
     tokenizer: Arc<Tokenizer>,
     cfg: EngineConfig,
-    scheduler: Scheduler,
+    /// Every sequence with its request state: their one owner.
+    scheduler: Scheduler<Request>,
     kv: KvManager,
     cache: KvCache,
-    requests: HashMap<SeqId, Request>,
     stats: Arc<EngineStats>,
     pending: Arc<AtomicUsize>,
 }
 
-/// Start the engine thread for `model`. The thread ends when every handle is dropped and its
-/// last sequence is done.
+/// An engine's thread. It ends once every [`EngineHandle`] is dropped and the sequences it
+/// holds are done (those whose clients left are aborted at once).
+pub struct EngineThread {
+    name: String,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl EngineThread {
+    /// Wait up to `timeout` for the thread to end; returns whether it did (a thread still
+    /// running then is left to the process's exit).
+    pub fn join(self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.thread.is_finished() {
+            if Instant::now() >= deadline {
+                tracing::warn!(model = %self.name, "engine still busy at shutdown; not waiting");
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if self.thread.join().is_err() {
+            tracing::error!(model = %self.name, "engine thread panicked");
+        }
+        true
+    }
+}
+
+/// Start the engine thread for `model`. `cfg.max_model_len` must fit the KV pool, so that every
+/// admitted sequence can run alone.
 pub fn spawn_engine(
     name: &str,
     model: Box<dyn CausalLm>,
     tokenizer: Arc<Tokenizer>,
     cfg: EngineConfig,
-) -> std::io::Result<EngineHandle> {
+) -> std::io::Result<(EngineHandle, EngineThread)> {
+    let pool_tokens = cfg.num_blocks * cfg.block_size;
+    if cfg.max_model_len > pool_tokens {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "max_model_len {} does not fit the KV pool ({pool_tokens} tokens)",
+                cfg.max_model_len
+            ),
+        ));
+    }
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(EngineStats::default());
     let pending = Arc::new(AtomicUsize::new(0));
@@ -119,15 +116,14 @@ pub fn spawn_engine(
             name,
         ),
         cache,
-        requests: HashMap::new(),
         stats: stats.clone(),
         pending: pending.clone(),
     };
     engine.publish_stats();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("engine-{name}"))
         .spawn(move || engine.run(rx))?;
-    Ok(EngineHandle {
+    let handle = EngineHandle {
         tx,
         stats,
         limits: EngineLimits {
@@ -136,7 +132,12 @@ pub fn spawn_engine(
         },
         next_id: Arc::new(AtomicU64::new(1)),
         pending,
-    })
+    };
+    let thread = EngineThread {
+        name: name.to_string(),
+        thread,
+    };
+    Ok((handle, thread))
 }
 
 impl Engine {
@@ -178,8 +179,10 @@ impl Engine {
             events,
             arrival,
         } = msg;
+        // `submit` checked this against the same limit; the engine holds every sequence of at
+        // most `max_model_len` tokens (`spawn_engine` refuses a pool smaller than that).
         let needed = request.prompt_ids.len() + request.max_tokens;
-        if needed > self.cfg.max_model_len || !Scheduler::fits(&self.kv, needed) {
+        if needed > self.cfg.max_model_len {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             let _ = events.send(EngineEvent::Error(EngineError::ContextTooLong {
                 needed,
@@ -187,58 +190,61 @@ impl Engine {
             }));
             return;
         }
-        let rng = match request.sampling.seed {
-            Some(s) => StdRng::seed_from_u64(s),
-            None => StdRng::from_rng(&mut rand::rng()),
-        };
-        let n_prompt = request.prompt_ids.len();
-        let mut end_tokens = request.stop_token_ids.clone();
-        if !request.ignore_eos {
-            end_tokens.extend_from_slice(self.tokenizer.eos_token_ids());
-        }
         self.stats
             .prompt_tokens
-            .fetch_add(n_prompt as u64, Ordering::Relaxed);
-        self.scheduler
-            .add(Sequence::new(id, request.prompt_ids.clone()));
-        self.requests.insert(
-            id,
-            Request {
-                decoder: IncrementalDecoder::new(n_prompt, request.skip_special_tokens),
-                stop: StopMatcher::new(request.stop.clone()),
-                history: TokenHistory::new(&request.prompt_ids, &request.sampling),
-                end_tokens,
-                params: *request,
-                events,
-                rng,
-                admitted: false,
-                arrival,
-                last_token: None,
-            },
-        );
+            .fetch_add(request.prompt_ids.len() as u64, Ordering::Relaxed);
+        let seq = Sequence::new(id, request.prompt_ids.clone());
+        let eos = self.tokenizer.eos_token_ids();
+        let request = Request::new(*request, events, arrival, eos);
+        self.scheduler.add(seq, request);
     }
 
     /// Abort sequences whose client hung up, returning their blocks.
     fn drop_abandoned(&mut self) {
         let gone: Vec<SeqId> = self
-            .requests
-            .iter()
+            .scheduler
+            .requests()
             .filter(|(_, r)| r.events.is_closed())
-            .map(|(&id, _)| id)
+            .map(|(id, _)| id)
             .collect();
         for id in gone {
             tracing::debug!(seq = id, "client disconnected; aborting");
-            telemetry::request_finished(&self.name, "abort");
-            self.finish(id);
+            self.finish(id, Outcome::Aborted);
         }
     }
 
-    fn finish(&mut self, id: SeqId) {
-        self.scheduler.remove(id, &mut self.kv);
-        if let Some(r) = self.requests.remove(&id) {
-            if !r.admitted {
-                self.pending.fetch_sub(1, Ordering::SeqCst);
+    /// End a request: free its blocks, tell its client how it ended, count it.
+    fn finish(&mut self, id: SeqId, outcome: Outcome) {
+        let Some((seq, mut r)) = self.scheduler.remove(id, &mut self.kv) else {
+            return;
+        };
+        if !r.admitted {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let Some(label) = outcome.label() {
+            telemetry::request_finished(&self.name, label);
+        }
+        match outcome {
+            Outcome::Finished(reason) => {
+                let usage = Usage {
+                    prompt_tokens: seq.num_prompt_tokens,
+                    completion_tokens: seq.num_output_tokens(),
+                };
+                // Text held back as a possible stop string is released (after a stop string
+                // matched there is none).
+                let text = r.stop.flush();
+                let _ = r.events.send(EngineEvent::Finished {
+                    text,
+                    reason,
+                    usage,
+                });
+                let e2e = r.arrival.elapsed().as_secs_f64();
+                telemetry::observe(telemetry::E2E, &self.name, e2e);
             }
+            Outcome::Failed(e) => {
+                let _ = r.events.send(EngineEvent::Error(e));
+            }
+            Outcome::Aborted => {}
         }
     }
 
@@ -251,8 +257,46 @@ impl Engine {
         if out.scheduled.is_empty() {
             return out.preempted.is_empty() && self.scheduler.is_empty();
         }
+        self.mark_admitted(&out);
+        let batch = build_batch(&out, &self.scheduler, &self.kv);
+        // On an accelerator, a step whose every sampler is plain greedy picks its tokens there.
+        let greedy_on_device = !self.model.device().is_cpu()
+            && out.scheduled.iter().filter(|s| s.samples).all(|s| {
+                self.scheduler
+                    .get_mut(s.seq_id)
+                    .is_some_and(|(_, r)| r.plain_greedy())
+            });
+        let model = self.model.as_ref();
+        let sampled = match execute(model, &batch, &mut self.cache, greedy_on_device) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward pass failed");
+                for s in &out.scheduled {
+                    self.finish(s.seq_id, Outcome::Failed(EngineError::Model(e.to_string())));
+                }
+                return true;
+            }
+        };
+        self.scheduler.on_step_computed(&out, &mut self.kv);
+        self.stats.num_steps.fetch_add(1, Ordering::Relaxed);
+
+        let rows: Vec<Row> = match sampled {
+            Sampled::Logits(rows) => rows.into_iter().map(Row::Logits).collect(),
+            Sampled::Tokens(tokens) => tokens.into_iter().map(Row::Token).collect(),
+        };
+        let samplers = out.scheduled.iter().filter(|s| s.samples);
+        for (s, row) in samplers.zip(rows) {
+            if let Some(outcome) = self.advance(s.seq_id, row) {
+                self.finish(s.seq_id, outcome);
+            }
+        }
+        true
+    }
+
+    /// Sequences scheduled for the first time leave the waiting count.
+    fn mark_admitted(&mut self, out: &SchedulerOutput) {
         for s in &out.scheduled {
-            if let Some(r) = self.requests.get_mut(&s.seq_id) {
+            if let Some((_, r)) = self.scheduler.get_mut(s.seq_id) {
                 if !r.admitted {
                     r.admitted = true;
                     self.pending.fetch_sub(1, Ordering::SeqCst);
@@ -261,153 +305,46 @@ impl Engine {
                 }
             }
         }
-        let batch = build_batch(&out, &self.scheduler, &self.kv);
-        // On an accelerator, a step whose every sampler is plain greedy picks its tokens there.
-        let greedy_on_device = !self.model.device().is_cpu()
-            && out.scheduled.iter().filter(|s| s.samples).all(|s| {
-                self.requests
-                    .get(&s.seq_id)
-                    .is_some_and(|r| r.plain_greedy())
-            });
-        let sampled = match execute(
-            self.model.as_ref(),
-            &batch,
-            &mut self.cache,
-            greedy_on_device,
-        ) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "forward pass failed");
-                for s in &out.scheduled {
-                    if let Some(r) = self.requests.get(&s.seq_id) {
-                        let _ = r
-                            .events
-                            .send(EngineEvent::Error(EngineError::Model(e.to_string())));
-                    }
-                    self.finish(s.seq_id);
-                }
-                return true;
-            }
-        };
-        self.scheduler.on_step_computed(&out, &mut self.kv);
-        self.stats.num_steps.fetch_add(1, Ordering::Relaxed);
-
-        let samplers = out.scheduled.iter().filter(|s| s.samples);
-        match sampled {
-            Sampled::Logits(rows) => {
-                for (s, row) in samplers.zip(rows) {
-                    self.on_sampled(s.seq_id, Row::Logits(row));
-                }
-            }
-            Sampled::Tokens(tokens) => {
-                for (s, token) in samplers.zip(tokens) {
-                    self.on_sampled(s.seq_id, Row::Token(token));
-                }
-            }
-        }
-        true
     }
 
-    /// A sequence's next token, from its logits row or already picked on the device.
-    fn on_sampled(&mut self, id: SeqId, row: Row) {
-        let Some(r) = self.requests.get_mut(&id) else {
-            return;
-        };
-        let sp = &r.params.sampling;
-        let (token, token_logprobs) = match row {
-            Row::Logits(mut logits) => {
-                process(&mut logits, sp, &r.history, &r.end_tokens);
-                let token = sample(&logits, sp, &mut r.rng);
-                let lp = sp
-                    .logprobs
-                    .map(|k| logprobs(&logits, sp.temperature, token, k));
-                (token, lp)
-            }
-            Row::Token(token) => (token, None),
-        };
-        r.history.push(token);
-        let now = Instant::now();
-        match r.last_token.replace(now) {
-            None => {
-                telemetry::observe(telemetry::TTFT, &self.name, (now - r.arrival).as_secs_f64())
-            }
-            Some(prev) => {
-                telemetry::observe(telemetry::TPOT, &self.name, (now - prev).as_secs_f64())
-            }
-        }
-        self.scheduler.append_token(id, token);
+    /// Give sequence `id` its next token from `row`, send it to the client, and say whether
+    /// the sequence is done.
+    fn advance(&mut self, id: SeqId, row: Row) -> Option<Outcome> {
+        let (seq, r) = self.scheduler.get_mut(id)?;
+        let (token, logprobs) = r.sample(row);
+        seq.token_ids.push(token);
         self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
-        let Some(seq) = self.scheduler.get(id) else {
-            return;
-        };
-
-        let mut reason = None;
-        let mut text = String::new();
-        let mut matched_stop_string = false;
-        if r.end_tokens.contains(&token) {
-            reason = Some(FinishReason::Stop);
+        match r.mark_token(Instant::now()) {
+            TokenLatency::First(s) => telemetry::observe(telemetry::TTFT, &self.name, s),
+            TokenLatency::Next(s) => telemetry::observe(telemetry::TPOT, &self.name, s),
+        }
+        let end_token = r.end_tokens.contains(&token);
+        let step = if end_token {
+            StopStep::default()
         } else {
-            match r.decoder.step(&self.tokenizer, &seq.token_ids) {
-                Ok(delta) => {
-                    let st = r.stop.push(&delta);
-                    text = st.emit;
-                    if st.stopped {
-                        reason = Some(FinishReason::Stop);
-                        matched_stop_string = true;
-                    }
-                }
-                Err(e) => {
-                    let _ = r
-                        .events
-                        .send(EngineEvent::Error(EngineError::Tokenizer(e.to_string())));
-                    self.finish(id);
-                    return;
-                }
+            match r.detokenize(&self.tokenizer, seq) {
+                Ok(step) => step,
+                Err(e) => return Some(Outcome::Failed(e)),
             }
-        }
-        if reason.is_none()
-            && (seq.num_output_tokens() >= r.params.max_tokens
-                || seq.num_tokens() >= self.cfg.max_model_len)
-        {
-            reason = Some(FinishReason::Length);
-        }
-        let sent = r.events.send(EngineEvent::Token {
-            token_id: token,
-            text,
-            logprobs: token_logprobs,
+        };
+        let reason = check_stop(&StopCheck {
+            end_token,
+            stop_string: step.stopped,
+            num_output_tokens: seq.num_output_tokens(),
+            num_tokens: seq.num_tokens(),
+            min_tokens: r.params.sampling.min_tokens,
+            max_tokens: r.params.max_tokens,
+            max_model_len: self.cfg.max_model_len,
         });
-        if sent.is_err() {
-            self.finish(id);
-            return;
+        let event = EngineEvent::Token {
+            token_id: token,
+            text: step.emit,
+            logprobs,
+        };
+        if r.events.send(event).is_err() {
+            return Some(Outcome::Aborted);
         }
-        if let Some(reason) = reason {
-            // Text held back as a possible stop string is released unless one actually matched.
-            let text = if matched_stop_string {
-                String::new()
-            } else {
-                r.stop.flush()
-            };
-            let usage = Usage {
-                prompt_tokens: seq.num_prompt_tokens,
-                completion_tokens: seq.num_output_tokens(),
-            };
-            let _ = r.events.send(EngineEvent::Finished {
-                text,
-                reason,
-                usage,
-            });
-            telemetry::observe(
-                telemetry::E2E,
-                &self.name,
-                r.arrival.elapsed().as_secs_f64(),
-            );
-            let label = match reason {
-                FinishReason::Stop => "stop",
-                FinishReason::Length => "length",
-            };
-            telemetry::request_finished(&self.name, label);
-            self.finish(id);
-        }
+        reason.map(Outcome::Finished)
     }
 
     fn publish_stats(&self) {
@@ -429,5 +366,86 @@ impl Engine {
             .store(self.kv.num_cached_blocks(), Ordering::Relaxed);
         s.num_preemptions
             .store(self.scheduler.num_preemptions(), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{FinishReason, GenerationRequest, SamplingParams};
+
+    fn tiny() -> (Box<dyn CausalLm>, Arc<Tokenizer>) {
+        let path = std::path::Path::new("synthetic:tiny");
+        let model = crate::models::load_model(path, &candle_core::Device::Cpu, Some(64))
+            .unwrap()
+            .model;
+        let tok = Arc::new(Tokenizer::synthetic(model.vocab_size()).unwrap());
+        (model, tok)
+    }
+
+    fn config(num_blocks: usize, max_model_len: usize) -> EngineConfig {
+        EngineConfig {
+            max_num_seqs: 4,
+            max_num_batched_tokens: 64,
+            block_size: 4,
+            num_blocks,
+            max_model_len,
+            max_waiting_requests: 8,
+            enable_prefix_caching: true,
+            cache_dtype: candle_core::DType::F32,
+        }
+    }
+
+    fn request(max_tokens: usize) -> GenerationRequest {
+        GenerationRequest {
+            prompt_ids: vec![100, 200, 300],
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..SamplingParams::default()
+            },
+            max_tokens,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: true,
+            skip_special_tokens: true,
+        }
+    }
+
+    #[test]
+    fn a_context_longer_than_the_pool_is_refused_at_start() {
+        let (model, tok) = tiny();
+        let Err(e) = spawn_engine("t", model, tok, config(4, 17)) else {
+            panic!("a 17-token context cannot fit 4 blocks of 4")
+        };
+        assert!(e.to_string().contains("max_model_len 17"), "{e}");
+    }
+
+    /// The thread ends once its handles are gone, after finishing or aborting what it holds:
+    /// here one request that completed and one whose client left mid-generation.
+    #[test]
+    fn the_thread_ends_once_every_handle_is_gone() {
+        let (model, tok) = tiny();
+        let (handle, thread) = spawn_engine("t", model, tok, config(16, 64)).unwrap();
+        let mut done = handle.submit(request(3)).unwrap();
+        let mut tokens = 0;
+        let reason = loop {
+            match done.blocking_recv() {
+                Some(EngineEvent::Token { .. }) => tokens += 1,
+                Some(EngineEvent::Finished { reason, usage, .. }) => {
+                    assert_eq!(usage.completion_tokens, 3);
+                    break reason;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!((tokens, reason), (3, FinishReason::Length));
+        let mut left = handle.submit(request(50)).unwrap();
+        assert!(matches!(
+            left.blocking_recv(),
+            Some(EngineEvent::Token { .. })
+        ));
+        drop(left);
+        drop(handle);
+        assert!(thread.join(Duration::from_secs(30)), "engine did not stop");
     }
 }

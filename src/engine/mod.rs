@@ -5,17 +5,19 @@
 mod core;
 pub mod kv;
 pub mod logits;
+mod request;
 pub mod runner;
 pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
+pub mod stop;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
-pub use self::core::{spawn_engine, EngineConfig};
+pub use self::core::{spawn_engine, EngineConfig, EngineThread};
 pub use sampler::{SamplingParams, TokenLogprobs};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]

@@ -7,7 +7,7 @@ use super::kv::KvManager;
 use super::scheduler::{Scheduler, SchedulerOutput};
 
 /// Flatten the scheduled sequences' new tokens, positions, block tables and slots.
-pub fn build_batch(out: &SchedulerOutput, sched: &Scheduler, kv: &KvManager) -> ForwardBatch {
+pub fn build_batch<R>(out: &SchedulerOutput, sched: &Scheduler<R>, kv: &KvManager) -> ForwardBatch {
     let mut b = ForwardBatch {
         block_size: kv.block_size(),
         cu_seqlens_q: vec![0],
@@ -77,15 +77,15 @@ mod tests {
     #[test]
     fn flattens_a_mixed_prefill_chunk_and_decode_batch() {
         let mut kv = KvManager::new(8, 2);
-        let mut s = Scheduler::new(SchedulerConfig {
+        let mut s: Scheduler = Scheduler::new(SchedulerConfig {
             max_num_seqs: 4,
             max_num_batched_tokens: 4,
         });
-        s.add(Sequence::new(1, vec![10, 11, 12]));
+        s.add(Sequence::new(1, vec![10, 11, 12]), ());
         let out = s.schedule(&mut kv);
         s.on_step_computed(&out, &mut kv);
         s.append_token(1, 13);
-        s.add(Sequence::new(2, vec![20, 21, 22, 23, 24]));
+        s.add(Sequence::new(2, vec![20, 21, 22, 23, 24]), ());
         let out = s.schedule(&mut kv);
         // seq 1 decodes its 4th token; seq 2 gets a 3-token chunk of its 5-token prompt.
         let b = build_batch(&out, &s, &kv);

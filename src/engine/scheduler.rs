@@ -6,7 +6,7 @@
 //! Running sequences go first, oldest first; when KV blocks run out the newest running sequence is
 //! preempted by recompute (blocks freed, back to the head of the waiting queue); then waiting
 //! sequences are admitted in arrival order. Requests that could never fit are refused before they
-//! get here (see [`Scheduler::fits`]).
+//! get here (the engine's `max_model_len` is at most the pool's tokens).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -41,16 +41,19 @@ impl SchedulerOutput {
     }
 }
 
+/// The scheduler over sequences that each carry the caller's per-request state `R` (the
+/// engine's sampler, detokenizer and client channel; `()` in tests): the one owner of both, so
+/// a request and its sequence are added and removed together.
 #[derive(Debug)]
-pub struct Scheduler {
+pub struct Scheduler<R = ()> {
     cfg: SchedulerConfig,
-    seqs: HashMap<SeqId, Sequence>,
+    seqs: HashMap<SeqId, (Sequence, R)>,
     waiting: VecDeque<SeqId>,
     running: Vec<SeqId>,
     num_preemptions: u64,
 }
 
-impl Scheduler {
+impl<R> Scheduler<R> {
     pub fn new(cfg: SchedulerConfig) -> Self {
         assert!(cfg.max_num_seqs > 0 && cfg.max_num_batched_tokens > 0);
         Self {
@@ -62,18 +65,24 @@ impl Scheduler {
         }
     }
 
-    /// Whether a sequence that may grow to `max_total_tokens` can ever run alone in `kv`.
-    pub fn fits(kv: &KvManager, max_total_tokens: usize) -> bool {
-        kv.blocks_for(max_total_tokens) <= kv.num_blocks()
-    }
-
-    pub fn add(&mut self, seq: Sequence) {
+    /// Queue `seq` with its request state.
+    pub fn add(&mut self, seq: Sequence, request: R) {
         self.waiting.push_back(seq.id);
-        self.seqs.insert(seq.id, seq);
+        self.seqs.insert(seq.id, (seq, request));
     }
 
     pub fn get(&self, id: SeqId) -> Option<&Sequence> {
-        self.seqs.get(&id)
+        self.seqs.get(&id).map(|(s, _)| s)
+    }
+
+    /// A sequence and its request state.
+    pub fn get_mut(&mut self, id: SeqId) -> Option<(&mut Sequence, &mut R)> {
+        self.seqs.get_mut(&id).map(|(s, r)| (s, r))
+    }
+
+    /// Every sequence's request state.
+    pub fn requests(&self) -> impl Iterator<Item = (SeqId, &R)> {
+        self.seqs.iter().map(|(&id, (_, r))| (id, r))
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -100,7 +109,10 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
-            let seq = &self.seqs[&id];
+            let Some((seq, _)) = self.seqs.get(&id) else {
+                self.running.remove(i);
+                continue;
+            };
             let n = seq.num_uncomputed().min(budget);
             if n == 0 {
                 i += 1;
@@ -112,7 +124,10 @@ impl Scheduler {
             while kv.allocate_slots(id, target).is_err() {
                 // Preempt the newest running sequence (never one already scheduled this step:
                 // those sit before `i`).
-                let victim = self.running.pop().expect("running is non-empty here");
+                let Some(victim) = self.running.pop() else {
+                    scheduled = false;
+                    break;
+                };
                 self.preempt(victim, kv);
                 out.preempted.push(victim);
                 if victim == id {
@@ -138,22 +153,20 @@ impl Scheduler {
                 if budget == 0 || self.running.len() >= self.cfg.max_num_seqs {
                     break;
                 }
-                let Some(seq) = self.seqs.get_mut(&id) else {
+                let Some((seq, _)) = self.seqs.get_mut(&id) else {
                     self.waiting.pop_front();
                     continue;
                 };
-                // A fresh (or preempted) sequence starts from its longest cached prefix.
-                if seq.num_computed_tokens == 0 {
-                    seq.num_computed_tokens = kv.get_computed_blocks(id, &seq.token_ids);
-                }
-                let n = seq.num_uncomputed().min(budget);
-                let target = seq.num_computed_tokens + n;
-                if kv.allocate_slots(id, target).is_err() {
-                    // Give the cached blocks back; it retries from scratch next step.
-                    kv.free(id);
-                    seq.num_computed_tokens = 0;
+                // A waiting sequence (new or preempted) holds no blocks; it starts from its
+                // longest cached prefix, taken only if the whole allocation fits.
+                let hit = kv.get_computed_blocks(&seq.token_ids);
+                let start = hit.num_tokens;
+                let n = (seq.num_tokens() - start).min(budget);
+                let target = start + n;
+                if kv.allocate_slots_with(id, target, hit).is_err() {
                     break;
                 }
+                seq.num_computed_tokens = start;
                 out.scheduled.push(ScheduledSeq {
                     seq_id: id,
                     num_new_tokens: n,
@@ -170,7 +183,7 @@ impl Scheduler {
     /// Record that a step computed what `out` scheduled, publishing blocks that became full.
     pub fn on_step_computed(&mut self, out: &SchedulerOutput, kv: &mut KvManager) {
         for s in &out.scheduled {
-            if let Some(seq) = self.seqs.get_mut(&s.seq_id) {
+            if let Some((seq, _)) = self.seqs.get_mut(&s.seq_id) {
                 seq.num_computed_tokens += s.num_new_tokens;
                 kv.cache_full_blocks(s.seq_id, &seq.token_ids, seq.num_computed_tokens);
             }
@@ -179,13 +192,14 @@ impl Scheduler {
 
     /// Append a sampled token to a running sequence.
     pub fn append_token(&mut self, id: SeqId, token: u32) {
-        if let Some(seq) = self.seqs.get_mut(&id) {
+        if let Some((seq, _)) = self.seqs.get_mut(&id) {
             seq.token_ids.push(token);
         }
     }
 
-    /// Remove a sequence (finished or aborted) wherever it is, and free its blocks.
-    pub fn remove(&mut self, id: SeqId, kv: &mut KvManager) -> Option<Sequence> {
+    /// Remove a sequence (finished or aborted) wherever it is, free its blocks, and hand back
+    /// its request state.
+    pub fn remove(&mut self, id: SeqId, kv: &mut KvManager) -> Option<(Sequence, R)> {
         let seq = self.seqs.remove(&id)?;
         self.running.retain(|&r| r != id);
         self.waiting.retain(|&w| w != id);
@@ -195,7 +209,7 @@ impl Scheduler {
 
     fn preempt(&mut self, id: SeqId, kv: &mut KvManager) {
         kv.free(id);
-        if let Some(seq) = self.seqs.get_mut(&id) {
+        if let Some((seq, _)) = self.seqs.get_mut(&id) {
             seq.num_computed_tokens = 0;
         }
         self.waiting.push_front(id);
@@ -212,6 +226,12 @@ mod tests {
             max_num_seqs,
             max_num_batched_tokens,
         })
+    }
+
+    impl Scheduler {
+        fn add_seq(&mut self, seq: Sequence) {
+            self.add(seq, ());
+        }
     }
 
     fn step(s: &mut Scheduler, kv: &mut KvManager) -> SchedulerOutput {
@@ -236,13 +256,13 @@ mod tests {
     fn prefill_then_decode_joins_new_requests() {
         let mut kv = KvManager::new(16, 4);
         let mut s = sched(8, 64);
-        s.add(seq(1, 6));
+        s.add_seq(seq(1, 6));
         let out = step(&mut s, &mut kv);
         assert_eq!(out.scheduled, vec![sch(1, 6, true)]);
         assert_eq!(kv.block_table(1), &[0, 1]);
 
         s.append_token(1, 42);
-        s.add(seq(2, 3));
+        s.add_seq(seq(2, 3));
         // Continuous batching: seq 1 decodes while seq 2 prefills in the same step.
         let out = step(&mut s, &mut kv);
         assert_eq!(out.scheduled, vec![sch(1, 1, true), sch(2, 3, true)]);
@@ -257,8 +277,8 @@ mod tests {
     fn chunked_prefill_within_token_budget() {
         let mut kv = KvManager::new(16, 4);
         let mut s = sched(8, 5);
-        s.add(seq(1, 12));
-        s.add(seq(2, 2));
+        s.add_seq(seq(1, 12));
+        s.add_seq(seq(2, 2));
         let out = step(&mut s, &mut kv);
         assert_eq!(out.scheduled, vec![sch(1, 5, false)]);
         assert_eq!(kv.block_table(1), &[0, 1]);
@@ -276,10 +296,10 @@ mod tests {
     fn a_long_waiting_prompt_is_chunked_after_running_decodes() {
         let mut kv = KvManager::new(16, 4);
         let mut s = sched(8, 4);
-        s.add(seq(1, 2));
+        s.add_seq(seq(1, 2));
         step(&mut s, &mut kv);
         s.append_token(1, 9);
-        s.add(seq(2, 10));
+        s.add_seq(seq(2, 10));
         let out = step(&mut s, &mut kv);
         assert_eq!(out.scheduled, vec![sch(1, 1, true), sch(2, 3, false)]);
     }
@@ -289,7 +309,7 @@ mod tests {
         let mut kv = KvManager::new(16, 4);
         let mut s = sched(2, 64);
         for id in 1..=3 {
-            s.add(seq(id, 2));
+            s.add_seq(seq(id, 2));
         }
         let out = step(&mut s, &mut kv);
         assert_eq!(out.scheduled.len(), 2);
@@ -304,8 +324,8 @@ mod tests {
         // 4 blocks of 2 tokens. Two sequences of 4 tokens take all of them.
         let mut kv = KvManager::new(4, 2);
         let mut s = sched(8, 64);
-        s.add(seq(1, 4));
-        s.add(seq(2, 4));
+        s.add_seq(seq(1, 4));
+        s.add_seq(seq(2, 4));
         let out = step(&mut s, &mut kv);
         assert_eq!(out.scheduled, vec![sch(1, 4, true), sch(2, 4, true)]);
         assert_eq!(kv.block_table(1), &[0, 1]);
@@ -339,23 +359,21 @@ mod tests {
     fn a_sequence_preempts_itself_when_alone_with_no_room() {
         let mut kv = KvManager::new(2, 2);
         let mut s = sched(8, 64);
-        s.add(seq(1, 4));
+        s.add_seq(seq(1, 4));
         step(&mut s, &mut kv);
         s.append_token(1, 1);
         let out = step(&mut s, &mut kv);
         assert_eq!(out.preempted, vec![1]);
         assert!(out.scheduled.is_empty());
         assert_eq!(kv.num_free_blocks(), 2);
-        assert!(!Scheduler::fits(&kv, 5));
-        assert!(Scheduler::fits(&kv, 4));
     }
 
     #[test]
     fn remove_from_waiting_frees_nothing_twice() {
         let mut kv = KvManager::new(4, 2);
         let mut s = sched(1, 64);
-        s.add(seq(1, 2));
-        s.add(seq(2, 2));
+        s.add_seq(seq(1, 2));
+        s.add_seq(seq(2, 2));
         step(&mut s, &mut kv);
         assert!(s.remove(2, &mut kv).is_some());
         assert!(s.remove(2, &mut kv).is_none());
@@ -370,12 +388,12 @@ mod tests {
         let mut kv = KvManager::with_prefix_caching(8, 4, true, "m");
         let mut s = sched(8, 64);
         let prompt: Vec<u32> = (0..10).collect();
-        s.add(Sequence::new(1, prompt.clone()));
+        s.add_seq(Sequence::new(1, prompt.clone()));
         assert_eq!(step(&mut s, &mut kv).scheduled, vec![sch(1, 10, true)]);
         s.remove(1, &mut kv);
 
         // The same prompt again: 8 tokens come from cache, 2 are computed.
-        s.add(Sequence::new(2, prompt.clone()));
+        s.add_seq(Sequence::new(2, prompt.clone()));
         let out = step(&mut s, &mut kv);
         assert_eq!(out.scheduled, vec![sch(2, 2, true)]);
         assert_eq!(kv.block_table(2), &[0, 1, 3]);
@@ -386,16 +404,16 @@ mod tests {
     fn a_failed_admission_returns_the_cached_blocks() {
         let mut kv = KvManager::with_prefix_caching(3, 4, true, "m");
         let mut s = sched(8, 64);
-        s.add(Sequence::new(1, (0..8).collect()));
+        s.add_seq(Sequence::new(1, (0..8).collect()));
         step(&mut s, &mut kv);
         s.remove(1, &mut kv);
-        s.add(Sequence::new(9, (100..108).collect())); // takes blocks 2 and 1 (evicting 1)
+        s.add_seq(Sequence::new(9, (100..108).collect())); // takes blocks 2 and 1 (evicting 1)
         step(&mut s, &mut kv);
         // Seq 2 hits cached block 0 but needs one more block and none is free: it keeps
         // waiting and holds nothing.
         let mut prompt: Vec<u32> = (0..4).collect();
         prompt.extend(200..204);
-        s.add(Sequence::new(2, prompt));
+        s.add_seq(Sequence::new(2, prompt));
         let out = step(&mut s, &mut kv);
         assert!(out.scheduled.iter().all(|x| x.seq_id != 2));
         assert_eq!(kv.block_table(2), &[] as &[u32]);

@@ -56,7 +56,7 @@ pub struct StopMatcher {
 }
 
 /// What a [`StopMatcher::push`] lets out.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StopStep {
     /// Text safe to send to the client now.
     pub emit: String,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 pub use chat_template::{ChatMessage, ChatTemplate};
-pub use detok::{IncrementalDecoder, StopMatcher};
+pub use detok::{IncrementalDecoder, StopMatcher, StopStep};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {

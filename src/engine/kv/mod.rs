@@ -2,9 +2,10 @@
 //! per-sequence block tables, and the prefix cache). Pure Rust — it never sees a tensor; the
 //! tensors live in `models::KvCache`, indexed by the block ids handed out here.
 //!
-//! The scheduler talks to it through a few calls: [`KvManager::get_computed_blocks`] (reuse the
-//! cached blocks of a new sequence's longest cached prefix), [`KvManager::allocate_slots`] (grow
-//! a block table to cover n tokens, all or nothing), [`KvManager::cache_full_blocks`] (publish
+//! The scheduler talks to it through a few calls: [`KvManager::get_computed_blocks`] (find,
+//! without side effects, the cached blocks of a new sequence's longest cached prefix),
+//! [`KvManager::allocate_slots_with`] / [`KvManager::allocate_slots`] (take those hits and grow a
+//! block table to cover n tokens, all or nothing), [`KvManager::cache_full_blocks`] (publish
 //! blocks that became full), and [`KvManager::free`].
 //!
 //! Prefix caching: a full block is identified by a chained hash of its token ids, its
@@ -40,6 +41,17 @@ pub struct KvManager {
     /// Prompt tokens looked up in / found in the prefix cache.
     queries: u64,
     hits: u64,
+}
+
+/// A prefix-cache hit for a new sequence: its leading full blocks, found in the cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ComputedBlocks {
+    blocks: Vec<BlockId>,
+    hashes: Vec<u64>,
+    /// Tokens those blocks hold (the sequence's new `num_computed_tokens`).
+    pub num_tokens: usize,
+    /// Tokens looked up (0 with prefix caching off), for the hit-rate counters.
+    num_queried_tokens: usize,
 }
 
 /// Not enough free blocks to grow a sequence; nothing was allocated.
@@ -113,53 +125,87 @@ impl KvManager {
         num_tokens.div_ceil(self.block_size)
     }
 
-    /// Give a sequence that holds no blocks yet the cached blocks of its longest cached prefix;
-    /// returns how many of its tokens they hold. At least one token is always left to compute,
-    /// so the step that finishes the prompt has logits to sample from.
-    pub fn get_computed_blocks(&mut self, seq: SeqId, tokens: &[u32]) -> usize {
-        if !self.prefix_caching || self.tables.contains_key(&seq) || tokens.is_empty() {
-            return 0;
+    /// The cached blocks of the longest cached prefix of a new sequence's `tokens`, looked up
+    /// without side effects (nothing is referenced or counted until [`Self::allocate_slots_with`]
+    /// takes them). At least one token is always left to compute, so the step that finishes the
+    /// prompt has logits to sample from.
+    pub fn get_computed_blocks(&self, tokens: &[u32]) -> ComputedBlocks {
+        let mut hit = ComputedBlocks::default();
+        if !self.prefix_caching || tokens.is_empty() {
+            return hit;
         }
-        self.queries += tokens.len() as u64;
-        let bs = self.block_size;
-        let mut entry = SeqBlocks::default();
+        hit.num_queried_tokens = tokens.len();
         let mut parent = self.seed;
-        for chunk in tokens[..tokens.len() - 1].chunks_exact(bs) {
+        for chunk in tokens[..tokens.len() - 1].chunks_exact(self.block_size) {
             let hash = chain(parent, chunk);
             let Some(b) = self.pool.lookup(hash, chunk) else {
                 break;
             };
-            self.pool.touch(b);
-            entry.blocks.push(b);
-            entry.hashes.push(hash);
+            hit.blocks.push(b);
+            hit.hashes.push(hash);
             parent = hash;
         }
-        let cached = entry.blocks.len() * bs;
-        self.hits += cached as u64;
-        if !entry.blocks.is_empty() {
-            self.tables.insert(seq, entry);
-        }
-        cached
+        hit.num_tokens = hit.blocks.len() * self.block_size;
+        hit
     }
 
     /// Make `seq`'s block table cover `num_tokens` positions, allocating the missing blocks.
     /// All or nothing: on failure the table is unchanged.
     pub fn allocate_slots(&mut self, seq: SeqId, num_tokens: usize) -> Result<(), OutOfBlocks> {
+        self.allocate_slots_with(seq, num_tokens, ComputedBlocks::default())
+    }
+
+    /// [`Self::allocate_slots`] for a sequence that holds no blocks yet, starting from the
+    /// prefix-cache hit `computed` (from [`Self::get_computed_blocks`]). All or nothing: the hit
+    /// blocks are referenced and the new ones allocated only when every block fits (a hit block
+    /// sitting in the free list counts against the free blocks, as taking it removes it), so a
+    /// failed admission leaves nothing to undo.
+    pub fn allocate_slots_with(
+        &mut self,
+        seq: SeqId,
+        num_tokens: usize,
+        computed: ComputedBlocks,
+    ) -> Result<(), OutOfBlocks> {
         let have = self.tables.get(&seq).map_or(0, |t| t.blocks.len());
-        let want = self.blocks_for(num_tokens);
-        if want <= have {
+        let computed = if have == 0 {
+            computed
+        } else {
+            debug_assert!(
+                computed.blocks.is_empty(),
+                "prefix hit for a running sequence"
+            );
+            ComputedBlocks::default()
+        };
+        let hits = computed.blocks.len();
+        let needed = self.blocks_for(num_tokens).saturating_sub(have + hits);
+        let revived = computed
+            .blocks
+            .iter()
+            .filter(|&&b| self.pool.ref_count(b) == 0)
+            .count();
+        let free = self.pool.num_free();
+        if needed + revived > free {
+            return Err(OutOfBlocks {
+                needed: needed + revived,
+                free,
+            });
+        }
+        self.queries += computed.num_queried_tokens as u64;
+        self.hits += computed.num_tokens as u64;
+        for &b in &computed.blocks {
+            self.pool.touch(b);
+        }
+        let new_blocks = self
+            .pool
+            .allocate(needed)
+            .ok_or(OutOfBlocks { needed, free })?;
+        if hits + new_blocks.len() == 0 {
             return Ok(());
         }
-        let needed = want - have;
-        let new_blocks = self.pool.allocate(needed).ok_or(OutOfBlocks {
-            needed,
-            free: self.pool.num_free(),
-        })?;
-        self.tables
-            .entry(seq)
-            .or_default()
-            .blocks
-            .extend(new_blocks);
+        let t = self.tables.entry(seq).or_default();
+        t.blocks.extend(computed.blocks);
+        t.hashes.extend(computed.hashes);
+        t.blocks.extend(new_blocks);
         Ok(())
     }
 
@@ -265,8 +311,9 @@ mod tests {
 
     /// Run a sequence's prompt through: cache lookup, allocation, publish after computing.
     fn prefill(kv: &mut KvManager, seq: SeqId, tokens: &[u32]) -> usize {
-        let cached = kv.get_computed_blocks(seq, tokens);
-        kv.allocate_slots(seq, tokens.len()).unwrap();
+        let hit = kv.get_computed_blocks(tokens);
+        let cached = hit.num_tokens;
+        kv.allocate_slots_with(seq, tokens.len(), hit).unwrap();
         kv.cache_full_blocks(seq, tokens, tokens.len());
         cached
     }
@@ -295,6 +342,38 @@ mod tests {
         let mut c = a.clone();
         c[1] = 99;
         assert_eq!(prefill(&mut kv, 4, &c), 0);
+    }
+
+    /// vLLM v1's atomic admission: hit blocks sitting in the free list count against the free
+    /// blocks, and a failed allocation references, counts and allocates nothing.
+    #[test]
+    fn a_hit_is_taken_only_when_the_whole_allocation_fits() {
+        let mut kv = cached_kv(3);
+        let a: Vec<u32> = (0..8).collect();
+        prefill(&mut kv, 1, &a); // blocks 0 1, both cached
+        kv.free(1); // free list: [2, 1, 0]
+        let mut b = a.clone();
+        b.extend(100..105); // 13 tokens: 2 hits + 2 new blocks, 3 blocks exist
+        let hit = kv.get_computed_blocks(&b);
+        assert_eq!(hit.num_tokens, 8);
+        let err = kv.allocate_slots_with(2, b.len(), hit).unwrap_err();
+        assert_eq!(err, OutOfBlocks { needed: 4, free: 3 });
+        assert_eq!(kv.block_table(2), &[] as &[BlockId]);
+        assert_eq!(
+            (kv.ref_count(0), kv.ref_count(1), kv.num_free_blocks()),
+            (0, 0, 3)
+        );
+        assert_eq!(
+            kv.prefix_cache_counters(),
+            (8, 0),
+            "a failed attempt is not counted"
+        );
+
+        let c = &b[..11]; // 2 hits + 1 new block
+        let hit = kv.get_computed_blocks(c);
+        kv.allocate_slots_with(2, c.len(), hit).unwrap();
+        assert_eq!(kv.block_table(2), &[0, 1, 2]);
+        assert_eq!(kv.prefix_cache_counters(), (19, 8));
     }
 
     #[test]
