@@ -421,4 +421,155 @@ mod tests {
         assert_eq!(kv.num_free_blocks(), 1);
         assert_eq!(kv.ref_count(0), 0);
     }
+
+    #[test]
+    fn a_fully_cached_prompt_still_computes_its_last_block() {
+        let mut kv = KvManager::with_prefix_caching(8, 4, true, "m");
+        let mut s = sched(8, 64);
+        let prompt: Vec<u32> = (0..8).collect();
+        s.add_seq(Sequence::new(1, prompt.clone()));
+        step(&mut s, &mut kv);
+        s.remove(1, &mut kv);
+        // Both blocks are cached, but the last token must be computed to sample: the first
+        // block is reused and the second recomputed into a fresh block.
+        s.add_seq(Sequence::new(2, prompt));
+        assert_eq!(step(&mut s, &mut kv).scheduled, vec![sch(2, 4, true)]);
+        assert_eq!(kv.block_table(2), &[0, 2]);
+        kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_preempted_sequence_resumes_from_its_own_cached_blocks() {
+        // 4 blocks of 2: seq 1 (4 tokens) and seq 2 (4 tokens) fill the pool.
+        let mut kv = KvManager::with_prefix_caching(4, 2, true, "m");
+        let mut s = sched(8, 64);
+        s.add_seq(seq(1, 4));
+        s.add_seq(Sequence::new(2, (10..14).collect()));
+        step(&mut s, &mut kv);
+        s.append_token(1, 4);
+        s.append_token(2, 14);
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.preempted, vec![2]);
+        assert_eq!(
+            kv.block_table(1),
+            &[0, 1, 3],
+            "seq 2's tail block went to seq 1"
+        );
+        s.remove(1, &mut kv);
+        // Seq 2's first block (tokens 10 11) is still cached: only 3 of its 5 tokens run.
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(2, 3, true)]);
+        assert_eq!(kv.block_table(2)[0], 2);
+        kv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn chunked_prefill_starts_after_a_prefix_hit() {
+        let mut kv = KvManager::with_prefix_caching(16, 4, true, "m");
+        let mut s = sched(8, 64);
+        s.add_seq(seq(1, 9));
+        step(&mut s, &mut kv);
+        s.remove(1, &mut kv);
+        // 8 tokens hit; the remaining 12 of 20 come in chunks of 5.
+        let mut s = sched(8, 5);
+        s.add_seq(seq(2, 20));
+        let out = step(&mut s, &mut kv);
+        assert_eq!(out.scheduled, vec![sch(2, 5, false)]);
+        assert_eq!(s.get(2).unwrap().num_computed_tokens, 13);
+        assert_eq!(&kv.block_table(2)[..2], &[0, 1]);
+        assert_eq!(step(&mut s, &mut kv).scheduled, vec![sch(2, 5, false)]);
+        assert_eq!(step(&mut s, &mut kv).scheduled, vec![sch(2, 2, true)]);
+        assert_eq!(kv.block_table(2).len(), 5);
+        kv.check_invariants().unwrap();
+    }
+
+    /// Seeded random workloads (arrivals with shared prefixes, decodes, aborts, preemption,
+    /// tiny pools and budgets): after every step the pool's invariants hold, the step respects
+    /// its limits and allocated what it scheduled, work always progresses, and once every
+    /// request has ended no block or table is left.
+    #[test]
+    fn random_scenarios_keep_the_pool_consistent() {
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        for seed in 0..200 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let bs = [1, 2, 4][rng.random_range(0..3)];
+            let num_blocks = rng.random_range(3..20);
+            let max_len = num_blocks * bs;
+            let caching = rng.random_bool(0.8);
+            let mut kv = KvManager::with_prefix_caching(num_blocks, bs, caching, "m");
+            let (max_seqs, budget) = (rng.random_range(1..6), rng.random_range(1..24));
+            // Each sequence carries the length at which it finishes.
+            let mut s: Scheduler<usize> = Scheduler::new(SchedulerConfig {
+                max_num_seqs: max_seqs,
+                max_num_batched_tokens: budget,
+            });
+            let prefixes: Vec<Vec<u32>> = (0..3)
+                .map(|p| (0..max_len as u32).map(|t| p * 1000 + t).collect())
+                .collect();
+            let mut next_id = 0;
+            let mut live: Vec<SeqId> = Vec::new();
+            for step_no in 0..100_000 {
+                if step_no < 200 && rng.random_bool(0.3) {
+                    let len = rng.random_range(1..=max_len);
+                    let mut prompt = prefixes[rng.random_range(0..3)].clone();
+                    prompt.truncate(rng.random_range(1..=len));
+                    prompt.resize(len, 7);
+                    let end = rng.random_range(len..=max_len);
+                    next_id += 1;
+                    s.add(Sequence::new(next_id, prompt), end);
+                    live.push(next_id);
+                }
+                if !live.is_empty() && rng.random_bool(0.05) {
+                    let id = live.swap_remove(rng.random_range(0..live.len()));
+                    s.remove(id, &mut kv);
+                }
+                let out = s.schedule(&mut kv);
+                kv.check_invariants()
+                    .unwrap_or_else(|e| panic!("seed {seed} step {step_no}: {e}"));
+                assert!(out.num_batched_tokens() <= budget && s.num_running() <= max_seqs);
+                if !s.is_empty() {
+                    assert!(
+                        !out.scheduled.is_empty() || !out.preempted.is_empty(),
+                        "seed {seed} step {step_no}: stalled"
+                    );
+                }
+                for x in &out.scheduled {
+                    let seq = s.get(x.seq_id).unwrap();
+                    let target = seq.num_computed_tokens + x.num_new_tokens;
+                    assert!(target <= seq.num_tokens());
+                    assert!(kv.block_table(x.seq_id).len() * bs >= target);
+                }
+                s.on_step_computed(&out, &mut kv);
+                kv.check_invariants()
+                    .unwrap_or_else(|e| panic!("seed {seed} step {step_no}: {e}"));
+                for x in out.scheduled.iter().filter(|x| x.samples) {
+                    let Some((seq, &mut end)) = s.get_mut(x.seq_id) else {
+                        continue;
+                    };
+                    if seq.num_tokens() >= end {
+                        s.remove(x.seq_id, &mut kv);
+                        live.retain(|&id| id != x.seq_id);
+                    } else {
+                        s.append_token(x.seq_id, rng.random_range(0..50));
+                    }
+                }
+                if step_no >= 200 && s.is_empty() {
+                    break;
+                }
+            }
+            assert!(
+                s.is_empty(),
+                "seed {seed}: {} requests never finished",
+                live.len()
+            );
+            assert_eq!(
+                kv.num_free_blocks(),
+                num_blocks,
+                "seed {seed}: leaked blocks"
+            );
+            assert_eq!(kv.num_sequences(), 0);
+            kv.check_invariants().unwrap();
+        }
+    }
 }

@@ -187,7 +187,8 @@ pub fn tensor(name: &str, shape: &[usize], seed: u64) -> Result<Tensor> {
         .enumerate()
         .for_each(|(c, chunk)| {
             for (i, x) in chunk.iter_mut().enumerate() {
-                let mut z = base.wrapping_add(((c << 16) + i) as u64 * 0x9e37_79b9_7f4a_7c15);
+                let mut z =
+                    base.wrapping_add((((c << 16) + i) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
                 z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
                 z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
                 z ^= z >> 31;

@@ -88,13 +88,15 @@ impl BlockPool {
     }
 
     /// Drop one reference to each block; blocks nobody references join the back of the free
-    /// list, keeping their cache entry. A block that is already free is ignored.
+    /// list, keeping their cache entry. A block that is already free is a caller's bug: ignored
+    /// in release builds, a panic in debug builds.
     pub fn free(&mut self, blocks: impl IntoIterator<Item = BlockId>) {
         for b in blocks {
             let Some(rc) = self.ref_cnt.get_mut(b as usize) else {
                 continue;
             };
             if *rc == 0 {
+                debug_assert!(false, "double free of block {b}");
                 continue;
             }
             *rc -= 1;
@@ -163,6 +165,47 @@ impl BlockPool {
         self.num_free -= 1;
     }
 
+    /// Check the pool against `refs` (each block's number of holders, from the block tables):
+    /// ref counts match; the free list holds exactly the unreferenced blocks, once each, and
+    /// `num_free` counts them (so free + referenced = every block); the cache index and the
+    /// blocks' entries agree.
+    #[cfg(test)]
+    pub(crate) fn check(&self, refs: &HashMap<BlockId, u32>) -> Result<(), String> {
+        for b in 0..self.num_blocks() as BlockId {
+            let want = refs.get(&b).copied().unwrap_or(0);
+            if self.ref_cnt[b as usize] != want {
+                return Err(format!(
+                    "block {b}: ref count {} but {want} holders",
+                    self.ref_cnt[b as usize]
+                ));
+            }
+        }
+        let free = self.free_order();
+        let unique: std::collections::HashSet<_> = free.iter().collect();
+        let unreferenced = self.ref_cnt.iter().filter(|&&r| r == 0).count();
+        if unique.len() != free.len() || free.len() != self.num_free || free.len() != unreferenced {
+            return Err(format!(
+                "free list {free:?} (num_free {}), {unreferenced} unreferenced blocks",
+                self.num_free
+            ));
+        }
+        if let Some(b) = free.iter().find(|&&b| self.ref_cnt[b as usize] != 0) {
+            return Err(format!("block {b} is free and referenced"));
+        }
+        for (&hash, &b) in &self.cached {
+            if self.entry[b as usize].as_ref().map(|e| e.hash) != Some(hash) {
+                return Err(format!(
+                    "cache index {hash:x} -> block {b} has another entry"
+                ));
+            }
+        }
+        let entries = self.entry.iter().flatten().count();
+        if entries != self.cached.len() {
+            return Err(format!("{entries} entries, {} indexed", self.cached.len()));
+        }
+        Ok(())
+    }
+
     #[cfg(test)]
     fn free_order(&self) -> Vec<BlockId> {
         let mut out = Vec::new();
@@ -184,10 +227,19 @@ mod tests {
         let mut p = BlockPool::new(4);
         assert_eq!(p.allocate(2), Some(vec![0, 1]));
         assert_eq!(p.allocate(3), None);
-        p.free([1, 0, 1]);
+        p.free([1, 0]);
         assert_eq!(p.num_free(), 4);
         assert_eq!(p.allocate(4), Some(vec![2, 3, 1, 0]));
         assert_eq!(p.allocate(1), None);
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "double free of block 1")]
+    fn a_double_free_panics_in_debug_builds() {
+        let mut p = BlockPool::new(2);
+        p.allocate(2);
+        p.free([1, 0, 1]);
     }
 
     #[test]

@@ -251,6 +251,26 @@ impl KvManager {
     pub fn num_sequences(&self) -> usize {
         self.tables.len()
     }
+
+    /// The pool's invariants against the block tables (see `BlockPool::check`), and each
+    /// table's published hashes within its blocks.
+    #[cfg(test)]
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        let mut refs: HashMap<BlockId, u32> = HashMap::new();
+        for (seq, t) in &self.tables {
+            if t.hashes.len() > t.blocks.len() || t.blocks.is_empty() {
+                return Err(format!(
+                    "seq {seq}: {} hashes over {:?}",
+                    t.hashes.len(),
+                    t.blocks
+                ));
+            }
+            for &b in &t.blocks {
+                *refs.entry(b).or_default() += 1;
+            }
+        }
+        self.pool.check(&refs)
+    }
 }
 
 #[cfg(test)]
