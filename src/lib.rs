@@ -27,6 +27,8 @@ use tokenizer::Tokenizer;
 
 /// Load every configured model and start its engine thread. Blocking (reads weights).
 pub fn load(config: &Config) -> anyhow::Result<AppState> {
+    // First: engines register their metrics with the recorder as they start.
+    let metrics = telemetry::install();
     let mut models = Vec::new();
     let mut engines = Vec::new();
     for m in &config.models {
@@ -37,7 +39,7 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
     Ok(AppState {
         models: Arc::new(models),
         api_key: config.api_key.as_deref().map(Arc::from),
-        metrics: telemetry::install(),
+        metrics,
         engines: Arc::new(Mutex::new(engines)),
     })
 }

@@ -16,62 +16,8 @@ use anyhow::{bail, Context};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+pub use crate::config::BenchArgs;
 pub use stats::{Report, RequestResult};
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
-    /// Server to benchmark (its OpenAI API lives under /v1).
-    #[arg(long, default_value = "http://127.0.0.1:8000")]
-    pub base_url: String,
-
-    /// Model name to request. [default: the first one /v1/models lists]
-    #[arg(long)]
-    pub model: Option<String>,
-
-    /// Requests in flight at once; a comma-separated list runs each level in turn (1,16,64).
-    #[arg(long, default_value = "1", value_delimiter = ',')]
-    pub concurrency: Vec<usize>,
-
-    /// Requests to send in all (at each concurrency level).
-    #[arg(long, default_value_t = 32)]
-    pub num_requests: usize,
-
-    /// Send this many requests per stream at each level instead of --num-requests (e.g. 4 with
-    /// --concurrency 1,16,64 sends 4, 64 and 256), so every level runs about as long.
-    #[arg(long)]
-    pub requests_per_stream: Option<usize>,
-
-    /// Prompt length in tokens (token ids from a fixed seeded sequence).
-    #[arg(long, default_value_t = 128)]
-    pub prompt_tokens: usize,
-
-    /// Tokens to generate per request (EOS is ignored, so every request generates them all).
-    #[arg(long, default_value_t = 128)]
-    pub max_tokens: usize,
-
-    /// Stream responses (needed for time-to-first-token and inter-token latency).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub stream: bool,
-
-    /// Seed of the prompt corpus.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-
-    /// Give up on one request after this many seconds.
-    #[arg(long, default_value_t = 600)]
-    pub request_timeout: u64,
-
-    /// Stop sending new requests after this many seconds.
-    #[arg(long, default_value_t = 3600)]
-    pub max_duration: u64,
-
-    /// Allow a base URL that is not a loopback address.
-    #[arg(long)]
-    pub allow_remote: bool,
-
-    #[command(flatten)]
-    pub serve: self_serve::SelfServeArgs,
-}
 
 /// Token ids below this are avoided (special and byte tokens live there in most vocabularies);
 /// ids stay below `FIRST_ID + ID_RANGE`, inside every supported model's vocabulary.

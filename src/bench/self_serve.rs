@@ -14,40 +14,9 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 
 use super::{corpus, BenchArgs, Report};
+pub use crate::config::SelfServeArgs;
 use crate::config::{Config, DeviceSpec, EngineSettings, ModelConfig};
 use crate::models::{self, ForwardBatch, KvCache};
-
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct SelfServeArgs {
-    /// Start inferd in-process on a loopback port and benchmark it (--base-url is ignored).
-    #[arg(long)]
-    pub self_serve: bool,
-
-    /// Model for --self-serve: a .gguf file, a Hugging Face directory, or synthetic:<preset>.
-    #[arg(long)]
-    pub serve_model: Option<PathBuf>,
-
-    /// Random-weight model for --self-serve (same as --serve-model synthetic:<NAME>): tiny,
-    /// llama-1b-shape, llama-8b-shape, qwen2.5-0.5b-shape.
-    #[arg(long)]
-    pub synthetic_model: Option<String>,
-
-    /// Device for --self-serve: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-
-    /// KV pool for --self-serve, e.g. 8GiB. [default: from GPU memory on CUDA, 512MiB on CPU]
-    #[arg(long)]
-    pub kv_cache_memory: Option<String>,
-
-    /// Most tokens in one forward pass of the --self-serve daemon.
-    #[arg(long, default_value_t = 2048)]
-    pub max_num_batched_tokens: usize,
-
-    /// Skip the numerics check against the CPU.
-    #[arg(long)]
-    pub no_check: bool,
-}
 
 /// How the target device's logits compare with the CPU's on the same weights.
 #[derive(Debug, Clone, Serialize)]

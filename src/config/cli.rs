@@ -23,7 +23,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// Benchmark an OpenAI-compatible server (this one, vLLM, llama.cpp...): throughput and
     /// latency at a given concurrency, as a table and one JSON line.
-    Bench(crate::bench::BenchArgs),
+    Bench(super::BenchArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]

@@ -3,10 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+mod bench_args;
 mod cli;
 mod file;
 mod values;
 
+pub use bench_args::{BenchArgs, SelfServeArgs};
 pub use cli::{Cli, Command, ServeArgs};
 pub use file::{FileConfig, FileEngine, FileModel, FileModelEntry, FileServer};
 pub use values::{DeviceSpec, KvCacheDtype};

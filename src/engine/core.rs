@@ -3,7 +3,7 @@
 //! went away, schedule, run one forward pass over the flat batch, sample, and send events.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::kv::{KvManager, SeqId};
@@ -39,8 +39,18 @@ struct Engine {
     scheduler: Scheduler<Request>,
     kv: KvManager,
     cache: KvCache,
-    stats: Arc<EngineStats>,
+    /// Where the engine publishes its [`EngineStats`] after every step.
+    stats: Arc<Mutex<EngineStats>>,
+    counters: Counters,
     pending: Arc<AtomicUsize>,
+}
+
+/// Totals only the engine thread updates.
+#[derive(Debug, Default)]
+struct Counters {
+    num_steps: u64,
+    generation_tokens: u64,
+    prompt_tokens: u64,
 }
 
 /// An engine's thread. It ends once every [`EngineHandle`] is dropped and the sequences it
@@ -88,7 +98,8 @@ pub fn spawn_engine(
         ));
     }
     let (tx, rx) = mpsc::channel();
-    let stats = Arc::new(EngineStats::default());
+    telemetry::register_model(name);
+    let stats = Arc::new(Mutex::new(EngineStats::default()));
     let pending = Arc::new(AtomicUsize::new(0));
     let cache = KvCache::for_device(
         CacheSpec {
@@ -117,6 +128,7 @@ pub fn spawn_engine(
         ),
         cache,
         stats: stats.clone(),
+        counters: Counters::default(),
         pending: pending.clone(),
     };
     engine.publish_stats();
@@ -190,9 +202,7 @@ impl Engine {
             }));
             return;
         }
-        self.stats
-            .prompt_tokens
-            .fetch_add(request.prompt_ids.len() as u64, Ordering::Relaxed);
+        self.counters.prompt_tokens += request.prompt_ids.len() as u64;
         let seq = Sequence::new(id, request.prompt_ids.clone());
         let eos = self.tokenizer.eos_token_ids();
         let request = Request::new(*request, events, arrival, eos);
@@ -278,7 +288,7 @@ impl Engine {
             }
         };
         self.scheduler.on_step_computed(&out, &mut self.kv);
-        self.stats.num_steps.fetch_add(1, Ordering::Relaxed);
+        self.counters.num_steps += 1;
 
         let rows: Vec<Row> = match sampled {
             Sampled::Logits(rows) => rows.into_iter().map(Row::Logits).collect(),
@@ -313,7 +323,7 @@ impl Engine {
         let (seq, r) = self.scheduler.get_mut(id)?;
         let (token, logprobs) = r.sample(row);
         seq.token_ids.push(token);
-        self.stats.generation_tokens.fetch_add(1, Ordering::Relaxed);
+        self.counters.generation_tokens += 1;
         match r.mark_token(Instant::now()) {
             TokenLatency::First(s) => telemetry::observe(telemetry::TTFT, &self.name, s),
             TokenLatency::Next(s) => telemetry::observe(telemetry::TPOT, &self.name, s),
@@ -348,24 +358,30 @@ impl Engine {
     }
 
     fn publish_stats(&self) {
-        let s = &self.stats;
-        s.num_running
-            .store(self.scheduler.num_running(), Ordering::Relaxed);
-        s.num_waiting
-            .store(self.scheduler.num_waiting(), Ordering::Relaxed);
-        s.num_free_blocks
-            .store(self.kv.num_free_blocks(), Ordering::Relaxed);
-        s.num_total_blocks
-            .store(self.kv.num_blocks(), Ordering::Relaxed);
-        s.num_kv_sequences
-            .store(self.kv.num_sequences(), Ordering::Relaxed);
+        let (total, free) = (self.kv.num_blocks(), self.kv.num_free_blocks());
         let (queries, hits) = self.kv.prefix_cache_counters();
-        s.prefix_cache_queries.store(queries, Ordering::Relaxed);
-        s.prefix_cache_hits.store(hits, Ordering::Relaxed);
-        s.num_cached_blocks
-            .store(self.kv.num_cached_blocks(), Ordering::Relaxed);
-        s.num_preemptions
-            .store(self.scheduler.num_preemptions(), Ordering::Relaxed);
+        let snapshot = EngineStats {
+            num_running: self.scheduler.num_running(),
+            num_waiting: self.scheduler.num_waiting(),
+            num_free_blocks: free,
+            num_total_blocks: total,
+            num_kv_sequences: self.kv.num_sequences(),
+            kv_cache_usage: if total == 0 {
+                0.0
+            } else {
+                (total - free) as f64 / total as f64
+            },
+            num_preemptions: self.scheduler.num_preemptions(),
+            num_steps: self.counters.num_steps,
+            generation_tokens: self.counters.generation_tokens,
+            prompt_tokens: self.counters.prompt_tokens,
+            prefix_cache_queries: queries,
+            prefix_cache_hits: hits,
+            num_cached_blocks: self.kv.num_cached_blocks(),
+        };
+        if let Ok(mut s) = self.stats.lock() {
+            *s = snapshot;
+        }
     }
 }
 

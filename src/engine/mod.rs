@@ -13,11 +13,12 @@ pub mod sequence;
 pub mod stop;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub use self::core::{spawn_engine, EngineConfig, EngineThread};
+pub use crate::telemetry::EngineStats;
 pub use sampler::{SamplingParams, TokenLogprobs};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -89,69 +90,6 @@ pub struct EngineLimits {
     pub max_waiting_requests: usize,
 }
 
-/// Live counters the engine thread publishes after every step.
-#[derive(Debug, Default)]
-pub struct EngineStats {
-    pub num_running: AtomicUsize,
-    pub num_waiting: AtomicUsize,
-    pub num_free_blocks: AtomicUsize,
-    pub num_total_blocks: AtomicUsize,
-    pub num_kv_sequences: AtomicUsize,
-    pub num_preemptions: AtomicU64,
-    pub num_steps: AtomicU64,
-    pub generation_tokens: AtomicU64,
-    pub prompt_tokens: AtomicU64,
-    pub prefix_cache_queries: AtomicU64,
-    pub prefix_cache_hits: AtomicU64,
-    pub num_cached_blocks: AtomicUsize,
-}
-
-/// A point-in-time copy of [`EngineStats`].
-#[derive(Debug, Clone, Copy, serde::Serialize, PartialEq)]
-pub struct StatsSnapshot {
-    pub num_running: usize,
-    pub num_waiting: usize,
-    pub num_free_blocks: usize,
-    pub num_total_blocks: usize,
-    pub num_kv_sequences: usize,
-    pub kv_cache_usage: f64,
-    pub num_preemptions: u64,
-    pub num_steps: u64,
-    pub generation_tokens: u64,
-    pub prompt_tokens: u64,
-    /// Prompt tokens looked up in the prefix cache, and found there.
-    pub prefix_cache_queries: u64,
-    pub prefix_cache_hits: u64,
-    /// Blocks holding a cached prefix (free or in use).
-    pub num_cached_blocks: usize,
-}
-
-impl EngineStats {
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let total = self.num_total_blocks.load(Ordering::Relaxed);
-        let free = self.num_free_blocks.load(Ordering::Relaxed);
-        StatsSnapshot {
-            num_running: self.num_running.load(Ordering::Relaxed),
-            num_waiting: self.num_waiting.load(Ordering::Relaxed),
-            num_free_blocks: free,
-            num_total_blocks: total,
-            num_kv_sequences: self.num_kv_sequences.load(Ordering::Relaxed),
-            kv_cache_usage: if total == 0 {
-                0.0
-            } else {
-                (total - free) as f64 / total as f64
-            },
-            num_preemptions: self.num_preemptions.load(Ordering::Relaxed),
-            num_steps: self.num_steps.load(Ordering::Relaxed),
-            generation_tokens: self.generation_tokens.load(Ordering::Relaxed),
-            prompt_tokens: self.prompt_tokens.load(Ordering::Relaxed),
-            prefix_cache_queries: self.prefix_cache_queries.load(Ordering::Relaxed),
-            prefix_cache_hits: self.prefix_cache_hits.load(Ordering::Relaxed),
-            num_cached_blocks: self.num_cached_blocks.load(Ordering::Relaxed),
-        }
-    }
-}
-
 pub(crate) enum EngineMsg {
     Submit {
         id: u64,
@@ -165,7 +103,8 @@ pub(crate) enum EngineMsg {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<EngineMsg>,
-    stats: Arc<EngineStats>,
+    /// The snapshot the engine publishes after every step.
+    stats: Arc<Mutex<EngineStats>>,
     limits: EngineLimits,
     next_id: Arc<AtomicU64>,
     /// Requests submitted and not yet admitted to the running set (channel + waiting queue).
@@ -177,8 +116,9 @@ impl EngineHandle {
         self.limits
     }
 
-    pub fn stats(&self) -> StatsSnapshot {
-        self.stats.snapshot()
+    /// The engine's latest published state.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
     }
 
     /// Queue a request. Dropping the returned receiver aborts it and frees its blocks.
