@@ -36,8 +36,6 @@ impl TokenHistory {
     }
 }
 
-/// Apply every processor `params` asks for. `end_tokens` (EOS and `stop_token_ids`) are masked
-/// while fewer than `min_tokens` tokens have been generated.
 /// Whether [`process`] would leave the logits as they are (no bias, no end-token mask at this
 /// point of the output, no penalties).
 pub fn is_identity(p: &SamplingParams, h: &TokenHistory) -> bool {
@@ -48,6 +46,8 @@ pub fn is_identity(p: &SamplingParams, h: &TokenHistory) -> bool {
         && p.presence_penalty == 0.0
 }
 
+/// Apply every processor `p` asks for. `end_tokens` (EOS and `stop_token_ids`) are masked
+/// while fewer than `min_tokens` tokens have been generated.
 pub fn process(logits: &mut [f32], p: &SamplingParams, h: &TokenHistory, end_tokens: &[u32]) {
     for &(tok, bias) in &p.logit_bias {
         if let Some(l) = logits.get_mut(tok as usize) {

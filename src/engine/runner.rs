@@ -1,5 +1,6 @@
-//! Turns a scheduler decision into the model's flat [`ForwardBatch`] and runs it: the only part
-//! of the engine that touches candle and models.
+//! Turns a scheduler decision into the model's flat [`ForwardBatch`] and runs it, returning
+//! host logits rows or (plain greedy on an accelerator) the tokens picked there. The engine
+//! touches candle only here and through the `KvCache` it owns.
 
 use crate::models::{CausalLm, ForwardBatch, KvCache, ModelError};
 
