@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::engine::EngineError;
+use crate::engine::{ContextExceeded, EngineError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -48,6 +48,19 @@ impl ApiError {
         Self::InvalidParam {
             param,
             message: message.into(),
+        }
+    }
+
+    /// A request over the context, its `param` the prompt's field (`prompt` or `messages`)
+    /// when the prompt alone is too long, else `max_tokens`.
+    pub fn context(e: ContextExceeded, prompt_field: &'static str) -> Self {
+        let param = match e {
+            ContextExceeded::Prompt { .. } => prompt_field,
+            ContextExceeded::Completion { .. } => "max_tokens",
+        };
+        Self::ContextLength {
+            param,
+            message: e.to_string(),
         }
     }
 
@@ -102,10 +115,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::QueueFull { .. } => Self::Overloaded(e.to_string()),
-            EngineError::ContextTooLong { .. } => Self::ContextLength {
-                param: "max_tokens",
-                message: e.to_string(),
-            },
+            EngineError::ContextTooLong(c) => Self::context(c, "prompt"),
             EngineError::Stopped => Self::Overloaded(e.to_string()),
             EngineError::Model(_) | EngineError::Tokenizer(_) => Self::Internal(e.to_string()),
         }
@@ -151,7 +161,12 @@ mod tests {
             (ApiError::Unauthorized, 401),
             (EngineError::QueueFull { max: 3 }.into(), 503),
             (
-                EngineError::ContextTooLong { needed: 9, max: 8 }.into(),
+                EngineError::ContextTooLong(crate::engine::ContextExceeded::Completion {
+                    prompt_tokens: 4,
+                    max_tokens: 5,
+                    max_model_len: 8,
+                })
+                .into(),
                 400,
             ),
             (ApiError::Internal("x".into()), 500),

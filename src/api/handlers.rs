@@ -5,64 +5,24 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Extension, State};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{self, select_all, BoxStream, StreamExt};
-use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::error::ApiError;
+use super::extract::{OpenAiJson, WithParams};
 use super::sse::{aggregate, ChunkBuilder, Kind, StreamSpec};
 use super::types::*;
 use super::validate::{self, Endpoint, Validated, MAX_CHOICES};
-use super::{AppState, RequestId, ServedModel, MAX_BODY_BYTES};
+use super::{AppState, RequestId, ServedModel};
 use crate::engine::{EngineEvent, GenerationRequest};
 use crate::tokenizer::ChatMessage;
-
-/// Parse a body: syntax errors and shape errors both get a 400, shape errors naming the field.
-pub(crate) fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let inner = e.inner().to_string();
-        // A missing field is reported at the parent's path; name the field itself.
-        let missing = inner
-            .strip_prefix("missing field `")
-            .and_then(|r| r.split('`').next());
-        let param = match (e.path().to_string(), missing) {
-            (p, Some(f)) if p == "." => f.to_string(),
-            (p, Some(f)) => format!("{p}.{f}"),
-            (p, None) => p,
-        };
-        ApiError::InvalidBody {
-            message: format!("{param}: {inner}"),
-            param,
-        }
-    })
-}
-
-pub(crate) fn parse_body(body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
-    let body = body.map_err(|e| {
-        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(format!("the body exceeds {MAX_BODY_BYTES} bytes"))
-        } else {
-            ApiError::MalformedJson(e.body_text())
-        }
-    })?;
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::MalformedJson(format!("the body is not valid JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(ApiError::MalformedJson(
-            "the body must be a JSON object".into(),
-        ));
-    }
-    Ok(v)
-}
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -130,11 +90,10 @@ pub async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 pub async fn chat_completions(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    body: Result<Bytes, BytesRejection>,
+    OpenAiJson(body): OpenAiJson<WithParams<ChatCompletionRequest>>,
 ) -> Result<Response, ApiError> {
-    let v = parse_body(body)?;
-    let req: ChatCompletionRequest = parse(&v)?;
-    let params = validate::common(&parse::<CommonParams>(&v)?, Endpoint::Chat)?;
+    let req = body.request;
+    let params = validate::common(&body.params, Endpoint::Chat)?;
     let model = state.model(&req.model)?;
     let messages = chat_messages(req.messages)?;
     let m = model.clone();
@@ -168,11 +127,10 @@ pub async fn chat_completions(
 pub async fn completions(
     State(state): State<AppState>,
     Extension(request_id): Extension<RequestId>,
-    body: Result<Bytes, BytesRejection>,
+    OpenAiJson(body): OpenAiJson<WithParams<CompletionRequest>>,
 ) -> Result<Response, ApiError> {
-    let v = parse_body(body)?;
-    let req: CompletionRequest = parse(&v)?;
-    let params = validate::common(&parse::<CommonParams>(&v)?, Endpoint::Completion)?;
+    let req = body.request;
+    let params = validate::common(&body.params, Endpoint::Completion)?;
     let model = state.model(&req.model)?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::param("suffix", "suffix is not supported"));

@@ -2,6 +2,7 @@
 //! module that knows OpenAI's shapes; it talks to engines through [`EngineHandle`]s.
 
 pub mod error;
+pub mod extract;
 pub mod handlers;
 pub mod logprobs;
 pub mod middleware;

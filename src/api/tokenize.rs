@@ -1,37 +1,19 @@
 //! vLLM's `/tokenize` and `/detokenize`, and `/version`.
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::Json;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::handlers::{chat_messages, parse, parse_body};
-use super::types::ChatMessageIn;
+use super::extract::OpenAiJson;
+use super::handlers::chat_messages;
+use super::types::{DetokenizeRequest, TokenizeRequest};
 use super::AppState;
-
-#[derive(Debug, Deserialize)]
-struct TokenizeRequest {
-    model: Option<String>,
-    prompt: Option<String>,
-    messages: Option<Vec<ChatMessageIn>>,
-    add_generation_prompt: Option<bool>,
-    add_special_tokens: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-struct DetokenizeRequest {
-    model: Option<String>,
-    tokens: Vec<u32>,
-}
 
 pub async fn tokenize(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    OpenAiJson(req): OpenAiJson<TokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let req: TokenizeRequest = parse(&parse_body(body)?)?;
     let model = state.model_or_default(req.model.as_deref())?;
     let m = model.clone();
     let tokens = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
@@ -72,9 +54,8 @@ pub async fn tokenize(
 
 pub async fn detokenize(
     State(state): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    OpenAiJson(req): OpenAiJson<DetokenizeRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let req: DetokenizeRequest = parse(&parse_body(body)?)?;
     let model = state.model_or_default(req.model.as_deref())?;
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= model.vocab_size) {
         return Err(ApiError::param(

@@ -95,6 +95,22 @@ pub enum PromptInput {
     TokenLists(Vec<Vec<u32>>),
 }
 
+#[derive(Debug, Deserialize)]
+/// vLLM's `/tokenize`: a `prompt` or chat `messages`.
+pub struct TokenizeRequest {
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<ChatMessageIn>>,
+    pub add_generation_prompt: Option<bool>,
+    pub add_special_tokens: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    pub model: Option<String>,
+    pub tokens: Vec<u32>,
+}
+
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct UsageOut {
     pub prompt_tokens: usize,

@@ -3,7 +3,7 @@
 
 use super::error::ApiError;
 use super::types::{CommonParams, LogprobsParam, StopSpec};
-use crate::engine::{GenerationRequest, SamplingParams};
+use crate::engine::{fit_context, GenerationRequest, SamplingParams};
 
 /// Most choices one request may ask for (`n` × prompts).
 pub const MAX_CHOICES: usize = 64;
@@ -49,7 +49,30 @@ fn in_range(
     Ok(v)
 }
 
+/// Validate the parameters chat and completions share, one concern at a time.
 pub fn common(p: &CommonParams, endpoint: Endpoint) -> Result<Validated, ApiError> {
+    let (max_tokens, min_tokens) = lengths(p)?;
+    let (n, stream, include_usage) = choices_and_streaming(p)?;
+    let (logprobs, echo) = logprobs_and_echo(p, endpoint)?;
+    let mut sampling = sampling(p)?;
+    sampling.min_tokens = min_tokens;
+    sampling.logprobs = logprobs;
+    Ok(Validated {
+        sampling,
+        max_tokens,
+        stop: stop_strings(p),
+        stop_token_ids: p.stop_token_ids.clone().unwrap_or_default(),
+        ignore_eos: p.ignore_eos.unwrap_or(false),
+        skip_special_tokens: p.skip_special_tokens.unwrap_or(true),
+        n,
+        stream,
+        include_usage,
+        echo,
+    })
+}
+
+/// How the next token is drawn: temperature, nucleus / top-k / min-p, penalties, logit bias.
+fn sampling(p: &CommonParams) -> Result<SamplingParams, ApiError> {
     let temperature = in_range("temperature", p.temperature, 0.0, 2.0, 1.0)?;
     let top_p = p.top_p.unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
@@ -78,6 +101,44 @@ pub fn common(p: &CommonParams, endpoint: Endpoint) -> Result<Validated, ApiErro
             format!("repetition_penalty must be in (0, 10], got {repetition_penalty}"),
         ));
     }
+    Ok(SamplingParams {
+        temperature: temperature as f32,
+        top_p: top_p as f32,
+        top_k,
+        min_p: min_p as f32,
+        seed: p.seed.map(|s| s as u64),
+        presence_penalty: presence_penalty as f32,
+        frequency_penalty: frequency_penalty as f32,
+        repetition_penalty: repetition_penalty as f32,
+        logit_bias: logit_bias(p)?,
+        ..SamplingParams::default()
+    })
+}
+
+/// `logit_bias`: token id keys, values in [-100, 100], sorted by id.
+fn logit_bias(p: &CommonParams) -> Result<Vec<(u32, f32)>, ApiError> {
+    let mut logit_bias = Vec::new();
+    for (k, &v) in p.logit_bias.iter().flatten() {
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::param(
+                "logit_bias",
+                format!("logit_bias keys must be token ids, got `{k}`"),
+            )
+        })?;
+        if !(-100.0..=100.0).contains(&v) {
+            return Err(ApiError::param(
+                "logit_bias",
+                format!("logit_bias values must be in [-100, 100], got {v} for token {id}"),
+            ));
+        }
+        logit_bias.push((id, v as f32));
+    }
+    logit_bias.sort_by_key(|x| x.0);
+    Ok(logit_bias)
+}
+
+/// `max_completion_tokens` (else `max_tokens`), at least 1; `min_tokens` within it.
+fn lengths(p: &CommonParams) -> Result<(Option<usize>, usize), ApiError> {
     let (field, max_tokens) = match (p.max_completion_tokens, p.max_tokens) {
         (Some(m), _) => ("max_completion_tokens", Some(m)),
         (None, m) => ("max_tokens", m),
@@ -110,6 +171,11 @@ pub fn common(p: &CommonParams, endpoint: Endpoint) -> Result<Validated, ApiErro
         }
         m => m as usize,
     };
+    Ok((max_tokens, min_tokens))
+}
+
+/// `n` in [1, 64]; `stream`, and `stream_options` only with it.
+fn choices_and_streaming(p: &CommonParams) -> Result<(usize, bool, bool), ApiError> {
     let n = p.n.unwrap_or(1);
     if !(1..=MAX_CHOICES as i64).contains(&n) {
         return Err(ApiError::param(
@@ -124,6 +190,15 @@ pub fn common(p: &CommonParams, endpoint: Endpoint) -> Result<Validated, ApiErro
             "stream_options is only allowed when stream is true",
         ));
     }
+    let include_usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    Ok((n as usize, stream, include_usage))
+}
+
+/// `logprobs` in each endpoint's shape, and `echo` (completions only, not with logprobs).
+fn logprobs_and_echo(
+    p: &CommonParams,
+    endpoint: Endpoint,
+) -> Result<(Option<usize>, bool), ApiError> {
     let logprobs = logprobs(p, endpoint)?;
     let echo = p.echo.unwrap_or(false);
     if echo && endpoint == Endpoint::Chat {
@@ -138,52 +213,17 @@ pub fn common(p: &CommonParams, endpoint: Endpoint) -> Result<Validated, ApiErro
             "echo together with logprobs is not supported",
         ));
     }
-    let mut logit_bias = Vec::new();
-    for (k, &v) in p.logit_bias.iter().flatten() {
-        let id: u32 = k.parse().map_err(|_| {
-            ApiError::param(
-                "logit_bias",
-                format!("logit_bias keys must be token ids, got `{k}`"),
-            )
-        })?;
-        if !(-100.0..=100.0).contains(&v) {
-            return Err(ApiError::param(
-                "logit_bias",
-                format!("logit_bias values must be in [-100, 100], got {v} for token {id}"),
-            ));
-        }
-        logit_bias.push((id, v as f32));
-    }
-    logit_bias.sort_by_key(|x| x.0);
+    Ok((logprobs, echo))
+}
+
+/// `stop` as a list, without empty strings.
+fn stop_strings(p: &CommonParams) -> Vec<String> {
     let stop = match &p.stop {
         None => Vec::new(),
         Some(StopSpec::One(s)) => vec![s.clone()],
         Some(StopSpec::Many(v)) => v.clone(),
     };
-    Ok(Validated {
-        sampling: SamplingParams {
-            temperature: temperature as f32,
-            top_p: top_p as f32,
-            top_k,
-            min_p: min_p as f32,
-            seed: p.seed.map(|s| s as u64),
-            presence_penalty: presence_penalty as f32,
-            frequency_penalty: frequency_penalty as f32,
-            repetition_penalty: repetition_penalty as f32,
-            logit_bias,
-            min_tokens,
-            logprobs,
-        },
-        max_tokens,
-        stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
-        stop_token_ids: p.stop_token_ids.clone().unwrap_or_default(),
-        ignore_eos: p.ignore_eos.unwrap_or(false),
-        skip_special_tokens: p.skip_special_tokens.unwrap_or(true),
-        n: n as usize,
-        stream,
-        include_usage: p.stream_options.as_ref().is_some_and(|o| o.include_usage),
-        echo,
-    })
+    stop.into_iter().filter(|s| !s.is_empty()).collect()
 }
 
 /// Chat: `logprobs: bool` + `top_logprobs: 0..=20`; completions: `logprobs: 0..=20`.
@@ -282,27 +322,8 @@ pub fn generation_request(
             format!("token id {bad} is out of range for a vocabulary of {vocab_size}"),
         ));
     }
-    if n_prompt >= max_model_len {
-        return Err(ApiError::ContextLength {
-            param: prompt_field,
-            message: format!(
-                "this model's maximum context length is {max_model_len} tokens, and the {prompt_field} has {n_prompt} tokens"
-            ),
-        });
-    }
-    let max_tokens = match v.max_tokens {
-        Some(m) if n_prompt + m > max_model_len => {
-            return Err(ApiError::ContextLength {
-                param: "max_tokens",
-                message: format!(
-                    "this model's maximum context length is {max_model_len} tokens, but {} were requested ({n_prompt} in the {prompt_field}, {m} for the completion)",
-                    n_prompt + m
-                ),
-            })
-        }
-        Some(m) => m,
-        None => max_model_len - n_prompt,
-    };
+    let max_tokens = fit_context(n_prompt, v.max_tokens, max_model_len)
+        .map_err(|e| ApiError::context(e, prompt_field))?;
     Ok(GenerationRequest {
         prompt_ids,
         sampling: v.sampling.clone(),

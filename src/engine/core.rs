@@ -12,7 +12,10 @@ use super::runner::{build_batch, execute, Sampled};
 use super::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
 use super::sequence::Sequence;
 use super::stop::{check_stop, StopCheck};
-use super::{EngineError, EngineEvent, EngineHandle, EngineLimits, EngineMsg, EngineStats, Usage};
+use super::{
+    fit_context, EngineError, EngineEvent, EngineHandle, EngineLimits, EngineMsg, EngineStats,
+    Usage,
+};
 use crate::models::{CacheSpec, CausalLm, KvCache};
 use crate::telemetry;
 use crate::tokenizer::{StopStep, Tokenizer};
@@ -191,15 +194,12 @@ impl Engine {
             events,
             arrival,
         } = msg;
-        // `submit` checked this against the same limit; the engine holds every sequence of at
-        // most `max_model_len` tokens (`spawn_engine` refuses a pool smaller than that).
-        let needed = request.prompt_ids.len() + request.max_tokens;
-        if needed > self.cfg.max_model_len {
+        // `submit` checked the same rule; the engine holds every sequence of at most
+        // `max_model_len` tokens (`spawn_engine` refuses a pool smaller than that).
+        let max_len = self.cfg.max_model_len;
+        if let Err(e) = fit_context(request.prompt_ids.len(), Some(request.max_tokens), max_len) {
             self.pending.fetch_sub(1, Ordering::SeqCst);
-            let _ = events.send(EngineEvent::Error(EngineError::ContextTooLong {
-                needed,
-                max: self.cfg.max_model_len,
-            }));
+            let _ = events.send(EngineEvent::Error(e.into()));
             return;
         }
         self.counters.prompt_tokens += request.prompt_ids.len() as u64;

@@ -25,14 +25,57 @@ pub use sampler::{SamplingParams, TokenLogprobs};
 pub enum EngineError {
     #[error("the waiting queue is full ({max} requests); retry later")]
     QueueFull { max: usize },
-    #[error("this request needs {needed} tokens of context but the engine holds at most {max}")]
-    ContextTooLong { needed: usize, max: usize },
+    #[error(transparent)]
+    ContextTooLong(#[from] ContextExceeded),
     #[error("the engine has stopped")]
     Stopped,
     #[error("model error: {0}")]
     Model(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+}
+
+/// A request that does not fit the context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ContextExceeded {
+    /// The prompt leaves no room for a single new token.
+    #[error("this model's maximum context length is {max_model_len} tokens, and the prompt has {prompt_tokens} tokens")]
+    Prompt {
+        prompt_tokens: usize,
+        max_model_len: usize,
+    },
+    /// The prompt and `max_tokens` together are longer than the context.
+    #[error("this model's maximum context length is {max_model_len} tokens, but {} were requested ({prompt_tokens} in the prompt, {max_tokens} for the completion)", prompt_tokens + max_tokens)]
+    Completion {
+        prompt_tokens: usize,
+        max_tokens: usize,
+        max_model_len: usize,
+    },
+}
+
+/// The context rule, the one place it is written: a prompt must leave room for at least one
+/// new token, and the prompt and `max_tokens` must fit `max_model_len` together. Returns the
+/// completion budget: `max_tokens`, or without it the rest of the context.
+pub fn fit_context(
+    prompt_tokens: usize,
+    max_tokens: Option<usize>,
+    max_model_len: usize,
+) -> Result<usize, ContextExceeded> {
+    if prompt_tokens >= max_model_len {
+        return Err(ContextExceeded::Prompt {
+            prompt_tokens,
+            max_model_len,
+        });
+    }
+    match max_tokens {
+        Some(m) if prompt_tokens + m > max_model_len => Err(ContextExceeded::Completion {
+            prompt_tokens,
+            max_tokens: m,
+            max_model_len,
+        }),
+        Some(m) => Ok(m),
+        None => Ok(max_model_len - prompt_tokens),
+    }
 }
 
 /// Why a sequence stopped generating.
@@ -126,13 +169,8 @@ impl EngineHandle {
         &self,
         request: GenerationRequest,
     ) -> Result<UnboundedReceiver<EngineEvent>, EngineError> {
-        let needed = request.prompt_ids.len() + request.max_tokens;
-        if needed > self.limits.max_model_len {
-            return Err(EngineError::ContextTooLong {
-                needed,
-                max: self.limits.max_model_len,
-            });
-        }
+        let max_len = self.limits.max_model_len;
+        fit_context(request.prompt_ids.len(), Some(request.max_tokens), max_len)?;
         let max = self.limits.max_waiting_requests;
         if self.pending.fetch_add(1, Ordering::SeqCst) >= max {
             self.pending.fetch_sub(1, Ordering::SeqCst);
@@ -151,5 +189,25 @@ impl EngineHandle {
             return Err(EngineError::Stopped);
         }
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_context_rule() {
+        assert_eq!(fit_context(10, Some(6), 16), Ok(6));
+        assert_eq!(fit_context(10, None, 16), Ok(6), "the rest of the context");
+        let over = fit_context(10, Some(7), 16).unwrap_err();
+        assert!(over.to_string().contains("17 were requested"), "{over}");
+        assert!(matches!(
+            fit_context(16, None, 16),
+            Err(ContextExceeded::Prompt {
+                prompt_tokens: 16,
+                ..
+            })
+        ));
     }
 }
