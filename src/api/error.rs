@@ -4,8 +4,8 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
+use super::types::{ErrorBody, ErrorResponse};
 use crate::engine::{ContextExceeded, EngineError};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +80,7 @@ impl ApiError {
     }
 
     /// The OpenAI error object (without the outer `{"error": ...}`).
-    pub fn body(&self) -> serde_json::Value {
+    pub fn body(&self) -> ErrorBody {
         let (kind, param, code) = match self {
             Self::MalformedJson(_) | Self::PayloadTooLarge(_) => {
                 ("invalid_request_error", None, None)
@@ -107,7 +107,17 @@ impl ApiError {
             Self::Overloaded(_) => ("server_error", None, Some("overloaded")),
             Self::Internal(_) => ("server_error", None, None),
         };
-        json!({"message": self.to_string(), "type": kind, "param": param, "code": code})
+        ErrorBody {
+            message: self.to_string(),
+            kind,
+            param: param.map(str::to_string),
+            code,
+        }
+    }
+
+    /// The whole error document, `{"error": {...}}`.
+    pub fn response(&self) -> ErrorResponse {
+        ErrorResponse { error: self.body() }
     }
 }
 
@@ -130,7 +140,7 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
         }
-        let mut resp = (status, Json(json!({ "error": self.body() }))).into_response();
+        let mut resp = (status, Json(self.response())).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
@@ -173,11 +183,14 @@ mod tests {
         ];
         for (e, status) in cases {
             assert_eq!(e.status().as_u16(), status, "{e:?}");
-            let b = e.body();
+            let b = serde_json::to_value(e.response()).unwrap()["error"].clone();
             for k in ["message", "type", "param", "code"] {
                 assert!(b.get(k).is_some(), "{k} missing in {b}");
             }
         }
-        assert_eq!(ApiError::param("top_p", "x").body()["param"], "top_p");
+        assert_eq!(
+            ApiError::param("top_p", "x").body().param.as_deref(),
+            Some("top_p")
+        );
     }
 }

@@ -11,13 +11,14 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::stream::{self, select_all, BoxStream, StreamExt};
-use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use super::error::ApiError;
 use super::extract::{OpenAiJson, WithParams};
-use super::sse::{aggregate, ChunkBuilder, Kind, StreamSpec};
+use super::sse::{
+    aggregate_chat, aggregate_completion, ChunkBuilder, Kind, StreamChunk, StreamSpec,
+};
 use super::types::*;
 use super::validate::{self, Endpoint, Validated, MAX_CHOICES};
 use super::{AppState, RequestId, ServedModel};
@@ -30,8 +31,8 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-pub async fn health() -> impl IntoResponse {
-    Json(json!({"status": "ok"}))
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
@@ -52,13 +53,16 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
 }
 
 /// Engine counters per model (running/waiting sequences, free KV blocks, ...).
-pub async fn stats(State(state): State<AppState>) -> Json<Value> {
-    let models: Vec<Value> = state
+pub async fn stats(State(state): State<AppState>) -> Json<Stats> {
+    let models = state
         .models
         .iter()
-        .map(|m| json!({"model": m.name, "engine": m.engine.stats()}))
+        .map(|m| ModelStats {
+            model: m.name.clone(),
+            engine: m.engine.stats(),
+        })
         .collect();
-    Json(json!({ "models": models }))
+    Json(Stats { models })
 }
 
 /// Prometheus exposition, vLLM's metric names.
@@ -291,9 +295,9 @@ async fn generate(model: &Arc<ServedModel>, job: Job) -> Result<Response, ApiErr
             .boxed()
     }))
     .boxed();
-    let (prefix, object) = match job.kind {
-        Kind::Chat => ("chatcmpl", "chat.completion"),
-        Kind::Completion => ("cmpl", "text_completion"),
+    let prefix = match job.kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
     };
     let tokenizer = model.tokenizer.clone();
     let mut builder = ChunkBuilder::new(StreamSpec {
@@ -319,16 +323,39 @@ async fn generate(model: &Arc<ServedModel>, job: Job) -> Result<Response, ApiErr
         }
         chunks.extend(builder.on_event(i, ev));
     }
-    let first = chunks.first().cloned().unwrap_or_default();
-    Ok(Json(json!({
-        "id": first["id"],
-        "object": object,
-        "created": first["created"],
-        "model": model.name,
-        "choices": aggregate(job.kind, num_choices, &chunks),
-        "usage": builder.usage(),
-    }))
-    .into_response())
+    let spec = builder.spec();
+    let (id, created, model) = (spec.id.clone(), spec.created, spec.model.clone());
+    let usage = builder.usage();
+    Ok(match job.kind {
+        Kind::Chat => Json(ChatCompletion {
+            id,
+            object: "chat.completion",
+            created,
+            model,
+            choices: aggregate_chat(num_choices, &chunks),
+            usage,
+        })
+        .into_response(),
+        Kind::Completion => Json(Completion {
+            id,
+            object: "text_completion",
+            created,
+            model,
+            choices: aggregate_completion(num_choices, &chunks),
+            usage: Some(usage),
+        })
+        .into_response(),
+    })
+}
+
+/// A chunk as an SSE `data:` payload.
+fn data(chunk: &StreamChunk) -> String {
+    // Serialising these structs cannot fail (string keys, finite numbers); should it ever,
+    // the client gets an error event rather than a panic.
+    serde_json::to_string(chunk).unwrap_or_else(|e| {
+        let err = ApiError::Internal(format!("serialising a chunk: {e}")).response();
+        serde_json::to_string(&err).unwrap_or_default()
+    })
 }
 
 struct SseState {
@@ -341,7 +368,7 @@ struct SseState {
 /// Drive the chunk state machine from the engine events. Dropping this stream (client gone)
 /// drops the engine receivers, which aborts the sequences and frees their blocks.
 fn sse_response(mut builder: ChunkBuilder, events: ChoiceStream) -> Response {
-    let queue: VecDeque<String> = builder.start().iter().map(Value::to_string).collect();
+    let queue: VecDeque<String> = builder.start().iter().map(data).collect();
     let state = SseState {
         builder,
         events,
@@ -362,12 +389,9 @@ fn sse_response(mut builder: ChunkBuilder, events: ChoiceStream) -> Response {
                 st.events.next().await
             };
             match next {
-                Some((i, ev)) => st
-                    .queue
-                    .extend(st.builder.on_event(i, ev).iter().map(Value::to_string)),
+                Some((i, ev)) => st.queue.extend(st.builder.on_event(i, ev).iter().map(data)),
                 None => {
-                    st.queue
-                        .extend(st.builder.end().iter().map(Value::to_string));
+                    st.queue.extend(st.builder.end().iter().map(data));
                     st.queue.push_back("[DONE]".into());
                     st.ended = true;
                 }

@@ -4,8 +4,7 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Map, Value};
-
+use super::types::{ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob};
 use crate::engine::TokenLogprobs;
 
 /// A token id's raw bytes (its text may be an incomplete UTF-8 sequence).
@@ -15,65 +14,79 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `logprob` as JSON: -inf (a masked token) has no JSON number; OpenAI clients expect a
-/// number, so it is clamped to -9999 as OpenAI does.
-fn num(x: f32) -> Value {
+/// A log-probability as JSON: -inf (a masked token) has no JSON number; OpenAI clients expect
+/// a number, so it is clamped to -9999 as OpenAI does.
+fn num(x: f32) -> f64 {
     if !x.is_finite() {
-        return json!(-9999.0);
+        return -9999.0;
     }
     // Through f32's shortest decimal form, so -0.1f32 is written -0.1, not -0.10000000149.
-    json!(x.to_string().parse::<f64>().unwrap_or(x as f64))
+    x.to_string().parse::<f64>().unwrap_or(x as f64)
 }
 
 /// One entry of a chat choice's `logprobs.content`.
-pub fn chat_entry(token: u32, lp: &TokenLogprobs, tb: &TokenBytes) -> Value {
+pub fn chat_entry(token: u32, lp: &TokenLogprobs, tb: &TokenBytes) -> ChatTokenLogprob {
     let item = |id: u32, logprob: f32| {
-        let b = tb(id);
-        json!({"token": text(&b), "logprob": num(logprob), "bytes": b})
+        let bytes = tb(id);
+        TopLogprob {
+            token: text(&bytes),
+            logprob: num(logprob),
+            bytes,
+        }
     };
-    let mut e = item(token, lp.logprob);
-    e["top_logprobs"] = Value::Array(lp.top.iter().map(|&(id, l)| item(id, l)).collect());
-    e
+    let TopLogprob {
+        token,
+        logprob,
+        bytes,
+    } = item(token, lp.logprob);
+    ChatTokenLogprob {
+        token,
+        logprob,
+        bytes,
+        top_logprobs: lp.top.iter().map(|&(id, l)| item(id, l)).collect(),
+    }
 }
 
 /// A completions `logprobs` object for one token whose text starts at character `offset`.
-pub fn completion_piece(token: u32, lp: &TokenLogprobs, offset: usize, tb: &TokenBytes) -> Value {
-    let top: Map<String, Value> = lp
-        .top
-        .iter()
-        .map(|&(id, l)| (text(&tb(id)), num(l)))
-        .collect();
-    json!({
-        "tokens": [text(&tb(token))],
-        "token_logprobs": [num(lp.logprob)],
-        "top_logprobs": [top],
-        "text_offset": [offset],
-    })
+pub fn completion_piece(
+    token: u32,
+    lp: &TokenLogprobs,
+    offset: usize,
+    tb: &TokenBytes,
+) -> CompletionLogprobs {
+    CompletionLogprobs {
+        tokens: vec![text(&tb(token))],
+        token_logprobs: vec![num(lp.logprob)],
+        top_logprobs: vec![lp
+            .top
+            .iter()
+            .map(|&(id, l)| (text(&tb(id)), num(l)))
+            .collect()],
+        text_offset: vec![offset],
+    }
 }
 
-/// Append a later `logprobs` object of the same choice to an earlier one.
-pub fn merge(into: &mut Value, more: &Value) {
-    if more.is_null() {
-        return;
+impl ChatLogprobs {
+    /// Append a later piece of the same choice.
+    pub fn extend(&mut self, more: ChatLogprobs) {
+        self.content.extend(more.content);
     }
-    if into.is_null() {
-        *into = more.clone();
-        return;
-    }
-    if let (Some(a), Some(b)) = (into.as_object_mut(), more.as_object()) {
-        for (k, v) in b {
-            if let (Some(dst), Some(src)) =
-                (a.get_mut(k).and_then(Value::as_array_mut), v.as_array())
-            {
-                dst.extend(src.iter().cloned());
-            }
-        }
+}
+
+impl CompletionLogprobs {
+    /// Append a later piece of the same choice.
+    pub fn extend(&mut self, more: CompletionLogprobs) {
+        self.tokens.extend(more.tokens);
+        self.token_logprobs.extend(more.token_logprobs);
+        self.top_logprobs.extend(more.top_logprobs);
+        self.text_offset.extend(more.text_offset);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn tb() -> TokenBytes {
         Arc::new(|id| match id {
@@ -89,7 +102,7 @@ mod tests {
             logprob: -0.25,
             top: vec![(1, -0.25), (2, -2.0)],
         };
-        let e = chat_entry(1, &lp, &tb());
+        let e = serde_json::to_value(chat_entry(1, &lp, &tb())).unwrap();
         assert_eq!(e["token"], " Paris");
         assert_eq!(e["logprob"], -0.25);
         assert_eq!(e["bytes"], json!([32, 80, 97, 114, 105, 115]));
@@ -107,11 +120,10 @@ mod tests {
             logprob: f32::NEG_INFINITY,
             top: vec![],
         };
-        let mut all = Value::Null;
-        merge(&mut all, &completion_piece(1, &a, 0, &tb()));
-        merge(&mut all, &completion_piece(3, &b, 6, &tb()));
+        let mut all = completion_piece(1, &a, 0, &tb());
+        all.extend(completion_piece(3, &b, 6, &tb()));
         assert_eq!(
-            all,
+            serde_json::to_value(all).unwrap(),
             json!({"tokens": [" Paris", "x"], "token_logprobs": [-1.0, -9999.0],
                    "top_logprobs": [{"x": -0.5}, {}], "text_offset": [0, 6]})
         );

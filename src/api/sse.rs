@@ -3,12 +3,15 @@
 //! with `finish_reason`; completions: text deltas; both: an optional usage chunk). The handler
 //! writes each object as an SSE `data:` line and ends with `data: [DONE]`.
 
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::error::ApiError;
 use super::logprobs::{self, TokenBytes};
-use super::types::UsageOut;
-use crate::engine::{EngineEvent, FinishReason};
+use super::types::{
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatDelta, ChatLogprobs,
+    Completion, CompletionChoice, CompletionLogprobs, ErrorResponse, FinishReasonOut, UsageOut,
+};
+use crate::engine::EngineEvent;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -16,11 +19,14 @@ pub enum Kind {
     Completion,
 }
 
-pub fn finish_reason_str(r: FinishReason) -> &'static str {
-    match r {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-    }
+/// One `data:` object of a stream.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum StreamChunk {
+    Chat(ChatCompletionChunk),
+    Completion(Completion),
+    /// A choice failed after the stream started.
+    Error(ErrorResponse),
 }
 
 /// Usage over the choices of one request: each prompt counted once, every completion counted.
@@ -94,61 +100,106 @@ impl ChunkBuilder {
         }
     }
 
-    fn chunk(&self, choices: Value) -> Value {
-        let object = match self.spec.kind {
-            Kind::Chat => "chat.completion.chunk",
-            Kind::Completion => "text_completion",
-        };
-        json!({"id": self.spec.id, "object": object, "created": self.spec.created,
-               "model": self.spec.model, "choices": choices})
+    fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<UsageOut>) -> StreamChunk {
+        StreamChunk::Chat(ChatCompletionChunk {
+            id: self.spec.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.spec.created,
+            model: self.spec.model.clone(),
+            choices,
+            usage,
+        })
     }
 
+    fn completion_chunk(
+        &self,
+        choices: Vec<CompletionChoice>,
+        usage: Option<UsageOut>,
+    ) -> StreamChunk {
+        StreamChunk::Completion(Completion {
+            id: self.spec.id.clone(),
+            object: "text_completion",
+            created: self.spec.created,
+            model: self.spec.model.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    /// A chunk of choice `index` carrying `text` (counted for `text_offset`), its logprobs,
+    /// and the finish reason when it is the last.
     fn choice(
         &mut self,
         index: usize,
-        text: Option<&str>,
-        logprobs: Value,
-        finish: Option<&str>,
-    ) -> Value {
-        let c = match self.spec.kind {
+        text: Option<String>,
+        logprobs: Option<PieceLogprobs>,
+        finish: Option<FinishReasonOut>,
+    ) -> StreamChunk {
+        self.chars[index] += text.as_deref().map_or(0, |t| t.chars().count());
+        match self.spec.kind {
             Kind::Chat => {
-                let delta = match text {
-                    Some(t) => json!({"content": t}),
-                    None => json!({}),
+                let logprobs = match logprobs {
+                    Some(PieceLogprobs::Chat(l)) => Some(l),
+                    _ => None,
                 };
-                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                let delta = ChatDelta {
+                    role: None,
+                    content: text,
+                };
+                let c = ChatChunkChoice {
+                    index,
+                    delta,
+                    logprobs,
+                    finish_reason: finish,
+                };
+                self.chat_chunk(vec![c], None)
             }
             Kind::Completion => {
-                json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
+                let logprobs = match logprobs {
+                    Some(PieceLogprobs::Completion(l)) => Some(l),
+                    _ => None,
+                };
+                let c = CompletionChoice {
+                    index,
+                    text: text.unwrap_or_default(),
+                    logprobs,
+                    finish_reason: finish,
+                };
+                self.completion_chunk(vec![c], None)
             }
-        };
-        self.chars[index] += text.map_or(0, |t| t.chars().count());
-        self.chunk(json!([c]))
+        }
     }
 
     /// Chunks sent before any token: the assistant role of each chat choice, or each
     /// completion choice's echoed prompt.
-    pub fn start(&mut self) -> Vec<Value> {
+    pub fn start(&mut self) -> Vec<StreamChunk> {
         match self.spec.kind {
             Kind::Chat => (0..self.num_choices)
-                .map(|i| {
-                    self.chunk(
-                        json!([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                       "logprobs": null, "finish_reason": null}]),
-                    )
+                .map(|index| {
+                    let delta = ChatDelta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                    };
+                    let c = ChatChunkChoice {
+                        index,
+                        delta,
+                        logprobs: None,
+                        finish_reason: None,
+                    };
+                    self.chat_chunk(vec![c], None)
                 })
                 .collect(),
             Kind::Completion if !self.spec.echo.is_empty() => (0..self.num_choices)
                 .map(|i| {
                     let prompt = self.spec.echo[i / self.spec.n].clone();
-                    self.choice(i, Some(&prompt), Value::Null, None)
+                    self.choice(i, Some(prompt), None, None)
                 })
                 .collect(),
             Kind::Completion => Vec::new(),
         }
     }
 
-    pub fn on_event(&mut self, index: usize, ev: EngineEvent) -> Vec<Value> {
+    pub fn on_event(&mut self, index: usize, ev: EngineEvent) -> Vec<StreamChunk> {
         if index >= self.num_choices || self.finished[index] {
             return Vec::new();
         }
@@ -158,23 +209,23 @@ impl ChunkBuilder {
                 text,
                 logprobs,
             } => {
-                let lp = match (&logprobs, self.spec.kind) {
-                    (None, _) => Value::Null,
-                    (Some(lp), Kind::Chat) => {
-                        json!({"content": [logprobs::chat_entry(token_id, lp, &self.spec.token_bytes)]})
-                    }
-                    (Some(lp), Kind::Completion) => logprobs::completion_piece(
+                let tb = &self.spec.token_bytes;
+                let lp = logprobs.map(|lp| match self.spec.kind {
+                    Kind::Chat => PieceLogprobs::Chat(ChatLogprobs {
+                        content: vec![logprobs::chat_entry(token_id, &lp, tb)],
+                    }),
+                    Kind::Completion => PieceLogprobs::Completion(logprobs::completion_piece(
                         token_id,
-                        lp,
+                        &lp,
                         self.chars[index],
-                        &self.spec.token_bytes,
-                    ),
-                };
+                        tb,
+                    )),
+                });
                 // With logprobs every token is reported, even one whose text is held back.
-                if text.is_empty() && lp.is_null() {
+                if text.is_empty() && lp.is_none() {
                     return Vec::new();
                 }
-                vec![self.choice(index, Some(&text), lp, None)]
+                vec![self.choice(index, Some(text), lp, None)]
             }
             EngineEvent::Finished {
                 text,
@@ -185,14 +236,14 @@ impl ChunkBuilder {
                 self.usage.add(index, usage);
                 let mut out = Vec::new();
                 if !text.is_empty() {
-                    out.push(self.choice(index, Some(&text), Value::Null, None));
+                    out.push(self.choice(index, Some(text), None, None));
                 }
-                out.push(self.choice(index, None, Value::Null, Some(finish_reason_str(reason))));
+                out.push(self.choice(index, None, None, Some(reason.into())));
                 out
             }
             EngineEvent::Error(e) => {
                 self.finished[index] = true;
-                vec![json!({"error": ApiError::from(e).body()})]
+                vec![StreamChunk::Error(ApiError::from(e).response())]
             }
         }
     }
@@ -206,56 +257,101 @@ impl ChunkBuilder {
     }
 
     /// Chunks after every choice finished: the usage chunk when asked for.
-    pub fn end(&self) -> Vec<Value> {
+    pub fn end(&self) -> Vec<StreamChunk> {
         if !self.spec.include_usage {
             return Vec::new();
         }
-        let mut c = self.chunk(json!([]));
-        c["usage"] = json!(self.usage.total());
-        vec![c]
+        let usage = Some(self.usage.total());
+        vec![match self.spec.kind {
+            Kind::Chat => self.chat_chunk(Vec::new(), usage),
+            Kind::Completion => self.completion_chunk(Vec::new(), usage),
+        }]
+    }
+
+    pub fn spec(&self) -> &StreamSpec {
+        &self.spec
     }
 }
 
-/// Fold a stream's chunks into the `choices` of the equivalent non-streaming response, so the
-/// two can never disagree.
-pub fn aggregate(kind: Kind, num_choices: usize, chunks: &[Value]) -> Vec<Value> {
-    let mut text = vec![String::new(); num_choices];
-    let mut lps = vec![Value::Null; num_choices];
-    let mut finish = vec![Value::Null; num_choices];
-    for c in chunks {
-        for choice in c["choices"].as_array().into_iter().flatten() {
-            let Some(i) = choice["index"]
-                .as_u64()
-                .map(|i| i as usize)
-                .filter(|&i| i < num_choices)
-            else {
-                continue;
-            };
-            let piece = match kind {
-                Kind::Chat => &choice["delta"]["content"],
-                Kind::Completion => &choice["text"],
-            };
-            text[i].push_str(piece.as_str().unwrap_or(""));
-            logprobs::merge(&mut lps[i], &choice["logprobs"]);
-            if !choice["finish_reason"].is_null() {
-                finish[i] = choice["finish_reason"].clone();
-            }
+/// A token's logprobs in its endpoint's shape.
+enum PieceLogprobs {
+    Chat(ChatLogprobs),
+    Completion(CompletionLogprobs),
+}
+
+/// Fold a chat stream's chunks into the `choices` of the equivalent non-streaming response,
+/// so the two can never disagree.
+pub fn aggregate_chat(num_choices: usize, chunks: &[StreamChunk]) -> Vec<ChatChoice> {
+    let mut out: Vec<ChatChoice> = (0..num_choices)
+        .map(|index| ChatChoice {
+            index,
+            message: AssistantMessage {
+                role: "assistant",
+                content: String::new(),
+            },
+            logprobs: None,
+            finish_reason: None,
+        })
+        .collect();
+    let choices = chunks.iter().flat_map(|c| match c {
+        StreamChunk::Chat(c) => c.choices.as_slice(),
+        _ => &[],
+    });
+    for c in choices {
+        if let Some(o) = out.get_mut(c.index) {
+            let text = c.delta.content.as_deref().unwrap_or("");
+            o.message.content.push_str(text);
+            merge(&mut o.logprobs, &c.logprobs, ChatLogprobs::extend);
+            o.finish_reason = c.finish_reason.or(o.finish_reason);
         }
     }
-    (0..num_choices)
-        .map(|i| match kind {
-            Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": text[i]},
-                                 "logprobs": lps[i], "finish_reason": finish[i]}),
-            Kind::Completion => json!({"index": i, "text": text[i], "logprobs": lps[i],
-                                       "finish_reason": finish[i]}),
+    out
+}
+
+/// [`aggregate_chat`] for completions.
+pub fn aggregate_completion(num_choices: usize, chunks: &[StreamChunk]) -> Vec<CompletionChoice> {
+    let mut out: Vec<CompletionChoice> = (0..num_choices)
+        .map(|index| CompletionChoice {
+            index,
+            text: String::new(),
+            logprobs: None,
+            finish_reason: None,
         })
-        .collect()
+        .collect();
+    let choices = chunks.iter().flat_map(|c| match c {
+        StreamChunk::Completion(c) => c.choices.as_slice(),
+        _ => &[],
+    });
+    for c in choices {
+        if let Some(o) = out.get_mut(c.index) {
+            o.text.push_str(&c.text);
+            merge(&mut o.logprobs, &c.logprobs, CompletionLogprobs::extend);
+            o.finish_reason = c.finish_reason.or(o.finish_reason);
+        }
+    }
+    out
+}
+
+/// Append a chunk's logprobs (if any) to its choice's.
+fn merge<L: Clone + Default>(into: &mut Option<L>, more: &Option<L>, extend: fn(&mut L, L)) {
+    if let Some(lp) = more {
+        extend(into.get_or_insert_with(L::default), lp.clone());
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{EngineError, Usage};
+    use crate::engine::{EngineError, FinishReason, Usage};
+    use serde_json::{json, Value};
+
+    /// Chunks as the client sees them.
+    fn v(chunks: Vec<StreamChunk>) -> Vec<Value> {
+        chunks
+            .into_iter()
+            .map(|c| serde_json::to_value(c).unwrap())
+            .collect()
+    }
 
     fn tok(text: &str) -> EngineEvent {
         EngineEvent::Token {
@@ -293,7 +389,7 @@ mod tests {
     #[test]
     fn chat_stream_role_deltas_finish_and_usage() {
         let mut b = ChunkBuilder::new(spec(Kind::Chat, true, 1));
-        let start = b.start();
+        let start = v(b.start());
         assert_eq!(start.len(), 1);
         assert_eq!(start[0]["object"], "chat.completion.chunk");
         assert_eq!(start[0]["choices"][0]["delta"]["role"], "assistant");
@@ -302,7 +398,7 @@ mod tests {
             b.on_event(0, tok("")).is_empty(),
             "empty deltas are not sent"
         );
-        let out = b.on_event(0, fin("lo", FinishReason::Length, 2));
+        let out = v(b.on_event(0, fin("lo", FinishReason::Length, 2)));
         assert_eq!(out.len(), 2);
         assert_eq!(out[0]["choices"][0]["delta"]["content"], "lo");
         assert_eq!(out[0]["choices"][0]["finish_reason"], Value::Null);
@@ -313,7 +409,7 @@ mod tests {
             b.on_event(0, tok("late")).is_empty(),
             "nothing after a choice finished"
         );
-        let end = b.end();
+        let end = v(b.end());
         assert_eq!(end[0]["choices"], json!([]));
         assert_eq!(
             end[0]["usage"],
@@ -325,7 +421,7 @@ mod tests {
     fn completion_stream_with_two_choices_counts_the_prompt_once() {
         let mut b = ChunkBuilder::new(spec(Kind::Completion, true, 2));
         assert!(b.start().is_empty());
-        let c = b.on_event(1, tok("x"));
+        let c = v(b.on_event(1, tok("x")));
         assert_eq!(c[0]["object"], "text_completion");
         assert_eq!(c[0]["choices"][0]["index"], 1);
         assert_eq!(c[0]["choices"][0]["text"], "x");
@@ -333,14 +429,14 @@ mod tests {
         assert!(!b.is_done());
         b.on_event(1, fin("", FinishReason::Stop, 4));
         assert!(b.is_done());
-        assert_eq!(b.end()[0]["usage"]["prompt_tokens"], 7);
-        assert_eq!(b.end()[0]["usage"]["completion_tokens"], 7);
+        assert_eq!(v(b.end())[0]["usage"]["prompt_tokens"], 7);
+        assert_eq!(v(b.end())[0]["usage"]["completion_tokens"], 7);
     }
 
     #[test]
     fn errors_become_openai_error_events() {
         let mut b = ChunkBuilder::new(spec(Kind::Chat, false, 1));
-        let out = b.on_event(0, EngineEvent::Error(EngineError::Model("boom".into())));
+        let out = v(b.on_event(0, EngineEvent::Error(EngineError::Model("boom".into()))));
         assert_eq!(out[0]["error"]["type"], "server_error");
         assert!(b.is_done());
         assert!(b.end().is_empty());
@@ -377,7 +473,7 @@ mod tests {
         ));
         chunks.extend(b.on_event(0, fin("c", FinishReason::Stop, 2)));
         assert_eq!(chunks.len(), 5);
-        let choices = aggregate(Kind::Completion, 1, &chunks);
+        let choices = serde_json::to_value(aggregate_completion(1, &chunks)).unwrap();
         assert_eq!(choices[0]["text"], "Q:abc");
         assert_eq!(choices[0]["finish_reason"], "stop");
         assert_eq!(
@@ -397,7 +493,7 @@ mod tests {
             },
         ));
         chunks.extend(b.on_event(0, fin("", FinishReason::Length, 1)));
-        let choices = aggregate(Kind::Chat, 1, &chunks);
+        let choices = serde_json::to_value(aggregate_chat(1, &chunks)).unwrap();
         assert_eq!(
             choices[0]["message"],
             json!({"role": "assistant", "content": "hi"})

@@ -2,18 +2,19 @@
 
 use axum::extract::State;
 use axum::Json;
-use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::extract::OpenAiJson;
 use super::handlers::chat_messages;
-use super::types::{DetokenizeRequest, TokenizeRequest};
+use super::types::{
+    DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, Version,
+};
 use super::AppState;
 
 pub async fn tokenize(
     State(state): State<AppState>,
     OpenAiJson(req): OpenAiJson<TokenizeRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TokenizeResponse>, ApiError> {
     let model = state.model_or_default(req.model.as_deref())?;
     let m = model.clone();
     let tokens = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
@@ -45,17 +46,17 @@ pub async fn tokenize(
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
-    Ok(Json(json!({
-        "count": tokens.len(),
-        "max_model_len": model.engine.limits().max_model_len,
-        "tokens": tokens,
-    })))
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: model.engine.limits().max_model_len,
+        tokens,
+    }))
 }
 
 pub async fn detokenize(
     State(state): State<AppState>,
     OpenAiJson(req): OpenAiJson<DetokenizeRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DetokenizeResponse>, ApiError> {
     let model = state.model_or_default(req.model.as_deref())?;
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= model.vocab_size) {
         return Err(ApiError::param(
@@ -70,9 +71,11 @@ pub async fn detokenize(
         .tokenizer
         .decode(&req.tokens, false)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Json(json!({ "prompt": text })))
+    Ok(Json(DetokenizeResponse { prompt: text }))
 }
 
-pub async fn version() -> Json<Value> {
-    Json(json!({ "version": env!("CARGO_PKG_VERSION") }))
+pub async fn version() -> Json<Version> {
+    Json(Version {
+        version: env!("CARGO_PKG_VERSION"),
+    })
 }

@@ -132,3 +132,182 @@ pub struct ModelCard {
     pub owned_by: &'static str,
     pub max_model_len: usize,
 }
+
+// ---- Responses -------------------------------------------------------------------------
+
+/// `finish_reason` as OpenAI spells it.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReasonOut {
+    Stop,
+    Length,
+}
+
+impl From<crate::engine::FinishReason> for FinishReasonOut {
+    fn from(r: crate::engine::FinishReason) -> Self {
+        match r {
+            crate::engine::FinishReason::Stop => Self::Stop,
+            crate::engine::FinishReason::Length => Self::Length,
+        }
+    }
+}
+
+/// `POST /v1/chat/completions` without `stream`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatCompletion {
+    pub id: String,
+    /// `chat.completion`
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: UsageOut,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: AssistantMessage,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<FinishReasonOut>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AssistantMessage {
+    /// `assistant`
+    pub role: &'static str,
+    pub content: String,
+}
+
+/// One `data:` object of a chat stream (`chat.completion.chunk`); the last one, when
+/// `stream_options.include_usage` is set, has no choices and the usage.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageOut>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    pub logprobs: Option<ChatLogprobs>,
+    pub finish_reason: Option<FinishReasonOut>,
+}
+
+/// What a chat chunk adds: the role (first chunk only) and a piece of content; `{}` in the
+/// chunk that carries only a `finish_reason`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// `POST /v1/completions` (`text_completion`), whole or as one stream chunk; a stream's usage
+/// chunk has no choices.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Completion {
+    pub id: String,
+    /// `text_completion`
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageOut>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<CompletionLogprobs>,
+    pub finish_reason: Option<FinishReasonOut>,
+}
+
+/// Chat `logprobs`: one entry per generated token.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Vec<u8>,
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f64,
+    pub bytes: Vec<u8>,
+}
+
+/// Legacy completions `logprobs`: parallel arrays, one entry per token.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f64>,
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f64>>,
+    pub text_offset: Vec<usize>,
+}
+
+/// OpenAI's error object, and the `{"error": ...}` around it (a response body, or a stream
+/// event).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ErrorBody {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ErrorResponse {
+    pub error: ErrorBody,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Health {
+    pub status: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Version {
+    pub version: &'static str,
+}
+
+/// `GET /stats`: each model's engine snapshot.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Stats {
+    pub models: Vec<ModelStats>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelStats {
+    pub model: String,
+    pub engine: crate::engine::EngineStats,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TokenizeResponse {
+    pub count: usize,
+    pub max_model_len: usize,
+    pub tokens: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DetokenizeResponse {
+    pub prompt: String,
+}
