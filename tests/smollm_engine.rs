@@ -7,7 +7,6 @@ mod common;
 use std::sync::OnceLock;
 
 use common::*;
-use futures::StreamExt;
 use inferd::config::EngineSettings;
 use serde_json::{json, Value};
 
@@ -34,22 +33,6 @@ fn tiny_pool() -> &'static str {
                 device: inferd::config::DeviceSpec::Cpu,
                 gpu_memory_utilization: 0.9,
                 kv_cache_dtype: inferd::config::KvCacheDtype::Auto,
-            },
-        ))
-    })
-}
-
-/// One running sequence at a time and room for one waiting request.
-fn one_slot() -> &'static str {
-    static BASE: OnceLock<String> = OnceLock::new();
-    BASE.get_or_init(|| {
-        start(config(
-            model_path(SMOLLM),
-            NAME,
-            EngineSettings {
-                max_num_seqs: 1,
-                max_waiting_requests: 1,
-                ..default_engine()
             },
         ))
     })
@@ -130,44 +113,6 @@ async fn a_prompt_that_can_never_fit_is_a_400() {
     .await;
     assert_eq!(s, 400, "{v}");
     assert_openai_error(&v);
-}
-
-#[tokio::test]
-async fn a_full_waiting_queue_is_a_503_and_nothing_hangs() {
-    let base = one_slot();
-    let mut long = chat("Write a long story.", 200);
-    long["stream"] = json!(true);
-    let c = client();
-    let url = format!("{base}/v1/chat/completions");
-
-    // A runs (wait for real tokens so it has left the waiting queue)...
-    let a = c.post(&url).json(&long).send().await.unwrap();
-    assert_eq!(a.status(), 200);
-    let mut a_stream = a.bytes_stream();
-    let mut events = 0;
-    while let Some(chunk) = a_stream.next().await {
-        events += String::from_utf8_lossy(&chunk.unwrap())
-            .matches("data:")
-            .count();
-        if events >= 3 {
-            break;
-        }
-    }
-    // ...B waits (max_num_seqs = 1)...
-    let b = c.post(&url).json(&long).send().await.unwrap();
-    assert_eq!(b.status(), 200);
-    // ...and C finds the queue full.
-    let r = c.post(&url).json(&chat("hi", 4)).send().await.unwrap();
-    assert_eq!(r.status(), 503);
-    assert!(r.headers().get("retry-after").is_some());
-    let v: Value = r.json().await.unwrap();
-    assert_openai_error(&v);
-
-    drop(a_stream);
-    drop(b);
-    let s = wait_until_idle(base).await;
-    assert_eq!(s["num_free_blocks"], s["num_total_blocks"], "{s}");
-    assert!(!chat_text(base, &chat("hi", 4)).await.is_empty());
 }
 
 #[tokio::test]

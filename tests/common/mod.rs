@@ -323,3 +323,13 @@ pub mod tiny {
         std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
     }
 }
+
+/// The value of the Prometheus sample `name{...}` whose labels include every one of `labels`
+/// (`key="value"`), in a `/metrics` text.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

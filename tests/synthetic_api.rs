@@ -1,0 +1,382 @@
+//! HTTP and engine behaviour that does not depend on a real model's text, on `synthetic:tiny`
+//! (seeded random weights, token `i` is the text `<i>`): no download, seconds to run. OpenAI's
+//! error shape for every bad input, the SSE shape, stop / length / min_tokens, a full waiting
+//! queue, and clients that hang up. Real models keep the tests of meaning (`qwen_api.rs`).
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use common::*;
+use futures::StreamExt;
+use inferd::config::EngineSettings;
+use serde_json::{json, Value};
+
+const NAME: &str = "tiny";
+const MAX_LEN: u64 = 2048;
+
+fn engine(max_num_seqs: usize, max_waiting_requests: usize) -> EngineSettings {
+    EngineSettings {
+        max_num_seqs,
+        max_waiting_requests,
+        kv_cache_memory: Some(16 << 20),
+        max_model_len: Some(MAX_LEN as usize),
+        ..default_engine()
+    }
+}
+
+fn server() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| start(config(PathBuf::from("synthetic:tiny"), NAME, engine(8, 64))))
+}
+
+/// One sequence at a time and one waiting: the queue fills at the third request.
+fn one_slot() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| start(config(PathBuf::from("synthetic:tiny"), NAME, engine(1, 1))))
+}
+
+/// A greedy completion of token ids, with `extra` keys merged in.
+fn completion(max_tokens: u32, extra: Value) -> Value {
+    let mut b = json!({"model": NAME, "prompt": [100, 200, 300, 400], "max_tokens": max_tokens,
+                       "temperature": 0, "ignore_eos": true});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        b[k] = v.clone();
+    }
+    b
+}
+
+#[tokio::test]
+async fn every_bad_input_is_an_openai_shaped_4xx_naming_the_field() {
+    let base = server();
+    let r = client()
+        .post(format!("{base}/v1/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_openai_error(&r.json().await.unwrap());
+
+    let over: Vec<u32> = vec![5; MAX_LEN as usize];
+    let cases: Vec<(&str, Value, u16, &str)> = vec![
+        ("/v1/completions", json!([1, 2]), 400, "null"),
+        ("/v1/completions", json!({"model": NAME}), 400, "prompt"),
+        (
+            "/v1/completions",
+            json!({"model": "nope", "prompt": "x"}),
+            404,
+            "model",
+        ),
+        (
+            "/v1/completions",
+            completion(4, json!({"temperature": "hot"})),
+            400,
+            "temperature",
+        ),
+        (
+            "/v1/completions",
+            completion(4, json!({"top_p": 2})),
+            400,
+            "top_p",
+        ),
+        ("/v1/completions", completion(4, json!({"n": 65})), 400, "n"),
+        (
+            "/v1/completions",
+            completion(4, json!({"stream_options": {}})),
+            400,
+            "stream_options",
+        ),
+        (
+            "/v1/completions",
+            completion(4, json!({"min_tokens": 9})),
+            400,
+            "min_tokens",
+        ),
+        (
+            "/v1/completions",
+            completion(4, json!({"logit_bias": {"9216": 1}})),
+            400,
+            "logit_bias",
+        ),
+        (
+            "/v1/completions",
+            completion(4, json!({"prompt": [9216]})),
+            400,
+            "prompt",
+        ),
+        (
+            "/v1/completions",
+            completion(4, json!({"prompt": []})),
+            400,
+            "prompt",
+        ),
+        (
+            "/v1/completions",
+            completion(4, json!({"prompt": over})),
+            400,
+            "prompt",
+        ),
+        (
+            "/v1/completions",
+            completion(MAX_LEN as u32, json!({})),
+            400,
+            "max_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": NAME, "messages": []}),
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}),
+            400,
+            "messages",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": NAME, "messages": "hi"}),
+            400,
+            "messages",
+        ),
+        ("/detokenize", json!({"tokens": [9216]}), 400, "tokens"),
+    ];
+    for (path, body, status, param) in cases {
+        let (s, v) = post(base, path, &body).await;
+        assert_eq!(s, status, "{path} {body} -> {v}");
+        assert_openai_error(&v);
+        assert_eq!(
+            v["error"]["param"].to_string().trim_matches('"'),
+            param,
+            "{body} -> {v}"
+        );
+    }
+    let (_, v) = post(
+        base,
+        "/v1/completions",
+        &completion(MAX_LEN as u32, json!({})),
+    )
+    .await;
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    let (s, v) = get(base, "/v1/nothing-here").await;
+    assert_eq!(s, 404);
+    assert_openai_error(&v);
+
+    // Still serving.
+    let (s, v) = post(base, "/v1/completions", &completion(3, json!({}))).await;
+    assert_eq!(
+        (s, v["usage"]["completion_tokens"].as_u64()),
+        (200, Some(3)),
+        "{v}"
+    );
+}
+
+/// The stream: `text_completion` chunks whose text concatenates to the non-streaming text, a
+/// last chunk with the finish reason, the usage chunk with no choices, then `[DONE]`; chat
+/// opens each choice with the assistant role.
+#[tokio::test]
+async fn streams_have_openai_shape_and_match_the_whole_response() {
+    let base = server();
+    let (s, whole) = post(base, "/v1/completions", &completion(6, json!({}))).await;
+    assert_eq!(s, 200, "{whole}");
+    assert_eq!(whole["object"], "text_completion");
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        whole["usage"],
+        json!({"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10})
+    );
+
+    let body = completion(
+        6,
+        json!({"stream": true, "stream_options": {"include_usage": true}}),
+    );
+    let (s, raw, ctype) = stream_body(base, "/v1/completions", &body).await;
+    assert_eq!(s, 200);
+    assert!(ctype.unwrap_or_default().starts_with("text/event-stream"));
+    let data = sse_data(&raw);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, whole["choices"][0]["text"].as_str().unwrap());
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], whole["usage"]);
+    let finish = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(finish["finish_reason"], "length");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "text_completion" && c["id"] == chunks[0]["id"]));
+
+    let chat = json!({"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 3, "temperature": 0, "ignore_eos": true, "stream": true, "n": 2});
+    let (s, raw, _) = stream_body(base, "/v1/chat/completions", &chat).await;
+    assert_eq!(s, 200);
+    let data = sse_data(&raw);
+    let first: Vec<Value> = data[..2]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    for (i, c) in first.iter().enumerate() {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["choices"][0]["index"], i);
+        assert_eq!(
+            c["choices"][0]["delta"],
+            json!({"role": "assistant", "content": ""})
+        );
+    }
+    let finishes = data
+        .iter()
+        .filter(|d| d.contains("\"finish_reason\":\"length\""))
+        .count();
+    assert_eq!(finishes, 2, "one last chunk per choice");
+}
+
+/// `max_tokens` ends with `length`; an end token ends with `stop` but not before
+/// `min_tokens`; a stop string ends with `stop` and is cut from the text.
+#[tokio::test]
+async fn stop_length_and_min_tokens() {
+    let base = server();
+    let run = |body: Value| async move {
+        let (s, v) = post(base, "/v1/completions", &body).await;
+        assert_eq!(s, 200, "{v}");
+        let c = &v["choices"][0];
+        (
+            c["text"].as_str().unwrap().to_string(),
+            c["finish_reason"].as_str().unwrap().to_string(),
+            v["usage"]["completion_tokens"].as_u64().unwrap(),
+        )
+    };
+    // EOS (token 0) is made the likeliest token at every step.
+    let eos = json!({"ignore_eos": false, "logit_bias": {"0": 100}});
+    let (text, reason, n) = run(completion(8, eos.clone())).await;
+    assert_eq!((text.as_str(), reason.as_str(), n), ("", "stop", 1));
+    let mut late = eos.clone();
+    late["min_tokens"] = json!(3);
+    let (_, reason, n) = run(completion(8, late)).await;
+    assert_eq!(
+        (reason.as_str(), n),
+        ("stop", 4),
+        "EOS is masked for the first 3 tokens"
+    );
+    let (_, reason, n) = run(completion(
+        8,
+        json!({"logit_bias": {"7": 100}, "stop_token_ids": [7]}),
+    ))
+    .await;
+    assert_eq!((reason.as_str(), n), ("stop", 1));
+
+    // Token 42 (text ` <42>`) every step: the stop string spans two tokens.
+    let (text, reason, _) = run(completion(
+        8,
+        json!({"logit_bias": {"42": 100}, "stop": ["2> <4"]}),
+    ))
+    .await;
+    assert_eq!((text.as_str(), reason.as_str()), (" <4", "stop"));
+    let (text, reason, n) = run(completion(3, json!({"logit_bias": {"42": 100}}))).await;
+    assert_eq!(
+        (text.as_str(), reason.as_str(), n),
+        (" <42> <42> <42>", "length", 3)
+    );
+}
+
+#[tokio::test]
+async fn a_full_waiting_queue_is_a_503_and_nothing_hangs() {
+    let base = one_slot();
+    let url = format!("{base}/v1/completions");
+    let long = completion(200, json!({"stream": true}));
+    let c = client();
+    // A runs (it has sent tokens, so it left the waiting queue)...
+    let a = c.post(&url).json(&long).send().await.unwrap();
+    assert_eq!(a.status(), 200);
+    let mut a_stream = a.bytes_stream();
+    let mut events = 0;
+    while let Some(chunk) = a_stream.next().await {
+        events += String::from_utf8_lossy(&chunk.unwrap())
+            .matches("data:")
+            .count();
+        if events >= 2 {
+            break;
+        }
+    }
+    // ...B waits (max_num_seqs = 1)...
+    let b = c.post(&url).json(&long).send().await.unwrap();
+    assert_eq!(b.status(), 200);
+    // ...and C finds the queue full.
+    let r = c
+        .post(&url)
+        .json(&completion(2, json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().get("retry-after").is_some());
+    assert_openai_error(&r.json().await.unwrap());
+
+    drop(a_stream);
+    drop(b);
+    let s = wait_until_idle(base).await;
+    assert_eq!(s["num_free_blocks"], s["num_total_blocks"], "{s}");
+    let (s, _) = post(base, "/v1/completions", &completion(2, json!({}))).await;
+    assert_eq!(s, 200);
+}
+
+/// Clients that hang up mid-stream (some with several choices) are aborted and give back every
+/// block; the metrics count them as aborts.
+#[tokio::test]
+async fn clients_that_hang_up_are_aborted_and_free_their_blocks() {
+    let base = server();
+    let url = format!("{base}/v1/completions");
+    let mut handles = Vec::new();
+    for n in [1, 1, 3, 2] {
+        let body = completion(2000, json!({"stream": true, "n": n, "prompt": [9, 8, 7]}));
+        let url = url.clone();
+        handles.push(tokio::spawn(async move {
+            let r = client().post(&url).json(&body).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let mut s = r.bytes_stream();
+            let mut seen = 0;
+            while let Some(chunk) = s.next().await {
+                seen += String::from_utf8_lossy(&chunk.unwrap())
+                    .matches("data:")
+                    .count();
+                if seen >= 4 {
+                    break; // dropping the stream closes the connection mid-generation
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let during = engine_stats(base).await;
+    let s = wait_until_idle(base).await;
+    let generated = s["generation_tokens"].as_u64().unwrap();
+    assert!(
+        generated < during["generation_tokens"].as_u64().unwrap() + 7 * 1900,
+        "generation stopped early: {during} -> {s}"
+    );
+    assert_eq!(s["num_free_blocks"], s["num_total_blocks"], "{s}");
+    assert_eq!(s["num_kv_sequences"], 0, "{s}");
+    let r = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    let metrics = r.text().await.unwrap();
+    let labels = ["model_name=\"tiny\"", "finished_reason=\"abort\""];
+    let aborts = metric(&metrics, "vllm:request_success_total", &labels);
+    assert!(
+        aborts.is_some_and(|n| n >= 7.0),
+        "7 choices hung up: {aborts:?}"
+    );
+}
