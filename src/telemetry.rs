@@ -37,6 +37,8 @@ pub const TPOT: &str = "vllm:time_per_output_token_seconds";
 pub const E2E: &str = "vllm:e2e_request_latency_seconds";
 pub const QUEUE: &str = "vllm:request_queue_time_seconds";
 pub const REQUEST_SUCCESS: &str = "vllm:request_success_total";
+/// Requests turned away before reaching an engine (inferd's own; vLLM has no bound to hit).
+pub const REJECTED: &str = "inferd:requests_rejected_total";
 
 /// vLLM's latency buckets (seconds).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -74,6 +76,11 @@ pub fn request_finished(model: &str, reason: &'static str) {
         .increment(1);
 }
 
+/// A request was turned away (`reason`: `overloaded`).
+pub fn request_rejected(reason: &'static str) {
+    counter!(REJECTED, "reason" => reason).increment(1);
+}
+
 /// Register every metric of `model` (histograms empty, counters and gauges at zero), so they
 /// exist before its first request.
 pub fn register_model(model: &str) {
@@ -84,6 +91,7 @@ pub fn register_model(model: &str) {
         counter!(REQUEST_SUCCESS, "model_name" => model.to_string(), "finished_reason" => reason)
             .increment(0);
     }
+    counter!(REJECTED, "reason" => "overloaded").increment(0);
     publish_engine(model, &EngineStats::default());
 }
 

@@ -167,14 +167,7 @@ async fn many_streams_with_disconnects_under_preemption() {
         s["num_preemptions"].as_u64().unwrap() > 0,
         "the pool was meant to force preemption: {s}"
     );
-    let metrics = client()
-        .get(format!("{}/metrics", base()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(base()).await;
     let usage = metrics
         .lines()
         .find(|l| l.starts_with("vllm:kv_cache_usage_perc{"))

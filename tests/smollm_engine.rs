@@ -113,6 +113,21 @@ async fn a_prompt_that_can_never_fit_is_a_400() {
     .await;
     assert_eq!(s, 400, "{v}");
     assert_openai_error(&v);
+
+    // Text that cannot fit whatever its tokens is refused before it is tokenized (a byte-level
+    // BPE token stands for a bounded number of bytes), on every route that tokenizes.
+    let huge = "lorem ipsum ".repeat(400_000);
+    for (path, body) in [
+        ("/tokenize", json!({"prompt": huge})),
+        ("/v1/completions", json!({"model": NAME, "prompt": huge})),
+        ("/v1/chat/completions", chat(&huge, 4)),
+    ] {
+        let (s, v) = post(base, path, &body).await;
+        assert_eq!(s, 400, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "context_length_exceeded", "{path}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("bytes of text cannot fit"), "{path}: {msg}");
+    }
 }
 
 #[tokio::test]

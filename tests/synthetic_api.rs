@@ -31,6 +31,24 @@ fn server() -> &'static str {
     URL.get_or_init(|| start(config(PathBuf::from("synthetic:tiny"), NAME, engine(8, 64))))
 }
 
+/// With `--api-key`.
+fn keyed() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let mut c = config(PathBuf::from("synthetic:tiny"), NAME, engine(8, 64));
+        c.api_key = Some(KEY.into());
+        start(c)
+    })
+}
+
+const KEY: &str = "sk-test";
+
+/// Two running and one waiting: the engine takes three requests at once.
+fn three_slots() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| start(config(PathBuf::from("synthetic:tiny"), NAME, engine(2, 1))))
+}
+
 /// One sequence at a time and one waiting: the queue fills at the third request.
 fn one_slot() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
@@ -379,4 +397,122 @@ async fn clients_that_hang_up_are_aborted_and_free_their_blocks() {
         aborts.is_some_and(|n| n >= 7.0),
         "7 choices hung up: {aborts:?}"
     );
+}
+
+/// A body not declared as JSON is a 415 (a browser's cross-origin "simple request" cannot
+/// spend compute), and the message says which part of the context overflows, by how much.
+#[tokio::test]
+async fn json_routes_want_json_and_context_errors_say_what_overflows() {
+    let base = server();
+    let body = completion(2, json!({})).to_string();
+    for ctype in ["text/plain", "application/x-www-form-urlencoded"] {
+        let r = client()
+            .post(format!("{base}/v1/completions"))
+            .header("content-type", ctype)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 415, "{ctype}");
+        let v: Value = r.json().await.unwrap();
+        assert_openai_error(&v);
+    }
+    let r = client()
+        .post(format!("{base}/tokenize"))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(json!({"prompt": "<5> <6>"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let (_, v) = post(base, "/v1/completions", &completion(2045, json!({}))).await;
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("max_tokens is too large")
+            && msg.contains("1 over")
+            && msg.contains("at most 2044"),
+        "{msg}"
+    );
+    let long: Vec<u32> = vec![5; MAX_LEN as usize + 9];
+    let (_, v) = post(
+        base,
+        "/v1/completions",
+        &completion(1, json!({"prompt": long})),
+    )
+    .await;
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("the prompt is too long") && msg.contains("10 over"),
+        "{msg}"
+    );
+}
+
+/// With a key, every route but /health and /version wants it.
+#[tokio::test]
+async fn an_api_key_guards_every_route_that_holds_data() {
+    let base = keyed();
+    for path in ["/health", "/version"] {
+        let r = client().get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let gets = ["/v1/models", "/stats", "/metrics", "/nothing-here"];
+    for path in gets {
+        let r = client().get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        assert_openai_error(&r.json().await.unwrap());
+        let r = client()
+            .get(format!("{base}{path}"))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_ne!(r.status(), 401, "{path} with the key");
+    }
+    let posts = [
+        ("/tokenize", json!({"prompt": "<5>"})),
+        ("/detokenize", json!({"tokens": [5]})),
+        ("/v1/completions", completion(2, json!({}))),
+    ];
+    for (path, body) in posts {
+        let (s, v) = post(base, path, &body).await;
+        assert_eq!(s, 401, "{path}: {v}");
+        let r = client()
+            .post(format!("{base}{path}"))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path} with the key");
+    }
+}
+
+/// A burst is admitted up to what can run plus the waiting bound (it used to be the waiting
+/// bound alone, counting requests the engine had not picked up yet), and each rejection is
+/// counted.
+#[tokio::test]
+async fn a_burst_is_admitted_up_to_running_capacity_plus_the_waiting_bound() {
+    let base = three_slots();
+    let url = format!("{base}/v1/completions");
+    let body = completion(2000, json!({"stream": true}));
+    let sends = (0..6).map(|_| client().post(&url).json(&body).send());
+    let responses: Vec<reqwest::Response> = futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let ok = responses.iter().filter(|r| r.status() == 200).count();
+    let busy = responses.iter().filter(|r| r.status() == 503).count();
+    assert_eq!((ok, busy), (3, 3));
+    drop(responses);
+    let s = wait_until_idle(base).await;
+    assert_eq!(s["num_free_blocks"], s["num_total_blocks"], "{s}");
+    let text = metrics_text(base).await;
+    let rejected = metric(
+        &text,
+        "inferd:requests_rejected_total",
+        &["reason=\"overloaded\""],
+    );
+    assert!(rejected.is_some_and(|n| n >= 3.0), "{rejected:?}");
 }

@@ -5,7 +5,9 @@
 //!   `ggml-vocab-qwen2`);
 //! - DeepSeek-LLM's vocabulary (DeepSeek-V2's) rebuilt from `ggml-vocab-deepseek-llm.gguf`.
 //!
-//! The expected ids are the `.out` files llama.cpp generated with the reference tokenizers.
+//! The expected ids are the `.out` files llama.cpp generated with the reference tokenizers;
+//! every text is within the byte bound its token count allows (the daemon refuses longer text
+//! before tokenizing it).
 //! Assets come from `scripts/fetch-test-assets.sh` (run by `scripts/test.sh`).
 //!
 //! And the chat templates of all four families (Meta's Llama 3.1, Qwen2.5, glm-4-9b-chat,
@@ -63,6 +65,12 @@ fn check(tok: &Tokenizer, vocab: &str, what: &str) {
         let got = tok.encode(text, false).unwrap();
         if &got != want {
             failures.push(format!("{text:?}: got {got:?}, want {want:?}"));
+        }
+        // The early refusal of over-long text is sound: no text is longer than its tokens
+        // can stand for.
+        let bound = tok.max_text_bytes(got.len());
+        if bound.is_none_or(|b| text.len() > b) {
+            failures.push(format!("{text:?}: {} bytes, bound {bound:?}", text.len()));
         }
     }
     assert!(

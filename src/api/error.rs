@@ -24,7 +24,8 @@ pub enum ApiError {
         param: &'static str,
         message: String,
     },
-    #[error("The prompt is too long: {message}")]
+    /// The request does not fit the context; `message` says which part overflows, by how much.
+    #[error("{message}")]
     ContextLength {
         param: &'static str,
         message: String,
@@ -41,6 +42,9 @@ pub enum ApiError {
     Overloaded(String),
     #[error("Internal error: {0}")]
     Internal(String),
+    /// A JSON route got a body declared as something else.
+    #[error("Content-Type must be application/json, got `{0}`")]
+    UnsupportedMediaType(String),
 }
 
 impl ApiError {
@@ -74,6 +78,7 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -85,6 +90,11 @@ impl ApiError {
             Self::MalformedJson(_) | Self::PayloadTooLarge(_) => {
                 ("invalid_request_error", None, None)
             }
+            Self::UnsupportedMediaType(_) => (
+                "invalid_request_error",
+                None,
+                Some("unsupported_media_type"),
+            ),
             Self::InvalidBody { param, .. } => {
                 ("invalid_request_error", Some(param.as_str()), None)
             }
@@ -132,13 +142,38 @@ impl From<EngineError> for ApiError {
     }
 }
 
+/// Log a request turned away for overload: at most one WARN line a second, with how many were
+/// turned away since the last one (a burst must not flood the log), and count it.
+fn log_rejection(error: &ApiError) {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    static SINCE: AtomicU64 = AtomicU64::new(0);
+    crate::telemetry::request_rejected("overloaded");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST_SECOND.load(Relaxed);
+    if now > last
+        && LAST_SECOND
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+    {
+        let rejected = SINCE.swap(0, Relaxed) + 1;
+        tracing::warn!(rejected, "{error}");
+    } else {
+        SINCE.fetch_add(1, Relaxed);
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
-        } else {
-            tracing::debug!(status = status.as_u16(), error = %self, "request rejected");
+        match &self {
+            Self::Overloaded(_) => log_rejection(&self),
+            Self::Internal(_) => {
+                tracing::error!(status = status.as_u16(), error = %self, "request failed")
+            }
+            _ => tracing::debug!(status = status.as_u16(), error = %self, "request rejected"),
         }
         let mut resp = (status, Json(self.response())).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -169,7 +204,14 @@ mod tests {
             (ApiError::param("temperature", "bad"), 400),
             (ApiError::ModelNotFound("m".into()), 404),
             (ApiError::Unauthorized, 401),
-            (EngineError::QueueFull { max: 3 }.into(), 503),
+            (
+                EngineError::QueueFull {
+                    running: 2,
+                    waiting: 3,
+                }
+                .into(),
+                503,
+            ),
             (
                 EngineError::ContextTooLong(crate::engine::ContextExceeded::Completion {
                     prompt_tokens: 4,

@@ -1,4 +1,5 @@
-//! [`OpenAiJson`], the one way handlers read a JSON body. A body over the size limit is a 413;
+//! [`OpenAiJson`], the one way handlers read a JSON body. A body not declared as
+//! `application/json` is a 415; a body over the size limit is a 413;
 //! malformed JSON, a body that is not an object, a missing field or one of the wrong type are
 //! 400s in OpenAI's shape naming the field (`temperature: invalid type: string "hot", expected
 //! f64`, `param: "temperature"`). Unknown fields are ignored, as OpenAI does.
@@ -47,6 +48,16 @@ impl<S: Send + Sync, T: FromJsonBody> FromRequest<S> for OpenAiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        // A browser may send a `text/plain` POST to localhost from any page without a CORS
+        // preflight; requiring JSON's type keeps such "simple requests" from spending compute.
+        let ctype = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        if !is_json(&ctype) {
+            return Err(ApiError::UnsupportedMediaType(ctype));
+        }
         let body = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge(format!("the body exceeds {MAX_BODY_BYTES} bytes"))
@@ -63,6 +74,14 @@ impl<S: Send + Sync, T: FromJsonBody> FromRequest<S> for OpenAiJson<T> {
         }
         T::from_json(&v).map(OpenAiJson)
     }
+}
+
+/// `application/json`, with or without parameters (`; charset=utf-8`).
+fn is_json(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Parse a JSON value, naming the field of a shape error.
@@ -83,4 +102,18 @@ fn parse<T: DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
             param,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json;
+
+    #[test]
+    fn only_json_content_types_are_json() {
+        assert!(is_json("application/json"));
+        assert!(is_json("Application/JSON; charset=utf-8"));
+        assert!(!is_json("text/plain"));
+        assert!(!is_json(""));
+        assert!(!is_json("application/jsonx"));
+    }
 }

@@ -21,7 +21,7 @@ use super::sse::{
 };
 use super::types::*;
 use super::validate::{self, Endpoint, Validated, MAX_CHOICES};
-use super::{AppState, RequestId, ServedModel};
+use super::{tokenizer_job, AppState, RequestId, ServedModel};
 use crate::engine::{EngineEvent, GenerationRequest};
 use crate::tokenizer::ChatMessage;
 
@@ -101,7 +101,7 @@ pub async fn chat_completions(
     let model = state.model(&req.model)?;
     let messages = chat_messages(req.messages)?;
     let m = model.clone();
-    let prompt = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
+    let prompt = tokenizer_job(move || {
         let template = m.tokenizer.chat_template().ok_or_else(|| {
             ApiError::param(
                 "messages",
@@ -111,12 +111,9 @@ pub async fn chat_completions(
         let text = template
             .render(&messages, true)
             .map_err(|e| ApiError::param("messages", e.to_string()))?;
-        m.tokenizer
-            .encode(&text, false)
-            .map_err(|e| ApiError::Internal(e.to_string()))
+        m.encode(&text, false, "messages")
     })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    .await?;
     let job = Job {
         kind: Kind::Chat,
         prompts: vec![prompt],
@@ -163,31 +160,27 @@ pub async fn completions(
     }
     let m = model.clone();
     let echo = params.echo;
-    let (prompts, echo) =
-        tokio::task::spawn_blocking(move || -> Result<(Vec<Vec<u32>>, Vec<String>), ApiError> {
-            let internal = |e: crate::tokenizer::TokenizerError| ApiError::Internal(e.to_string());
-            match prompts {
-                Prompts::Ids(ids) => {
-                    let texts = if echo {
-                        ids.iter()
-                            .map(|p| m.tokenizer.decode(p, false).map_err(internal))
-                            .collect::<Result<_, _>>()?
-                    } else {
-                        Vec::new()
-                    };
-                    Ok((ids, texts))
-                }
-                Prompts::Texts(texts) => {
-                    let ids = texts
-                        .iter()
-                        .map(|t| m.tokenizer.encode(t, true).map_err(internal))
-                        .collect::<Result<_, _>>()?;
-                    Ok((ids, if echo { texts } else { Vec::new() }))
-                }
-            }
-        })
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let (prompts, echo) = tokenizer_job(move || match prompts {
+        Prompts::Ids(ids) => {
+            let texts = if echo {
+                let decode = |p: &Vec<u32>| m.tokenizer.decode(p, false);
+                ids.iter()
+                    .map(|p| decode(p).map_err(|e| ApiError::Internal(e.to_string())))
+                    .collect::<Result<_, _>>()?
+            } else {
+                Vec::new()
+            };
+            Ok((ids, texts))
+        }
+        Prompts::Texts(texts) => {
+            let ids = texts
+                .iter()
+                .map(|t| m.encode(t, true, "prompt"))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((ids, if echo { texts } else { Vec::new() }))
+        }
+    })
+    .await?;
     let job = Job {
         kind: Kind::Completion,
         prompts,

@@ -1,5 +1,5 @@
 //! Cross-cutting HTTP layers: request ids (`x-request-id`, echoed when the client sends one)
-//! and the API key check on `/v1/*` routes.
+//! and the API key check on every route but the open ones.
 
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue};
@@ -31,10 +31,14 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     resp
 }
 
-/// With `--api-key`, every `/v1/*` request must carry `Authorization: Bearer <key>`.
+/// Routes that hold no data and stay open with `--api-key`.
+pub const OPEN_ROUTES: &[&str] = &["/health", "/version"];
+
+/// With `--api-key`, every request except to [`OPEN_ROUTES`] must carry
+/// `Authorization: Bearer <key>` (`/metrics`, `/stats` and the tokenizer routes included).
 pub async fn api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(key) = state.api_key.as_deref() {
-        if req.uri().path().starts_with("/v1/") {
+        if !OPEN_ROUTES.contains(&req.uri().path()) {
             let given = req
                 .headers()
                 .get(header::AUTHORIZATION)

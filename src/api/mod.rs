@@ -31,6 +31,60 @@ pub struct ServedModel {
     pub created: u64,
 }
 
+impl ServedModel {
+    /// Tokenize `text` (the request's `field`), refusing first, without tokenizing, a text too
+    /// long to fit the context whatever its tokens: tokenizing tens of megabytes costs a minute
+    /// of CPU to reach the same 400.
+    pub fn encode(
+        &self,
+        text: &str,
+        add_special: bool,
+        field: &'static str,
+    ) -> Result<Vec<u32>, ApiError> {
+        let max_model_len = self.engine.limits().max_model_len;
+        if let Some(max) = self.tokenizer.max_text_bytes(max_model_len) {
+            if text.len() > max {
+                return Err(ApiError::ContextLength {
+                    param: field,
+                    message: format!(
+                        "the {field} is too long: {} bytes of text cannot fit this model's context of {max_model_len} tokens (at most {max} bytes)",
+                        text.len()
+                    ),
+                });
+            }
+        }
+        self.tokenizer
+            .encode(text, add_special)
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    }
+}
+
+/// Run template rendering and tokenization off the async threads, at most one job per core at
+/// a time: a flood of huge prompts queues here instead of starving generation and the other
+/// requests. The permit travels with the job, so a client that leaves mid-job still holds its
+/// slot until the job ends.
+pub async fn tokenizer_job<T: Send + 'static>(
+    job: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    static PERMITS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    let permits = PERMITS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Arc::new(tokio::sync::Semaphore::new(cores))
+    });
+    let permit = permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    tokio::task::spawn_blocking(move || {
+        let out = job();
+        drop(permit);
+        out
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
 #[derive(Clone)]
 pub struct AppState {
     pub models: Arc<Vec<Arc<ServedModel>>>,
@@ -103,7 +157,8 @@ pub fn router(state: AppState) -> Router {
             middleware::api_key,
         ))
         .layer(axum::middleware::from_fn(middleware::request_id))
-        .layer(TraceLayer::new_for_http())
+        // Failures are logged where they are made (ApiError), once and at their level.
+        .layer(TraceLayer::new_for_http().on_failure(()))
         .with_state(state)
 }
 

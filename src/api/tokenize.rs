@@ -9,7 +9,7 @@ use super::handlers::chat_messages;
 use super::types::{
     DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, Version,
 };
-use super::AppState;
+use super::{tokenizer_job, AppState};
 
 pub async fn tokenize(
     State(state): State<AppState>,
@@ -17,35 +17,27 @@ pub async fn tokenize(
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let model = state.model_or_default(req.model.as_deref())?;
     let m = model.clone();
-    let tokens = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
-        let internal = |e: crate::tokenizer::TokenizerError| ApiError::Internal(e.to_string());
-        match (req.prompt, req.messages) {
-            (Some(p), None) => m
+    let tokens = tokenizer_job(move || match (req.prompt, req.messages) {
+        (Some(p), None) => m.encode(&p, req.add_special_tokens.unwrap_or(true), "prompt"),
+        (None, Some(msgs)) => {
+            let template = m
                 .tokenizer
-                .encode(&p, req.add_special_tokens.unwrap_or(true))
-                .map_err(internal),
-            (None, Some(msgs)) => {
-                let template = m.tokenizer.chat_template().ok_or_else(|| {
-                    ApiError::param("messages", "this model has no chat template")
-                })?;
-                let text = template
-                    .render(
-                        &chat_messages(msgs)?,
-                        req.add_generation_prompt.unwrap_or(true),
-                    )
-                    .map_err(|e| ApiError::param("messages", e.to_string()))?;
-                m.tokenizer
-                    .encode(&text, req.add_special_tokens.unwrap_or(false))
-                    .map_err(internal)
-            }
-            _ => Err(ApiError::param(
-                "prompt",
-                "give exactly one of prompt or messages",
-            )),
+                .chat_template()
+                .ok_or_else(|| ApiError::param("messages", "this model has no chat template"))?;
+            let text = template
+                .render(
+                    &chat_messages(msgs)?,
+                    req.add_generation_prompt.unwrap_or(true),
+                )
+                .map_err(|e| ApiError::param("messages", e.to_string()))?;
+            m.encode(&text, req.add_special_tokens.unwrap_or(false), "messages")
         }
+        _ => Err(ApiError::param(
+            "prompt",
+            "give exactly one of prompt or messages",
+        )),
     })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    .await?;
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
         max_model_len: model.engine.limits().max_model_len,

@@ -53,8 +53,8 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_PORT")]
     pub port: Option<u16>,
 
-    /// Require `Authorization: Bearer <KEY>` on every /v1/* request (/health, /version,
-    /// /stats, /tokenize and /detokenize stay open). [default: no key]
+    /// Require `Authorization: Bearer <KEY>` on every request (/metrics, /stats and the
+    /// tokenizer routes included); only /health and /version stay open. [default: no key]
     #[arg(long, env = "INFERD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
@@ -85,7 +85,8 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_NO_PREFIX_CACHING")]
     pub no_prefix_caching: bool,
 
-    /// Requests that may wait for admission; beyond this, new requests get a 503. [default: 256]
+    /// Requests that may wait beyond the --max-num-seqs that run; with that many running and
+    /// waiting, new requests get a 503. [default: 256]
     #[arg(long, env = "INFERD_MAX_WAITING_REQUESTS")]
     pub max_waiting_requests: Option<usize>,
 

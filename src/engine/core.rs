@@ -45,7 +45,8 @@ struct Engine {
     /// Where the engine publishes its [`EngineStats`] after every step.
     stats: Arc<Mutex<EngineStats>>,
     counters: Counters,
-    pending: Arc<AtomicUsize>,
+    /// Shared with the handles: requests submitted and not finished.
+    outstanding: Arc<AtomicUsize>,
 }
 
 /// Totals only the engine thread updates.
@@ -103,7 +104,7 @@ pub fn spawn_engine(
     let (tx, rx) = mpsc::channel();
     telemetry::register_model(name);
     let stats = Arc::new(Mutex::new(EngineStats::default()));
-    let pending = Arc::new(AtomicUsize::new(0));
+    let outstanding = Arc::new(AtomicUsize::new(0));
     let cache = KvCache::for_device(
         CacheSpec {
             dtype: cfg.cache_dtype,
@@ -132,7 +133,7 @@ pub fn spawn_engine(
         cache,
         stats: stats.clone(),
         counters: Counters::default(),
-        pending: pending.clone(),
+        outstanding: outstanding.clone(),
     };
     engine.publish_stats();
     let thread = std::thread::Builder::new()
@@ -143,10 +144,11 @@ pub fn spawn_engine(
         stats,
         limits: EngineLimits {
             max_model_len: cfg.max_model_len,
+            max_num_seqs: cfg.max_num_seqs,
             max_waiting_requests: cfg.max_waiting_requests,
         },
         next_id: Arc::new(AtomicU64::new(1)),
-        pending,
+        outstanding,
     };
     let thread = EngineThread {
         name: name.to_string(),
@@ -198,7 +200,7 @@ impl Engine {
         // `max_model_len` tokens (`spawn_engine` refuses a pool smaller than that).
         let max_len = self.cfg.max_model_len;
         if let Err(e) = fit_context(request.prompt_ids.len(), Some(request.max_tokens), max_len) {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
             let _ = events.send(EngineEvent::Error(e.into()));
             return;
         }
@@ -228,9 +230,7 @@ impl Engine {
         let Some((seq, mut r)) = self.scheduler.remove(id, &mut self.kv) else {
             return;
         };
-        if !r.admitted {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.outstanding.fetch_sub(1, Ordering::SeqCst);
         if let Some(label) = outcome.label() {
             telemetry::request_finished(&self.name, label);
         }
@@ -303,13 +303,12 @@ impl Engine {
         true
     }
 
-    /// Sequences scheduled for the first time leave the waiting count.
+    /// Sequences scheduled for the first time record how long they waited.
     fn mark_admitted(&mut self, out: &SchedulerOutput) {
         for s in &out.scheduled {
             if let Some((_, r)) = self.scheduler.get_mut(s.seq_id) {
                 if !r.admitted {
                     r.admitted = true;
-                    self.pending.fetch_sub(1, Ordering::SeqCst);
                     let queued = r.arrival.elapsed().as_secs_f64();
                     telemetry::observe(telemetry::QUEUE, &self.name, queued);
                 }

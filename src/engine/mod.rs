@@ -23,8 +23,10 @@ pub use sampler::{SamplingParams, TokenLogprobs};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum EngineError {
-    #[error("the waiting queue is full ({max} requests); retry later")]
-    QueueFull { max: usize },
+    #[error(
+        "the engine is at capacity ({running} running and {waiting} waiting requests); retry later"
+    )]
+    QueueFull { running: usize, waiting: usize },
     #[error(transparent)]
     ContextTooLong(#[from] ContextExceeded),
     #[error("the engine has stopped")]
@@ -39,13 +41,13 @@ pub enum EngineError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ContextExceeded {
     /// The prompt leaves no room for a single new token.
-    #[error("this model's maximum context length is {max_model_len} tokens, and the prompt has {prompt_tokens} tokens")]
+    #[error("the prompt is too long: this model's maximum context length is {max_model_len} tokens, and the prompt has {prompt_tokens} ({} over, leaving no room for the completion)", prompt_tokens + 1 - max_model_len)]
     Prompt {
         prompt_tokens: usize,
         max_model_len: usize,
     },
     /// The prompt and `max_tokens` together are longer than the context.
-    #[error("this model's maximum context length is {max_model_len} tokens, but {} were requested ({prompt_tokens} in the prompt, {max_tokens} for the completion)", prompt_tokens + max_tokens)]
+    #[error("max_tokens is too large: this model's maximum context length is {max_model_len} tokens, but {} were requested ({prompt_tokens} in the prompt, {max_tokens} for the completion), {} over; max_tokens can be at most {}", prompt_tokens + max_tokens, prompt_tokens + max_tokens - max_model_len, max_model_len - prompt_tokens)]
     Completion {
         prompt_tokens: usize,
         max_tokens: usize,
@@ -130,7 +132,17 @@ pub struct GenerationRequest {
 #[derive(Debug, Clone, Copy)]
 pub struct EngineLimits {
     pub max_model_len: usize,
+    /// Sequences one step can run.
+    pub max_num_seqs: usize,
+    /// Requests that may wait beyond those that can run.
     pub max_waiting_requests: usize,
+}
+
+impl EngineLimits {
+    /// Unfinished requests an engine accepts: as many as it can run plus the waiting bound.
+    pub fn capacity(&self) -> usize {
+        self.max_num_seqs + self.max_waiting_requests
+    }
 }
 
 pub(crate) enum EngineMsg {
@@ -150,8 +162,9 @@ pub struct EngineHandle {
     stats: Arc<Mutex<EngineStats>>,
     limits: EngineLimits,
     next_id: Arc<AtomicU64>,
-    /// Requests submitted and not yet admitted to the running set (channel + waiting queue).
-    pending: Arc<AtomicUsize>,
+    /// Requests submitted and not finished (in the channel, waiting or running); the engine
+    /// takes one off when it ends a request.
+    outstanding: Arc<AtomicUsize>,
 }
 
 impl EngineHandle {
@@ -171,10 +184,13 @@ impl EngineHandle {
     ) -> Result<UnboundedReceiver<EngineEvent>, EngineError> {
         let max_len = self.limits.max_model_len;
         fit_context(request.prompt_ids.len(), Some(request.max_tokens), max_len)?;
-        let max = self.limits.max_waiting_requests;
-        if self.pending.fetch_add(1, Ordering::SeqCst) >= max {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
-            return Err(EngineError::QueueFull { max });
+        let capacity = self.limits.capacity();
+        if self.outstanding.fetch_add(1, Ordering::SeqCst) >= capacity {
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::QueueFull {
+                running: self.limits.max_num_seqs,
+                waiting: self.limits.max_waiting_requests,
+            });
         }
         let (events, rx) = tokio::sync::mpsc::unbounded_channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -185,7 +201,7 @@ impl EngineHandle {
             arrival: std::time::Instant::now(),
         };
         if self.tx.send(msg).is_err() {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
+            self.outstanding.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Stopped);
         }
         Ok(rx)

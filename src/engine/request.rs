@@ -24,7 +24,7 @@ pub(crate) struct Request {
     history: TokenHistory,
     /// Tokens that end generation (EOS unless ignored, and `stop_token_ids`).
     pub end_tokens: Vec<u32>,
-    /// Has left the waiting queue once (so it no longer counts against `pending`).
+    /// Has been scheduled once (its queue time is recorded).
     pub admitted: bool,
     pub arrival: Instant,
     last_token: Option<Instant>,

@@ -41,6 +41,9 @@ pub struct Tokenizer {
     eos_token_ids: Vec<u32>,
     add_bos_token: bool,
     chat_template: Option<ChatTemplate>,
+    /// Bytes of text that `n` tokens can stand for at most are `n` times this, when the model
+    /// bounds it (see [`Tokenizer::max_text_bytes`]).
+    max_bytes_per_token: Option<usize>,
 }
 
 impl Tokenizer {
@@ -71,14 +74,56 @@ impl Tokenizer {
             inner.get_decoder(),
             Some(tokenizers::DecoderWrapper::ByteLevel(_))
         );
-        Ok(Self {
+        let mut tok = Self {
             inner,
             byte_level,
             bos_token_id,
             eos_token_ids,
             add_bos_token,
             chat_template,
-        })
+            max_bytes_per_token: None,
+        };
+        tok.max_bytes_per_token = tok.bytes_per_token_bound();
+        Ok(tok)
+    }
+
+    /// The most bytes of input one token can stand for, when that is bounded: in BPE every
+    /// token is a string of the vocabulary, unless an `<unk>` can swallow a run of unknown
+    /// characters (`fuse_unk`); word-level models map whole words to `<unk>` (unbounded). A
+    /// normalizer may shrink text before it is split (NFC folds up to three code points into
+    /// one), hence the margin.
+    fn bytes_per_token_bound(&self) -> Option<usize> {
+        let bpe = match self.inner.get_model() {
+            tokenizers::ModelWrapper::BPE(b) => b,
+            _ => return None,
+        };
+        if bpe.unk_token.is_some() && bpe.fuse_unk {
+            return None;
+        }
+        // A token string's UTF-8 length bounds the input bytes it stands for: byte-level
+        // tokens spell each byte with one character of at most two bytes, byte-fallback tokens
+        // (`<0x41>`) stand for one byte, added tokens for their own text.
+        let longest = self
+            .inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        let margin = if self.inner.get_normalizer().is_some() {
+            4
+        } else {
+            1
+        };
+        Some(longest * margin)
+    }
+
+    /// The most bytes of text that can fit in `max_tokens` tokens, when the tokenizer bounds
+    /// it: a longer text certainly does not fit, and can be refused before it is tokenized.
+    pub fn max_text_bytes(&self, max_tokens: usize) -> Option<usize> {
+        self.max_bytes_per_token
+            .map(|b| b.saturating_mul(max_tokens))
     }
 
     /// From the `tokenizer.ggml.*` metadata of a GGUF file.
@@ -268,5 +313,7 @@ mod tests {
         assert_eq!(t.encode("<5><999><42>", false).unwrap(), vec![5, 999, 42]);
         assert_eq!(t.token_bytes(42), b"<42>".to_vec());
         assert_eq!(t.eos_token_ids(), &[0]);
+        // A word-level model maps any unknown word to `<unk>`: no byte bound exists.
+        assert_eq!(t.max_text_bytes(10), None);
     }
 }
