@@ -41,6 +41,7 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
         api_key: config.api_key.as_deref().map(Arc::from),
         metrics,
         engines: Arc::new(Mutex::new(engines)),
+        stop: Arc::new(tokio::sync::watch::channel(false).0),
     })
 }
 
@@ -170,20 +171,37 @@ fn kv_budget(e: &EngineSettings, device: &Device) -> anyhow::Result<u64> {
 /// How long `serve` waits, once the server has stopped, for each engine thread to end.
 const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serve the API on `listener` until `shutdown` resolves, then stop accepting, let in-flight
-/// requests finish, and join the engine threads.
+/// Serve the API on `listener` until `shutdown` resolves; then stop accepting connections, let
+/// in-flight requests run for up to `grace`, end those still running (streams with an error
+/// event and `[DONE]`, the others with a 503), and join the engine threads.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
 ) -> std::io::Result<()> {
     let engines = state
         .engines
         .lock()
         .map(|mut e| std::mem::take(&mut *e))
         .unwrap_or_default();
+    let stop = state.stop.clone();
+    let draining = async move {
+        shutdown.await;
+        tracing::info!(
+            grace_seconds = grace.as_secs_f64(),
+            "shutting down: no new connections; finishing in-flight requests"
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if !stop.is_closed() {
+                tracing::warn!("shutdown grace over; ending the remaining requests");
+            }
+            stop.send_replace(true);
+        });
+    };
     let served = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(draining)
         .await;
     // The router, dropped with the server, held every engine handle: with them gone each
     // engine aborts what is left of its (disconnected) requests and stops.

@@ -8,8 +8,9 @@ use inferd::config::{Cli, Command, Config};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-/// How long in-flight requests may run after SIGINT/SIGTERM before the process exits anyway.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// After the grace, how long the server may take to end the remaining requests before the
+/// process exits anyway.
+const AFTER_GRACE: Duration = Duration::from_secs(10);
 
 /// How long candle's compute threads spin before parking between kernels. candle's default
 /// (25,000 spins) keeps them busy-waiting across the short gaps of a decode step, stealing the
@@ -68,6 +69,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = format!("{}:{}", config.host, config.port);
+    let grace = config.shutdown_timeout;
     let state = tokio::task::spawn_blocking(move || inferd::load(&config)).await??;
     let listener = TcpListener::bind(&addr).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
@@ -75,23 +77,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
-        tracing::info!(
-            "shutting down: no new connections; finishing in-flight requests (up to {}s)",
-            SHUTDOWN_GRACE.as_secs()
-        );
         let _ = tx.send(true);
     });
     let mut graceful = rx.clone();
     let mut deadline = rx;
-    let server = inferd::serve(state, listener, async move {
-        let _ = graceful.wait_for(|&s| s).await;
-    });
+    let server = inferd::serve(
+        state,
+        listener,
+        async move {
+            let _ = graceful.wait_for(|&s| s).await;
+        },
+        grace,
+    );
     tokio::select! {
         r = server => r?,
         _ = async {
             let _ = deadline.wait_for(|&s| s).await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => tracing::warn!("grace period over; ending the remaining streams"),
+            tokio::time::sleep(grace + AFTER_GRACE).await;
+        } => tracing::warn!("requests still open after the grace; exiting"),
     }
     tracing::info!("stopped");
     Ok(())

@@ -21,8 +21,8 @@ impl Drop for Daemon {
     }
 }
 
-#[tokio::test]
-async fn sigterm_finishes_in_flight_streams_then_exits() {
+/// Start the binary on SmolLM2 with `extra` flags; returns it and its base URL.
+fn start_daemon(extra: &[&str]) -> (Daemon, String) {
     let mut daemon = Daemon(
         Command::new(env!("CARGO_BIN_EXE_inferd"))
             .args([
@@ -34,6 +34,7 @@ async fn sigterm_finishes_in_flight_streams_then_exits() {
                 "--kv-cache-memory",
                 "64MiB",
             ])
+            .args(extra)
             .arg("--model")
             .arg(model_path(SMOLLM))
             .env("RUST_LOG", "info")
@@ -42,8 +43,7 @@ async fn sigterm_finishes_in_flight_streams_then_exits() {
             .spawn()
             .expect("spawn inferd"),
     );
-    let child = &mut daemon.0;
-    let stderr = child.stderr.take().unwrap();
+    let stderr = daemon.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -58,7 +58,34 @@ async fn sigterm_finishes_in_flight_streams_then_exits() {
             break rest.trim().to_string();
         }
     };
+    (daemon, base)
+}
 
+fn sigterm(daemon: &Daemon) {
+    let killed = Command::new("kill")
+        .args(["-TERM", &daemon.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+}
+
+/// Wait (bounded) for the process to exit; it must exit successfully.
+async fn exits_cleanly(daemon: &mut Daemon) {
+    let mut status = None;
+    for _ in 0..800 {
+        if let Some(s) = daemon.0.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let status = status.expect("inferd did not exit after SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_streams_then_exits() {
+    let (mut daemon, base) = start_daemon(&[]);
     let body = json!({"model": "smol", "messages": [{"role": "user", "content": "Tell me a story."}],
                       "max_tokens": 48, "temperature": 0, "ignore_eos": true, "stream": true});
     let resp = client()
@@ -76,11 +103,7 @@ async fn sigterm_finishes_in_flight_streams_then_exits() {
         ));
     }
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    sigterm(&daemon);
     while let Some(chunk) = stream.next().await {
         text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
     }
@@ -95,18 +118,50 @@ async fn sigterm_finishes_in_flight_streams_then_exits() {
         "the stream ran to completion"
     );
 
-    let mut status = None;
-    for _ in 0..400 {
-        if let Some(s) = child.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let status = status.expect("inferd did not exit after SIGTERM");
-    assert!(status.success(), "{status:?}");
+    exits_cleanly(&mut daemon).await;
     assert!(
         client().get(format!("{base}/health")).send().await.is_err(),
         "no longer listening"
     );
+}
+
+/// When the grace (`--shutdown-timeout`) is over, each remaining stream ends with an error event
+/// in OpenAI's shape and `[DONE]`, a remaining non-streaming request gets a 503, and the process
+/// exits cleanly.
+#[tokio::test]
+async fn streams_still_running_when_the_grace_ends_get_an_error_event_and_done() {
+    let (mut daemon, base) = start_daemon(&["--shutdown-timeout", "1"]);
+    let long = |stream: bool| {
+        json!({"model": "smol", "messages": [{"role": "user", "content": "Tell me a story."}],
+               "max_tokens": 2000, "temperature": 0, "ignore_eos": true, "stream": stream})
+    };
+    let url = format!("{base}/v1/chat/completions");
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let resp = client().post(&url).json(&long(true)).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        streams.push(resp);
+    }
+    let whole = tokio::spawn({
+        let url = url.clone();
+        async move { client().post(&url).json(&long(false)).send().await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sigterm(&daemon);
+    for resp in streams {
+        let text = resp.text().await.expect("a complete body");
+        let data = sse_data(&text);
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+        let error: serde_json::Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+        assert_eq!(error["error"]["code"], "shutting_down", "{error}");
+        assert!(
+            !text.contains("finish_reason\":\"length"),
+            "cut before its end"
+        );
+    }
+    let whole = whole.await.unwrap();
+    assert_eq!(whole.status(), 503);
+    let v: serde_json::Value = whole.json().await.unwrap();
+    assert_openai_error(&v);
+    exits_cleanly(&mut daemon).await;
 }

@@ -42,6 +42,9 @@ pub enum ApiError {
     Overloaded(String),
     #[error("Internal error: {0}")]
     Internal(String),
+    /// The server is stopping and the grace for in-flight requests is over.
+    #[error("The server is shutting down; retry on another replica or later.")]
+    ShuttingDown,
     /// A JSON route got a body declared as something else.
     #[error("Content-Type must be application/json, got `{0}`")]
     UnsupportedMediaType(String),
@@ -79,7 +82,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -115,6 +118,7 @@ impl ApiError {
                 ("invalid_request_error", None, Some("method_not_allowed"))
             }
             Self::Overloaded(_) => ("server_error", None, Some("overloaded")),
+            Self::ShuttingDown => ("server_error", None, Some("shutting_down")),
             Self::Internal(_) => ("server_error", None, None),
         };
         ErrorBody {

@@ -121,6 +121,7 @@ pub async fn chat_completions(
         prompt_field: "messages",
         params,
         request_id,
+        stop: stopped(&state),
     };
     generate(&model, job).await
 }
@@ -188,6 +189,7 @@ pub async fn completions(
         prompt_field: "prompt",
         params,
         request_id,
+        stop: stopped(&state),
     };
     generate(&model, job).await
 }
@@ -253,6 +255,20 @@ struct Job {
     prompt_field: &'static str,
     params: Validated,
     request_id: RequestId,
+    /// Resolves when the shutdown grace is over.
+    stop: Stopped,
+}
+
+type Stopped = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Resolves once the server's shutdown grace is over (never, if the server is dropped first).
+fn stopped(state: &AppState) -> Stopped {
+    let mut rx = state.stop.subscribe();
+    Box::pin(async move {
+        if rx.wait_for(|&s| s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    })
 }
 
 async fn generate(model: &Arc<ServedModel>, job: Job) -> Result<Response, ApiError> {
@@ -304,13 +320,21 @@ async fn generate(model: &Arc<ServedModel>, job: Job) -> Result<Response, ApiErr
         echo: job.echo,
         token_bytes: Arc::new(move |id| tokenizer.token_bytes(id)),
     });
+    let mut stop = job.stop;
     if v.stream {
-        return Ok(sse_response(builder, merged));
+        return Ok(sse_response(builder, merged, stop));
     }
 
     let mut chunks = builder.start();
     let mut merged = merged;
-    while let Some((i, ev)) = merged.next().await {
+    loop {
+        let next = tokio::select! {
+            next = merged.next() => next,
+            () = &mut stop => return Err(ApiError::ShuttingDown),
+        };
+        let Some((i, ev)) = next else {
+            break;
+        };
         if let EngineEvent::Error(e) = ev {
             return Err(e.into());
         }
@@ -356,17 +380,20 @@ struct SseState {
     events: ChoiceStream,
     queue: VecDeque<String>,
     ended: bool,
+    stop: Stopped,
 }
 
 /// Drive the chunk state machine from the engine events. Dropping this stream (client gone)
 /// drops the engine receivers, which aborts the sequences and frees their blocks.
-fn sse_response(mut builder: ChunkBuilder, events: ChoiceStream) -> Response {
+/// When the shutdown grace is over, the stream ends with an error event and `[DONE]`.
+fn sse_response(mut builder: ChunkBuilder, events: ChoiceStream, stop: Stopped) -> Response {
     let queue: VecDeque<String> = builder.start().iter().map(data).collect();
     let state = SseState {
         builder,
         events,
         queue,
         ended: false,
+        stop,
     };
     let body = stream::unfold(state, |mut st| async move {
         loop {
@@ -379,7 +406,16 @@ fn sse_response(mut builder: ChunkBuilder, events: ChoiceStream) -> Response {
             let next = if st.builder.is_done() {
                 None
             } else {
-                st.events.next().await
+                tokio::select! {
+                    next = st.events.next() => next,
+                    () = &mut st.stop => {
+                        let error = StreamChunk::Error(ApiError::ShuttingDown.response());
+                        st.queue.push_back(data(&error));
+                        st.queue.push_back("[DONE]".into());
+                        st.ended = true;
+                        continue;
+                    }
+                }
             };
             match next {
                 Some((i, ev)) => st.queue.extend(st.builder.on_event(i, ev).iter().map(data)),

@@ -94,6 +94,9 @@ pub struct AppState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// The models' engine threads, taken by `serve` to join them once the server has stopped.
     pub engines: Arc<std::sync::Mutex<Vec<EngineThread>>>,
+    /// Set when the shutdown grace is over: in-flight requests end at once (streams with an
+    /// error event and `[DONE]`, the others with a 503).
+    pub stop: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// The id of one HTTP request (`x-request-id`), set by [`middleware::request_id`].

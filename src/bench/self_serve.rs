@@ -96,6 +96,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
         host: "127.0.0.1".into(),
         port: 0,
         api_key: None,
+        shutdown_timeout: std::time::Duration::from_secs(5),
         models: vec![ModelConfig {
             path: path.clone(),
             served_model_name: "bench".into(),
@@ -121,13 +122,19 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
             },
         }],
     };
+    let grace = config.shutdown_timeout;
     let state = tokio::task::spawn_blocking(move || crate::load(&config)).await??;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::serve(state, listener, async move {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(crate::serve(
+        state,
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+        grace,
+    ));
 
     let mut client = args.clone();
     client.base_url = base;

@@ -58,6 +58,12 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// Seconds in-flight requests may run after SIGTERM (new connections are refused at
+    /// once). When they are up, each remaining stream gets an error event and `[DONE]`, and
+    /// each remaining non-streaming request a 503. [default: 30]
+    #[arg(long, env = "INFERD_SHUTDOWN_TIMEOUT", value_name = "SECS")]
+    pub shutdown_timeout: Option<u64>,
+
     /// Most sequences computed together in one forward pass (running batch size). [default: 32]
     #[arg(long, env = "INFERD_MAX_NUM_SEQS")]
     pub max_num_seqs: Option<usize>,

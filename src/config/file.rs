@@ -37,6 +37,7 @@ pub struct FileServer {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub api_key: Option<String>,
+    pub shutdown_timeout: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

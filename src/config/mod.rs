@@ -40,8 +40,13 @@ pub struct Config {
     pub host: String,
     pub port: u16,
     pub api_key: Option<String>,
+    /// After SIGTERM, how long in-flight requests may run before they are ended.
+    pub shutdown_timeout: std::time::Duration,
     pub models: Vec<ModelConfig>,
 }
+
+/// The default of `--shutdown-timeout`, in seconds.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 
 /// One served model.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +147,11 @@ impl Config {
                 .clone()
                 .or(f.server.api_key)
                 .filter(|k| !k.is_empty()),
+            shutdown_timeout: std::time::Duration::from_secs(
+                a.shutdown_timeout
+                    .or(f.server.shutdown_timeout)
+                    .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+            ),
             models,
         })
     }

@@ -29,6 +29,7 @@ pub fn config(model: PathBuf, name: &str, engine: EngineSettings) -> Config {
         host: "127.0.0.1".into(),
         port: 0,
         api_key: None,
+        shutdown_timeout: Duration::from_secs(30),
         models: vec![ModelConfig {
             path: model,
             served_model_name: name.into(),
@@ -67,9 +68,14 @@ pub fn start(config: Config) -> String {
                 .expect("bind");
             let addr = listener.local_addr().expect("addr");
             tx.send(format!("http://{addr}")).expect("send addr");
-            inferd::serve(state, listener, std::future::pending())
-                .await
-                .expect("serve");
+            inferd::serve(
+                state,
+                listener,
+                std::future::pending(),
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("serve");
         });
     });
     rx.recv_timeout(Duration::from_secs(300))
