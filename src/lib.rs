@@ -9,6 +9,7 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod models;
+pub mod server;
 pub mod telemetry;
 pub mod tokenizer;
 
@@ -171,15 +172,42 @@ fn kv_budget(e: &EngineSettings, device: &Device) -> anyhow::Result<u64> {
 /// How long `serve` waits, once the server has stopped, for each engine thread to end.
 const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How the server runs and stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// After the shutdown signal, how long in-flight requests may run.
+    pub shutdown_timeout: Duration,
+    pub limits: server::ConnectionLimits,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: Duration::from_secs(config::DEFAULT_SHUTDOWN_TIMEOUT_SECS),
+            limits: server::ConnectionLimits::default(),
+        }
+    }
+}
+
+impl From<&Config> for ServeOptions {
+    fn from(c: &Config) -> Self {
+        Self {
+            shutdown_timeout: c.shutdown_timeout,
+            limits: c.connection_limits,
+        }
+    }
+}
+
 /// Serve the API on `listener` until `shutdown` resolves; then stop accepting connections, let
-/// in-flight requests run for up to `grace`, end those still running (streams with an error
-/// event and `[DONE]`, the others with a 503), and join the engine threads.
+/// in-flight requests run for up to `opts.shutdown_timeout`, end those still running (streams
+/// with an error event and `[DONE]`, the others with a 503), and join the engine threads.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
+    opts: ServeOptions,
 ) -> std::io::Result<()> {
+    let grace = opts.shutdown_timeout;
     let engines = state
         .engines
         .lock()
@@ -200,9 +228,7 @@ pub async fn serve(
             stop.send_replace(true);
         });
     };
-    let served = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(draining)
-        .await;
+    let served = server::run(listener, api::router(state), opts.limits, draining).await;
     // The router, dropped with the server, held every engine handle: with them gone each
     // engine aborts what is left of its (disconnected) requests and stops.
     let joined = tokio::task::spawn_blocking(move || {

@@ -69,7 +69,8 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = format!("{}:{}", config.host, config.port);
-    let grace = config.shutdown_timeout;
+    let opts = inferd::ServeOptions::from(&config);
+    let grace = opts.shutdown_timeout;
     let state = tokio::task::spawn_blocking(move || inferd::load(&config)).await??;
     let listener = TcpListener::bind(&addr).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
@@ -87,7 +88,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         async move {
             let _ = graceful.wait_for(|&s| s).await;
         },
-        grace,
+        opts,
     );
     tokio::select! {
         r = server => r?,

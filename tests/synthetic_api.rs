@@ -7,6 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use common::*;
 use futures::StreamExt;
@@ -47,6 +48,28 @@ const KEY: &str = "sk-test";
 fn three_slots() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
     URL.get_or_init(|| start(config(PathBuf::from("synthetic:tiny"), NAME, engine(2, 1))))
+}
+
+/// A 1 s header deadline.
+fn impatient() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let c = config(PathBuf::from("synthetic:tiny"), NAME, engine(8, 64));
+        let mut opts = inferd::ServeOptions::from(&c);
+        opts.limits.header_read_timeout = Duration::from_secs(1);
+        start_with(c, opts)
+    })
+}
+
+/// At most two open connections.
+fn two_connections() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let c = config(PathBuf::from("synthetic:tiny"), NAME, engine(8, 64));
+        let mut opts = inferd::ServeOptions::from(&c);
+        opts.limits.max_connections = 2;
+        start_with(c, opts)
+    })
 }
 
 /// One sequence at a time and one waiting: the queue fills at the third request.
@@ -515,4 +538,116 @@ async fn a_burst_is_admitted_up_to_running_capacity_plus_the_waiting_bound() {
         &["reason=\"overloaded\""],
     );
     assert!(rejected.is_some_and(|n| n >= 3.0), "{rejected:?}");
+}
+
+/// Read from `stream` until the server closes it (or `limit` passes); returns what came and
+/// how long it took.
+async fn until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> (String, Duration) {
+    use tokio::io::AsyncReadExt;
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < limit {
+        match tokio::time::timeout(limit, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), t0.elapsed())
+}
+
+fn addr(base: &str) -> String {
+    base.trim_start_matches("http://").to_string()
+}
+
+/// Slowloris connections (a header byte now and then), idle new connections and idle
+/// keep-alive connections are closed at the header deadline; a stream that takes longer than
+/// the deadline to read is not cut.
+#[tokio::test]
+async fn slow_and_idle_connections_are_closed_at_the_header_deadline() {
+    use tokio::io::AsyncWriteExt;
+    let base = impatient();
+    let mut slow = tokio::net::TcpStream::connect(addr(base)).await.unwrap();
+    let request =
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let t0 = Instant::now();
+    let mut sent = 0;
+    for &b in request.iter() {
+        if slow.write_all(&[b]).await.is_err() {
+            break;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if t0.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    let (got, _) = until_closed(&mut slow, Duration::from_secs(5)).await;
+    assert!(sent < request.len(), "the whole slow request was accepted");
+    assert!(!got.contains("200 OK"), "{got}");
+
+    let mut idle = tokio::net::TcpStream::connect(addr(base)).await.unwrap();
+    let (_, took) = until_closed(&mut idle, Duration::from_secs(10)).await;
+    assert!(
+        took < Duration::from_secs(5),
+        "an idle connection stayed {took:?}"
+    );
+
+    let mut kept = tokio::net::TcpStream::connect(addr(base)).await.unwrap();
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (got, took) = until_closed(&mut kept, Duration::from_secs(10)).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        took < Duration::from_secs(5),
+        "an idle keep-alive connection stayed {took:?}"
+    );
+
+    // A stream whose client pauses for longer than the deadline still arrives whole.
+    let body = completion(1500, json!({"stream": true}));
+    let r = client()
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut s = r.bytes_stream();
+    let mut text = String::from_utf8_lossy(&s.next().await.unwrap().unwrap()).into_owned();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    while let Some(chunk) = s.next().await {
+        text.push_str(&String::from_utf8_lossy(
+            &chunk.expect("the stream was cut"),
+        ));
+    }
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    assert!(text.contains("\"finish_reason\":\"length\""));
+}
+
+/// Over the connection cap, a connection is answered with a 503 in OpenAI's shape and closed;
+/// once one closes, new connections are served again.
+#[tokio::test]
+async fn connections_over_the_cap_get_a_503() {
+    let base = two_connections();
+    let a = tokio::net::TcpStream::connect(addr(base)).await.unwrap();
+    let b = tokio::net::TcpStream::connect(addr(base)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = reqwest::Client::new()
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_openai_error(&v);
+    assert_eq!(v["error"]["code"], "too_many_connections");
+    drop((a, b));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = reqwest::Client::new()
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -97,6 +97,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
         port: 0,
         api_key: None,
         shutdown_timeout: std::time::Duration::from_secs(5),
+        connection_limits: Default::default(),
         models: vec![ModelConfig {
             path: path.clone(),
             served_model_name: "bench".into(),
@@ -122,7 +123,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
             },
         }],
     };
-    let grace = config.shutdown_timeout;
+    let opts = crate::ServeOptions::from(&config);
     let state = tokio::task::spawn_blocking(move || crate::load(&config)).await??;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
@@ -133,7 +134,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
         async move {
             let _ = stopped.await;
         },
-        grace,
+        opts,
     ));
 
     let mut client = args.clone();

@@ -64,6 +64,16 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_SHUTDOWN_TIMEOUT", value_name = "SECS")]
     pub shutdown_timeout: Option<u64>,
 
+    /// Seconds a connection has to deliver a request's complete headers once it is ready for
+    /// one: new connections, slow senders (slowloris) and idle keep-alive connections are
+    /// closed after it; responses being written, streams included, are not. [default: 30]
+    #[arg(long, env = "INFERD_HEADER_READ_TIMEOUT", value_name = "SECS")]
+    pub header_read_timeout: Option<u64>,
+
+    /// Most open connections; one more gets a 503 and is closed. [default: 1024]
+    #[arg(long, env = "INFERD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
     /// Most sequences computed together in one forward pass (running batch size). [default: 32]
     #[arg(long, env = "INFERD_MAX_NUM_SEQS")]
     pub max_num_seqs: Option<usize>,

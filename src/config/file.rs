@@ -38,6 +38,8 @@ pub struct FileServer {
     pub port: Option<u16>,
     pub api_key: Option<String>,
     pub shutdown_timeout: Option<u64>,
+    pub header_read_timeout: Option<u64>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -42,6 +42,7 @@ pub struct Config {
     pub api_key: Option<String>,
     /// After SIGTERM, how long in-flight requests may run before they are ended.
     pub shutdown_timeout: std::time::Duration,
+    pub connection_limits: crate::server::ConnectionLimits,
     pub models: Vec<ModelConfig>,
 }
 
@@ -135,6 +136,7 @@ impl Config {
                 message: format!("`{}` names two models", w[0]),
             });
         }
+        let connection_limits = connection_limits(a, &f.server)?;
         Ok(Self {
             host: a
                 .host
@@ -152,9 +154,35 @@ impl Config {
                     .or(f.server.shutdown_timeout)
                     .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             ),
+            connection_limits,
             models,
         })
     }
+}
+
+fn connection_limits(
+    a: &ServeArgs,
+    f: &file::FileServer,
+) -> Result<crate::server::ConnectionLimits, ConfigError> {
+    let d = crate::server::ConnectionLimits::default();
+    let secs = a
+        .header_read_timeout
+        .or(f.header_read_timeout)
+        .unwrap_or(d.header_read_timeout.as_secs());
+    let max_connections = a
+        .max_connections
+        .or(f.max_connections)
+        .unwrap_or(d.max_connections);
+    if secs == 0 || max_connections == 0 {
+        return Err(ConfigError::Invalid {
+            field: "header_read_timeout / max_connections",
+            message: "must be at least 1".into(),
+        });
+    }
+    Ok(crate::server::ConnectionLimits {
+        header_read_timeout: std::time::Duration::from_secs(secs),
+        max_connections,
+    })
 }
 
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -30,6 +30,7 @@ pub fn config(model: PathBuf, name: &str, engine: EngineSettings) -> Config {
         port: 0,
         api_key: None,
         shutdown_timeout: Duration::from_secs(30),
+        connection_limits: Default::default(),
         models: vec![ModelConfig {
             path: model,
             served_model_name: name.into(),
@@ -55,6 +56,12 @@ pub fn default_engine() -> EngineSettings {
 
 /// Start a daemon for `config` on a background thread; returns its base URL.
 pub fn start(config: Config) -> String {
+    let opts = inferd::ServeOptions::from(&config);
+    start_with(config, opts)
+}
+
+/// [`start`] with explicit server options (timeouts, connection cap).
+pub fn start_with(config: Config, opts: inferd::ServeOptions) -> String {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -68,14 +75,9 @@ pub fn start(config: Config) -> String {
                 .expect("bind");
             let addr = listener.local_addr().expect("addr");
             tx.send(format!("http://{addr}")).expect("send addr");
-            inferd::serve(
-                state,
-                listener,
-                std::future::pending(),
-                Duration::from_secs(30),
-            )
-            .await
-            .expect("serve");
+            inferd::serve(state, listener, std::future::pending(), opts)
+                .await
+                .expect("serve");
         });
     });
     rx.recv_timeout(Duration::from_secs(300))
