@@ -43,6 +43,7 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
         metrics,
         engines: Arc::new(Mutex::new(engines)),
         stop: Arc::new(tokio::sync::watch::channel(false).0),
+        allowed_origins: config.allowed_origins.clone().into(),
     })
 }
 

@@ -61,6 +61,19 @@ fn impatient() -> &'static str {
     })
 }
 
+/// Browser calls allowed from one origin (and an API key, which preflights do not carry).
+fn with_origins() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let mut c = config(PathBuf::from("synthetic:tiny"), NAME, engine(8, 64));
+        c.allowed_origins = vec![ORIGIN.into()];
+        c.api_key = Some(KEY.into());
+        start(c)
+    })
+}
+
+const ORIGIN: &str = "https://app.example.com";
+
 /// At most two open connections.
 fn two_connections() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
@@ -650,4 +663,47 @@ async fn connections_over_the_cap_get_a_503() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// CORS: no preflight is answered unless `--allowed-origins` names the origin; then it is,
+/// before the API key check (a preflight carries no key), and the real call still needs the
+/// key.
+#[tokio::test]
+async fn cors_preflights_are_answered_only_for_allowed_origins() {
+    let preflight = |base: &str, origin: &str| {
+        client()
+            .request(reqwest::Method::OPTIONS, format!("{base}/v1/completions"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .send()
+    };
+    let r = preflight(server(), ORIGIN).await.unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    assert!(!r.status().is_success(), "{}", r.status());
+
+    let base = with_origins();
+    let r = preflight(base, ORIGIN).await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(r.headers()["access-control-allow-origin"], ORIGIN);
+    let r = preflight(base, "https://evil.example").await.unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+
+    let call = |key: Option<&str>| {
+        let mut b = client()
+            .post(format!("{base}/v1/completions"))
+            .header("origin", ORIGIN)
+            .json(&completion(2, json!({})));
+        if let Some(k) = key {
+            b = b.bearer_auth(k);
+        }
+        b.send()
+    };
+    assert_eq!(call(None).await.unwrap().status(), 401);
+    let r = call(Some(KEY)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["access-control-allow-origin"], ORIGIN);
 }

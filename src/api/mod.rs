@@ -97,6 +97,8 @@ pub struct AppState {
     /// Set when the shutdown grace is over: in-flight requests end at once (streams with an
     /// error event and `[DONE]`, the others with a 503).
     pub stop: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Browser origins answered CORS preflights (`*`: any); empty: none.
+    pub allowed_origins: Arc<[String]>,
 }
 
 /// The id of one HTTP request (`x-request-id`), set by [`middleware::request_id`].
@@ -142,7 +144,8 @@ pub const ROUTES: &[(&str, &str)] = &[
 ];
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let cors = cors(&state.allowed_origins);
+    let router = Router::new()
         .route("/health", get(handlers::health))
         .route("/version", get(tokenize::version))
         .route("/stats", get(handlers::stats))
@@ -161,8 +164,37 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn(middleware::request_id))
         // Failures are logged where they are made (ApiError), once and at their level.
-        .layer(TraceLayer::new_for_http().on_failure(()))
-        .with_state(state)
+        .layer(TraceLayer::new_for_http().on_failure(()));
+    // Outermost, so a preflight (which carries no API key) is answered before the key check.
+    let router = match cors {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
+}
+
+/// A CORS layer for `origins`, or none: then no preflight is answered and browsers refuse
+/// cross-origin calls.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([
+                axum::http::header::AUTHORIZATION,
+                axum::http::header::CONTENT_TYPE,
+            ])
+            .expose_headers([axum::http::HeaderName::from_static("x-request-id")]),
+    )
 }
 
 #[cfg(test)]

@@ -98,6 +98,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
         api_key: None,
         shutdown_timeout: std::time::Duration::from_secs(5),
         connection_limits: Default::default(),
+        allowed_origins: Vec::new(),
         models: vec![ModelConfig {
             path: path.clone(),
             served_model_name: "bench".into(),

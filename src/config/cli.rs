@@ -58,6 +58,12 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// Web origins allowed to call the API from a browser (CORS), comma-separated, e.g.
+    /// `https://app.example.com`; `*` allows any. Without it no CORS preflight is answered, so
+    /// browsers refuse cross-origin calls. [default: none]
+    #[arg(long, env = "INFERD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+
     /// Seconds in-flight requests may run after SIGTERM (new connections are refused at
     /// once). When they are up, each remaining stream gets an error event and `[DONE]`, and
     /// each remaining non-streaming request a 503. [default: 30]

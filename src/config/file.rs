@@ -40,6 +40,7 @@ pub struct FileServer {
     pub shutdown_timeout: Option<u64>,
     pub header_read_timeout: Option<u64>,
     pub max_connections: Option<usize>,
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

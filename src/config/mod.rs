@@ -43,6 +43,8 @@ pub struct Config {
     /// After SIGTERM, how long in-flight requests may run before they are ended.
     pub shutdown_timeout: std::time::Duration,
     pub connection_limits: crate::server::ConnectionLimits,
+    /// Browser origins answered CORS preflights (`*`: any); empty: none.
+    pub allowed_origins: Vec<String>,
     pub models: Vec<ModelConfig>,
 }
 
@@ -155,6 +157,15 @@ impl Config {
                     .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             ),
             connection_limits,
+            allowed_origins: a
+                .allowed_origins
+                .clone()
+                .or(f.server.allowed_origins)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| o.trim().to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
             models,
         })
     }

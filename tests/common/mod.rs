@@ -31,6 +31,7 @@ pub fn config(model: PathBuf, name: &str, engine: EngineSettings) -> Config {
         api_key: None,
         shutdown_timeout: Duration::from_secs(30),
         connection_limits: Default::default(),
+        allowed_origins: Vec::new(),
         models: vec![ModelConfig {
             path: model,
             served_model_name: name.into(),
