@@ -21,9 +21,13 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+
+/// Header fields hyper parses before refusing a request itself (with a body-less 431); the
+/// API's own, lower limit answers in OpenAI's shape (`api::middleware::header_limits`).
+pub const MAX_HEADERS: usize = 256;
 
 /// Connection limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +61,8 @@ pub async fn run(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_headers(MAX_HEADERS);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -104,6 +109,16 @@ async fn refuse(mut stream: TcpStream, cap: usize) -> Result<(), Infallible> {
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        // Read the request head first: a client that gets an answer before it has sent its
+        // request takes it for a protocol error, not a 503.
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while head.len() < 16 << 10 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
         let _ = stream.write_all(response.as_bytes()).await;
         let _ = stream.shutdown().await;
     })

@@ -707,3 +707,26 @@ async fn cors_preflights_are_answered_only_for_allowed_origins() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["access-control-allow-origin"], ORIGIN);
 }
+
+/// Too many or too large headers get a 431 in OpenAI's shape (hyper's own 431, for heads far
+/// over these limits, has no body).
+#[tokio::test]
+async fn oversized_headers_get_an_openai_shaped_431() {
+    let base = server();
+    let mut many = client().get(format!("{base}/v1/models"));
+    for i in 0..70 {
+        many = many.header(format!("x-filler-{i}"), "x");
+    }
+    let long = client()
+        .get(format!("{base}/v1/models"))
+        .header("x-long", "y".repeat(40 << 10));
+    for req in [many, long] {
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 431);
+        let v: Value = r.json().await.unwrap();
+        assert_openai_error(&v);
+        assert_eq!(v["error"]["code"], "request_header_fields_too_large");
+    }
+    let (s, _) = get(base, "/v1/models").await;
+    assert_eq!(s, 200);
+}

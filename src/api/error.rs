@@ -42,6 +42,9 @@ pub enum ApiError {
     Overloaded(String),
     #[error("Internal error: {0}")]
     Internal(String),
+    /// The request's headers are too many or too long.
+    #[error("Request header fields too large: {0}")]
+    HeadersTooLarge(String),
     /// The server is stopping and the grace for in-flight requests is over.
     #[error("The server is shutting down; retry on another replica or later.")]
     ShuttingDown,
@@ -82,6 +85,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Overloaded(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -97,6 +101,11 @@ impl ApiError {
                 "invalid_request_error",
                 None,
                 Some("unsupported_media_type"),
+            ),
+            Self::HeadersTooLarge(_) => (
+                "invalid_request_error",
+                None,
+                Some("request_header_fields_too_large"),
             ),
             Self::InvalidBody { param, .. } => {
                 ("invalid_request_error", Some(param.as_str()), None)

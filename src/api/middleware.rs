@@ -31,6 +31,30 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     resp
 }
 
+/// The most header bytes (names and values) a request may carry. hyper refuses far larger
+/// heads itself (over ~400 KB, or more than [`crate::server::MAX_HEADERS`] fields) with a
+/// body-less 431; below that, this limit answers in OpenAI's shape.
+pub const MAX_HEADER_BYTES: usize = 32 << 10;
+/// The most header fields a request may carry (see [`MAX_HEADER_BYTES`]).
+pub const MAX_HEADER_FIELDS: usize = 64;
+
+/// Refuse requests whose headers are too many or too large with a 431 in OpenAI's shape.
+pub async fn header_limits(req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if headers.len() > MAX_HEADER_FIELDS || bytes > MAX_HEADER_BYTES {
+        return ApiError::HeadersTooLarge(format!(
+            "{} fields of {bytes} bytes (at most {MAX_HEADER_FIELDS} fields, {MAX_HEADER_BYTES} bytes)",
+            headers.len()
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
 /// Routes that hold no data and stay open with `--api-key`.
 pub const OPEN_ROUTES: &[&str] = &["/health", "/version"];
 

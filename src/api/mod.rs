@@ -162,6 +162,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             middleware::api_key,
         ))
+        .layer(axum::middleware::from_fn(middleware::header_limits))
         .layer(axum::middleware::from_fn(middleware::request_id))
         // Failures are logged where they are made (ApiError), once and at their level.
         .layer(TraceLayer::new_for_http().on_failure(()));
