@@ -11,7 +11,6 @@
 //! - At most `max_connections` are open at once; one over the cap is answered with a 503 in
 //!   OpenAI's shape and closed, so a balancer sees a clean refusal rather than a hang.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +23,8 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+
+use crate::api::ApiError;
 
 /// Header fields hyper parses before refusing a request itself (with a body-less 431); the
 /// API's own, lower limit answers in OpenAI's shape (`api::middleware::header_limits`).
@@ -98,11 +99,9 @@ pub async fn run(
 }
 
 /// Answer a connection over the cap with a 503 in OpenAI's shape, then close it.
-async fn refuse(mut stream: TcpStream, cap: usize) -> Result<(), Infallible> {
-    let body = serde_json::json!({"error": {
-        "message": format!("The server is at its limit of {cap} open connections; retry later."),
-        "type": "server_error", "param": null, "code": "too_many_connections"}})
-    .to_string();
+async fn refuse(mut stream: TcpStream, cap: usize) {
+    let body =
+        serde_json::to_string(&ApiError::TooManyConnections(cap).response()).unwrap_or_default();
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
          content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
@@ -123,5 +122,4 @@ async fn refuse(mut stream: TcpStream, cap: usize) -> Result<(), Infallible> {
         let _ = stream.shutdown().await;
     })
     .await;
-    Ok(())
 }

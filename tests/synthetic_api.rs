@@ -27,19 +27,30 @@ fn engine(max_num_seqs: usize, max_waiting_requests: usize) -> EngineSettings {
     }
 }
 
+/// A daemon on `synthetic:tiny` with `engine`, started once per `cell`; `customize` adjusts
+/// its config and server options first.
+fn tiny(
+    cell: &'static OnceLock<String>,
+    engine: EngineSettings,
+    customize: impl FnOnce(&mut inferd::config::Config, &mut inferd::ServeOptions),
+) -> &'static str {
+    cell.get_or_init(|| {
+        let mut c = config(PathBuf::from("synthetic:tiny"), NAME, engine);
+        let mut opts = inferd::ServeOptions::from(&c);
+        customize(&mut c, &mut opts);
+        start_with(c, opts)
+    })
+}
+
 fn server() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| start(config(PathBuf::from("synthetic:tiny"), NAME, engine(8, 64))))
+    tiny(&URL, engine(8, 64), |_, _| {})
 }
 
 /// With `--api-key`.
 fn keyed() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        let mut c = config(PathBuf::from("synthetic:tiny"), NAME, engine(8, 64));
-        c.api_key = Some(KEY.into());
-        start(c)
-    })
+    tiny(&URL, engine(8, 64), |c, _| c.api_key = Some(KEY.into()))
 }
 
 const KEY: &str = "sk-test";
@@ -47,28 +58,23 @@ const KEY: &str = "sk-test";
 /// Two running and one waiting: the engine takes three requests at once.
 fn three_slots() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| start(config(PathBuf::from("synthetic:tiny"), NAME, engine(2, 1))))
+    tiny(&URL, engine(2, 1), |_, _| {})
 }
 
 /// A 1 s header deadline.
 fn impatient() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        let c = config(PathBuf::from("synthetic:tiny"), NAME, engine(8, 64));
-        let mut opts = inferd::ServeOptions::from(&c);
-        opts.limits.header_read_timeout = Duration::from_secs(1);
-        start_with(c, opts)
+    tiny(&URL, engine(8, 64), |_, o| {
+        o.limits.header_read_timeout = Duration::from_secs(1)
     })
 }
 
 /// Browser calls allowed from one origin (and an API key, which preflights do not carry).
 fn with_origins() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        let mut c = config(PathBuf::from("synthetic:tiny"), NAME, engine(8, 64));
+    tiny(&URL, engine(8, 64), |c, _| {
         c.allowed_origins = vec![ORIGIN.into()];
         c.api_key = Some(KEY.into());
-        start(c)
     })
 }
 
@@ -77,18 +83,13 @@ const ORIGIN: &str = "https://app.example.com";
 /// At most two open connections.
 fn two_connections() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| {
-        let c = config(PathBuf::from("synthetic:tiny"), NAME, engine(8, 64));
-        let mut opts = inferd::ServeOptions::from(&c);
-        opts.limits.max_connections = 2;
-        start_with(c, opts)
-    })
+    tiny(&URL, engine(8, 64), |_, o| o.limits.max_connections = 2)
 }
 
 /// One sequence at a time and one waiting: the queue fills at the third request.
 fn one_slot() -> &'static str {
     static URL: OnceLock<String> = OnceLock::new();
-    URL.get_or_init(|| start(config(PathBuf::from("synthetic:tiny"), NAME, engine(1, 1))))
+    tiny(&URL, engine(1, 1), |_, _| {})
 }
 
 /// A greedy completion of token ids, with `extra` keys merged in.

@@ -42,6 +42,9 @@ pub enum ApiError {
     Overloaded(String),
     #[error("Internal error: {0}")]
     Internal(String),
+    /// The server holds its limit of open connections (answered by the accept loop).
+    #[error("The server is at its limit of {0} open connections; retry later.")]
+    TooManyConnections(usize),
     /// The request's headers are too many or too long.
     #[error("Request header fields too large: {0}")]
     HeadersTooLarge(String),
@@ -86,7 +89,9 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::Overloaded(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded(_) | Self::ShuttingDown | Self::TooManyConnections(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -128,6 +133,7 @@ impl ApiError {
             }
             Self::Overloaded(_) => ("server_error", None, Some("overloaded")),
             Self::ShuttingDown => ("server_error", None, Some("shutting_down")),
+            Self::TooManyConnections(_) => ("server_error", None, Some("too_many_connections")),
             Self::Internal(_) => ("server_error", None, None),
         };
         ErrorBody {

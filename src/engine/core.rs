@@ -273,8 +273,8 @@ impl Engine {
         let greedy_on_device = !self.model.device().is_cpu()
             && out.scheduled.iter().filter(|s| s.samples).all(|s| {
                 self.scheduler
-                    .get_mut(s.seq_id)
-                    .is_some_and(|(_, r)| r.plain_greedy())
+                    .request(s.seq_id)
+                    .is_some_and(Request::plain_greedy)
             });
         let model = self.model.as_ref();
         let sampled = match execute(model, &batch, &mut self.cache, greedy_on_device) {

@@ -75,6 +75,11 @@ impl<R> Scheduler<R> {
         self.seqs.get(&id).map(|(s, _)| s)
     }
 
+    /// A sequence's request state.
+    pub fn request(&self, id: SeqId) -> Option<&R> {
+        self.seqs.get(&id).map(|(_, r)| r)
+    }
+
     /// A sequence and its request state.
     pub fn get_mut(&mut self, id: SeqId) -> Option<(&mut Sequence, &mut R)> {
         self.seqs.get_mut(&id).map(|(s, r)| (s, r))
