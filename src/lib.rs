@@ -124,16 +124,12 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<(ServedModel, EngineThread
             cache_dtype,
         },
     )?;
-    let created = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let served = ServedModel {
-        name: config.served_model_name.clone(),
+    let served = ServedModel::new(
+        config.served_model_name.clone(),
         engine,
         tokenizer,
         vocab_size,
-        created,
-    };
+    );
     Ok((served, thread))
 }
 

@@ -141,10 +141,7 @@ fn chat_templates_of_all_four_families_render_like_transformers() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|m| ChatMessage {
-                role: m["role"].as_str().unwrap().into(),
-                content: m["content"].as_str().unwrap().into(),
-            })
+            .map(|m| ChatMessage::text(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
             .collect();
         let t = ChatTemplate::new(&s("template"), &s("bos_token"), &s("eos_token")).unwrap();
         let got = t.render(&messages, true).unwrap();

@@ -156,7 +156,9 @@ impl From<EngineError> for ApiError {
             EngineError::QueueFull { .. } => Self::Overloaded(e.to_string()),
             EngineError::ContextTooLong(c) => Self::context(c, "prompt"),
             EngineError::Stopped => Self::Overloaded(e.to_string()),
-            EngineError::Model(_) | EngineError::Tokenizer(_) => Self::Internal(e.to_string()),
+            EngineError::Model(_) | EngineError::Tokenizer(_) | EngineError::Grammar(_) => {
+                Self::Internal(e.to_string())
+            }
         }
     }
 }

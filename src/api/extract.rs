@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::error::ApiError;
+use super::structured::StructuredParams;
 use super::types::CommonParams;
 use super::MAX_BODY_BYTES;
 
@@ -33,6 +34,8 @@ impl<T: DeserializeOwned> FromJsonBody for T {
 pub struct WithParams<T> {
     pub request: T,
     pub params: CommonParams,
+    /// `response_format`, `structured_outputs`, `guided_*`.
+    pub structured: StructuredParams,
 }
 
 impl<T: DeserializeOwned> FromJsonBody for WithParams<T> {
@@ -40,6 +43,7 @@ impl<T: DeserializeOwned> FromJsonBody for WithParams<T> {
         Ok(Self {
             request: parse(v)?,
             params: parse(v)?,
+            structured: parse(v)?,
         })
     }
 }

@@ -17,11 +17,13 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use super::error::ApiError;
 use super::extract::{OpenAiJson, WithParams};
 use super::sse::{
-    aggregate_chat, aggregate_completion, ChunkBuilder, Kind, StreamChunk, StreamSpec,
+    aggregate_chat, aggregate_completion, ChunkBuilder, Kind, StreamChunk, StreamSpec, ToolStream,
 };
+use super::tools::ToolParams;
 use super::types::*;
 use super::validate::{self, Endpoint, Validated, MAX_CHOICES};
 use super::{tokenizer_job, AppState, RequestId, ServedModel};
+use crate::engine::guide::Guide;
 use crate::engine::{EngineEvent, GenerationRequest};
 use crate::tokenizer::ChatMessage;
 
@@ -99,9 +101,29 @@ pub async fn chat_completions(
     let req = body.request;
     let params = validate::common(&body.params, Endpoint::Chat)?;
     let model = state.model(&req.model)?;
+    let tools = ToolParams {
+        tools: req.tools,
+        tool_choice: req.tool_choice,
+        parallel_tool_calls: req.parallel_tool_calls,
+    }
+    .check(model.tool_format)?;
+    let output = body.structured.constraint()?;
+    if let (Some(_), Some(c)) = (&tools.plan, &output) {
+        return Err(ApiError::param(
+            c.field,
+            format!(
+                "{} cannot be combined with tool calls; send tool_choice `none` or drop it",
+                c.field
+            ),
+        ));
+    }
+    let tool_stream = tools.plan.as_ref().map(|p| ToolStream {
+        finish_as_tool_calls: p.finish_as_tool_calls(),
+    });
+    let constraint = tools.plan.as_ref().map(|p| p.constraint()).or(output);
     let messages = chat_messages(req.messages)?;
     let m = model.clone();
-    let prompt = tokenizer_job(move || {
+    let (prompt, guide) = tokenizer_job(move || {
         let template = m.tokenizer.chat_template().ok_or_else(|| {
             ApiError::param(
                 "messages",
@@ -109,9 +131,11 @@ pub async fn chat_completions(
             )
         })?;
         let text = template
-            .render(&messages, true)
+            .render_with_tools(&messages, tools.for_template.as_deref(), true)
             .map_err(|e| ApiError::param("messages", e.to_string()))?;
-        m.encode(&text, false, "messages")
+        let prompt = m.encode(&text, false, "messages")?;
+        let guide = constraint.map(|c| m.grammars.compile(&c)).transpose()?;
+        Ok((prompt, guide))
     })
     .await?;
     let job = Job {
@@ -122,6 +146,8 @@ pub async fn chat_completions(
         params,
         request_id,
         stop: stopped(&state),
+        guide,
+        tools: tool_stream,
     };
     generate(&model, job).await
 }
@@ -159,27 +185,32 @@ pub async fn completions(
             ),
         ));
     }
+    let constraint = body.structured.constraint()?;
     let m = model.clone();
     let echo = params.echo;
-    let (prompts, echo) = tokenizer_job(move || match prompts {
-        Prompts::Ids(ids) => {
-            let texts = if echo {
-                let decode = |p: &Vec<u32>| m.tokenizer.decode(p, false);
-                ids.iter()
-                    .map(|p| decode(p).map_err(|e| ApiError::Internal(e.to_string())))
-                    .collect::<Result<_, _>>()?
-            } else {
-                Vec::new()
-            };
-            Ok((ids, texts))
-        }
-        Prompts::Texts(texts) => {
-            let ids = texts
-                .iter()
-                .map(|t| m.encode(t, true, "prompt"))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((ids, if echo { texts } else { Vec::new() }))
-        }
+    let (prompts, echo, guide) = tokenizer_job(move || {
+        let guide = constraint.map(|c| m.grammars.compile(&c)).transpose()?;
+        let (prompts, echo) = match prompts {
+            Prompts::Ids(ids) => {
+                let texts = if echo {
+                    let decode = |p: &Vec<u32>| m.tokenizer.decode(p, false);
+                    ids.iter()
+                        .map(|p| decode(p).map_err(|e| ApiError::Internal(e.to_string())))
+                        .collect::<Result<_, _>>()?
+                } else {
+                    Vec::new()
+                };
+                (ids, texts)
+            }
+            Prompts::Texts(texts) => {
+                let ids = texts
+                    .iter()
+                    .map(|t| m.encode(t, true, "prompt"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (ids, if echo { texts } else { Vec::new() })
+            }
+        };
+        Ok((prompts, echo, guide))
     })
     .await?;
     let job = Job {
@@ -190,6 +221,8 @@ pub async fn completions(
         params,
         request_id,
         stop: stopped(&state),
+        guide,
+        tools: None,
     };
     generate(&model, job).await
 }
@@ -208,40 +241,94 @@ pub(crate) fn chat_messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>
     }
     msgs.into_iter()
         .enumerate()
-        .map(|(i, m)| {
-            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant" | "tool") {
-                return Err(ApiError::param(
-                    "messages",
-                    format!(
-                        "messages[{i}].role must be one of system, developer, user, assistant, tool; got `{}`",
-                        m.role
-                    ),
-                ));
-            }
-            let content = match m.content {
-                None => String::new(),
-                Some(MessageContent::Text(t)) => t,
-                Some(MessageContent::Parts(parts)) => {
-                    let mut s = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), p.text) {
-                            ("text", Some(t)) => s.push_str(&t),
-                            (kind, _) => {
-                                return Err(ApiError::param(
-                                    "messages",
-                                    format!("messages[{i}].content: parts of type `{kind}` are not supported (only text)"),
-                                ))
-                            }
-                        }
-                    }
-                    s
-                }
-            };
-            // The OpenAI `developer` role is the system role for open models' templates.
-            let role = if m.role == "developer" { "system".into() } else { m.role };
-            Ok(ChatMessage { role, content })
-        })
+        .map(|(i, m)| chat_message(i, m))
         .collect()
+}
+
+/// One message as templates see it: text parts joined, the `developer` role as `system`,
+/// call arguments parsed from their JSON string (templates write them with `tojson`; a
+/// string would be encoded twice).
+fn chat_message(i: usize, m: ChatMessageIn) -> Result<ChatMessage, ApiError> {
+    if !matches!(
+        m.role.as_str(),
+        "system" | "developer" | "user" | "assistant" | "tool"
+    ) {
+        return Err(ApiError::param(
+            "messages",
+            format!(
+                "messages[{i}].role must be one of system, developer, user, assistant, tool; got `{}`",
+                m.role
+            ),
+        ));
+    }
+    let content = match m.content {
+        None => String::new(),
+        Some(MessageContent::Text(t)) => t,
+        Some(MessageContent::Parts(parts)) => {
+            let mut s = String::new();
+            for p in parts {
+                match (p.kind.as_str(), p.text) {
+                    ("text", Some(t)) => s.push_str(&t),
+                    (kind, _) => {
+                        return Err(ApiError::param(
+                            "messages",
+                            format!("messages[{i}].content: parts of type `{kind}` are not supported (only text)"),
+                        ))
+                    }
+                }
+            }
+            s
+        }
+    };
+    let tool_calls = match m.tool_calls {
+        Some(calls) if m.role == "assistant" => Some(
+            calls
+                .into_iter()
+                .enumerate()
+                .map(|(j, c)| {
+                    let arguments = match c.function.arguments {
+                        serde_json::Value::String(s) if s.trim().is_empty() => serde_json::json!({}),
+                        serde_json::Value::String(s) => serde_json::from_str(&s).map_err(|e| {
+                            ApiError::param(
+                                "messages",
+                                format!("messages[{i}].tool_calls[{j}].function.arguments is not valid JSON: {e}"),
+                            )
+                        })?,
+                        serde_json::Value::Null => serde_json::json!({}),
+                        v => v,
+                    };
+                    let mut call = serde_json::json!({
+                        "type": "function",
+                        "function": {"name": c.function.name, "arguments": arguments},
+                    });
+                    if let Some(id) = c.id {
+                        call["id"] = id.into();
+                    }
+                    Ok(call)
+                })
+                .collect::<Result<Vec<_>, ApiError>>()?,
+        ),
+        Some(_) => {
+            return Err(ApiError::param(
+                "messages",
+                format!("messages[{i}].tool_calls is only allowed on assistant messages"),
+            ))
+        }
+        None => None,
+    };
+    // The OpenAI `developer` role is the system role for open models' templates.
+    let role = if m.role == "developer" {
+        "system".into()
+    } else {
+        m.role
+    };
+    Ok(ChatMessage {
+        role,
+        content,
+        tool_calls,
+        tool_call_id: m.tool_call_id,
+        name: m.name,
+    })
 }
 
 type ChoiceStream = BoxStream<'static, (usize, EngineEvent)>;
@@ -257,6 +344,10 @@ struct Job {
     request_id: RequestId,
     /// Resolves when the shutdown grace is over.
     stop: Stopped,
+    /// The grammar every choice follows (each gets its own matcher).
+    guide: Option<Guide>,
+    /// Chat with tools: parse calls out of the text.
+    tools: Option<ToolStream>,
 }
 
 type Stopped = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -288,6 +379,7 @@ async fn generate(model: &Arc<ServedModel>, job: Job) -> Result<Response, ApiErr
         )?;
         for k in 0..v.n {
             let mut r = base.clone();
+            r.guide = job.guide.clone();
             r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(k as u64));
             requests.push(r);
         }
@@ -319,6 +411,7 @@ async fn generate(model: &Arc<ServedModel>, job: Job) -> Result<Response, ApiErr
         n: v.n,
         echo: job.echo,
         token_bytes: Arc::new(move |id| tokenizer.token_bytes(id)),
+        tools: job.tools,
     });
     let mut stop = job.stop;
     if v.stream {

@@ -7,7 +7,9 @@ pub mod handlers;
 pub mod logprobs;
 pub mod middleware;
 pub mod sse;
+pub mod structured;
 pub mod tokenize;
+pub mod tools;
 pub mod types;
 pub mod validate;
 
@@ -29,9 +31,36 @@ pub struct ServedModel {
     pub tokenizer: Arc<Tokenizer>,
     pub vocab_size: usize,
     pub created: u64,
+    /// How its chat template writes tool calls, if it does.
+    pub tool_format: Option<tools::ToolFormat>,
+    /// Its grammar compiler (structured output, tool calls).
+    pub grammars: structured::Grammars,
 }
 
 impl ServedModel {
+    pub fn new(
+        name: String,
+        engine: EngineHandle,
+        tokenizer: Arc<Tokenizer>,
+        vocab_size: usize,
+    ) -> Self {
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let tool_format = tokenizer
+            .chat_template()
+            .and_then(|t| tools::ToolFormat::of_template(|s| t.source().contains(s)));
+        Self {
+            grammars: structured::Grammars::new(tokenizer.clone(), vocab_size),
+            name,
+            engine,
+            tokenizer,
+            vocab_size,
+            created,
+            tool_format,
+        }
+    }
+
     /// Tokenize `text` (the request's `field`), refusing first, without tokenizing, a text too
     /// long to fit the context whatever its tokens: tokenizing tens of megabytes costs a minute
     /// of CPU to reach the same 400.

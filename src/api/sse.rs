@@ -7,9 +7,11 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::logprobs::{self, TokenBytes};
+use super::tools::{ToolCallParser, ToolDelta};
 use super::types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatDelta, ChatLogprobs,
-    Completion, CompletionChoice, CompletionLogprobs, ErrorResponse, FinishReasonOut, UsageOut,
+    Completion, CompletionChoice, CompletionLogprobs, ErrorResponse, FinishReasonOut,
+    FunctionCallOut, FunctionDelta, ToolCallDelta, ToolCallOut, UsageOut,
 };
 use crate::engine::EngineEvent;
 
@@ -77,11 +79,22 @@ pub struct StreamSpec {
     /// Completions with `echo`: each prompt's text, sent first in each of its choices.
     pub echo: Vec<String>,
     pub token_bytes: TokenBytes,
+    /// Chat with tools: the text is parsed into content and tool calls.
+    pub tools: Option<ToolStream>,
+}
+
+/// How a chat stream with tools reports its calls.
+#[derive(Debug, Clone, Copy)]
+pub struct ToolStream {
+    /// A reply with calls finishes as `tool_calls` (not when the function was named).
+    pub finish_as_tool_calls: bool,
 }
 
 pub struct ChunkBuilder {
     spec: StreamSpec,
     num_choices: usize,
+    /// Per choice, with tools.
+    parsers: Vec<ToolCallParser>,
     finished: Vec<bool>,
     /// Characters sent per choice (completions' `text_offset`).
     chars: Vec<usize>,
@@ -93,6 +106,7 @@ impl ChunkBuilder {
         let num_choices = spec.num_prompts * spec.n;
         Self {
             usage: UsageTally::new(spec.num_prompts, spec.n),
+            parsers: (0..num_choices).map(|_| ToolCallParser::new()).collect(),
             finished: vec![false; num_choices],
             chars: vec![0; num_choices],
             num_choices,
@@ -145,6 +159,7 @@ impl ChunkBuilder {
                 let delta = ChatDelta {
                     role: None,
                     content: text,
+                    tool_calls: None,
                 };
                 let c = ChatChunkChoice {
                     index,
@@ -179,6 +194,7 @@ impl ChunkBuilder {
                     let delta = ChatDelta {
                         role: Some("assistant"),
                         content: Some(String::new()),
+                        tool_calls: None,
                     };
                     let c = ChatChunkChoice {
                         index,
@@ -221,6 +237,10 @@ impl ChunkBuilder {
                         tb,
                     )),
                 });
+                if self.spec.tools.is_some() {
+                    let deltas = self.parsers[index].push(&text);
+                    return self.tool_chunks(index, deltas, lp);
+                }
                 // With logprobs every token is reported, even one whose text is held back.
                 if text.is_empty() && lp.is_none() {
                     return Vec::new();
@@ -235,10 +255,19 @@ impl ChunkBuilder {
                 self.finished[index] = true;
                 self.usage.add(index, usage);
                 let mut out = Vec::new();
-                if !text.is_empty() {
+                let mut reason: FinishReasonOut = reason.into();
+                if let Some(t) = self.spec.tools {
+                    let mut deltas = self.parsers[index].push(&text);
+                    deltas.extend(self.parsers[index].finish());
+                    out = self.tool_chunks(index, deltas, None);
+                    let called = self.parsers[index].num_calls() > 0;
+                    if called && t.finish_as_tool_calls && reason == FinishReasonOut::Stop {
+                        reason = FinishReasonOut::ToolCalls;
+                    }
+                } else if !text.is_empty() {
                     out.push(self.choice(index, Some(text), None, None));
                 }
-                out.push(self.choice(index, None, None, Some(reason.into())));
+                out.push(self.choice(index, None, None, Some(reason)));
                 out
             }
             EngineEvent::Error(e) => {
@@ -246,6 +275,61 @@ impl ChunkBuilder {
                 vec![StreamChunk::Error(ApiError::from(e).response())]
             }
         }
+    }
+
+    /// Chat chunks for what the tool parser recognised; a token's logprobs ride on the first
+    /// (or on an empty delta when its text is held back).
+    fn tool_chunks(
+        &mut self,
+        index: usize,
+        deltas: Vec<ToolDelta>,
+        lp: Option<PieceLogprobs>,
+    ) -> Vec<StreamChunk> {
+        let mut lp = match lp {
+            Some(PieceLogprobs::Chat(l)) => Some(l),
+            _ => None,
+        };
+        let mut out = Vec::new();
+        let mut chunk = |b: &Self, delta: ChatDelta, lp: Option<ChatLogprobs>| {
+            let c = ChatChunkChoice {
+                index,
+                delta,
+                logprobs: lp,
+                finish_reason: None,
+            };
+            out.push(b.chat_chunk(vec![c], None));
+        };
+        for d in deltas {
+            let delta = match d {
+                ToolDelta::Content(text) => ChatDelta {
+                    content: Some(text),
+                    ..ChatDelta::default()
+                },
+                ToolDelta::Start { index: i, name } => call_delta(ToolCallDelta {
+                    index: i,
+                    id: Some(new_call_id()),
+                    kind: Some("function"),
+                    function: FunctionDelta {
+                        name: Some(name),
+                        arguments: String::new(),
+                    },
+                }),
+                ToolDelta::Args { index: i, fragment } => call_delta(ToolCallDelta {
+                    index: i,
+                    id: None,
+                    kind: None,
+                    function: FunctionDelta {
+                        name: None,
+                        arguments: fragment,
+                    },
+                }),
+            };
+            chunk(self, delta, lp.take());
+        }
+        if let Some(lp) = lp {
+            chunk(self, ChatDelta::default(), Some(lp));
+        }
+        out
     }
 
     pub fn is_done(&self) -> bool {
@@ -273,6 +357,19 @@ impl ChunkBuilder {
     }
 }
 
+fn call_delta(d: ToolCallDelta) -> ChatDelta {
+    ChatDelta {
+        tool_calls: Some(vec![d]),
+        ..ChatDelta::default()
+    }
+}
+
+/// `call_` and 24 random letters and digits, as OpenAI's ids look.
+fn new_call_id() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    format!("call_{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
+}
+
 /// A token's logprobs in its endpoint's shape.
 enum PieceLogprobs {
     Chat(ChatLogprobs),
@@ -287,7 +384,8 @@ pub fn aggregate_chat(num_choices: usize, chunks: &[StreamChunk]) -> Vec<ChatCho
             index,
             message: AssistantMessage {
                 role: "assistant",
-                content: String::new(),
+                content: Some(String::new()),
+                tool_calls: Vec::new(),
             },
             logprobs: None,
             finish_reason: None,
@@ -300,9 +398,33 @@ pub fn aggregate_chat(num_choices: usize, chunks: &[StreamChunk]) -> Vec<ChatCho
     for c in choices {
         if let Some(o) = out.get_mut(c.index) {
             let text = c.delta.content.as_deref().unwrap_or("");
-            o.message.content.push_str(text);
+            if let Some(content) = &mut o.message.content {
+                content.push_str(text);
+            }
+            for d in c.delta.tool_calls.iter().flatten() {
+                let calls = &mut o.message.tool_calls;
+                if let Some(id) = &d.id {
+                    calls.push(ToolCallOut {
+                        id: id.clone(),
+                        kind: "function",
+                        function: FunctionCallOut {
+                            name: d.function.name.clone().unwrap_or_default(),
+                            arguments: String::new(),
+                        },
+                    });
+                }
+                if let Some(call) = calls.get_mut(d.index) {
+                    call.function.arguments.push_str(&d.function.arguments);
+                }
+            }
             merge(&mut o.logprobs, &c.logprobs, ChatLogprobs::extend);
             o.finish_reason = c.finish_reason.or(o.finish_reason);
+        }
+    }
+    // A reply that is only calls has no content (`null`), as OpenAI's.
+    for o in &mut out {
+        if !o.message.tool_calls.is_empty() && o.message.content.as_deref() == Some("") {
+            o.message.content = None;
         }
     }
     out
@@ -372,6 +494,7 @@ mod tests {
             n,
             echo: Vec::new(),
             token_bytes: std::sync::Arc::new(|id| format!("<{id}>").into_bytes()),
+            tools: None,
         }
     }
 

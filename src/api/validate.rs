@@ -332,6 +332,7 @@ pub fn generation_request(
         stop_token_ids: v.stop_token_ids.clone(),
         ignore_eos: v.ignore_eos,
         skip_special_tokens: v.skip_special_tokens,
+        guide: None,
     })
 }
 

@@ -7,8 +7,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::kv::{KvManager, SeqId};
-use super::request::{Outcome, Request, Row, TokenLatency};
-use super::runner::{build_batch, execute, Sampled};
+use super::request::{Outcome, Request, Row, Sampled, TokenLatency};
+use super::runner::{build_batch, execute};
 use super::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput};
 use super::sequence::Sequence;
 use super::stop::{check_stop, StopCheck};
@@ -291,8 +291,8 @@ impl Engine {
         self.counters.num_steps += 1;
 
         let rows: Vec<Row> = match sampled {
-            Sampled::Logits(rows) => rows.into_iter().map(Row::Logits).collect(),
-            Sampled::Tokens(tokens) => tokens.into_iter().map(Row::Token).collect(),
+            super::runner::Sampled::Logits(rows) => rows.into_iter().map(Row::Logits).collect(),
+            super::runner::Sampled::Tokens(tokens) => tokens.into_iter().map(Row::Token).collect(),
         };
         let samplers = out.scheduled.iter().filter(|s| s.samples);
         for (s, row) in samplers.zip(rows) {
@@ -320,7 +320,14 @@ impl Engine {
     /// the sequence is done.
     fn advance(&mut self, id: SeqId, row: Row) -> Option<Outcome> {
         let (seq, r) = self.scheduler.get_mut(id)?;
-        let (token, logprobs) = r.sample(row);
+        let Sampled {
+            token,
+            logprobs,
+            grammar_done,
+        } = match r.sample(row) {
+            Ok(s) => s,
+            Err(e) => return Some(Outcome::Failed(e)),
+        };
         seq.token_ids.push(token);
         self.counters.generation_tokens += 1;
         match r.mark_token(Instant::now()) {
@@ -339,6 +346,7 @@ impl Engine {
         let reason = check_stop(&StopCheck {
             end_token,
             stop_string: step.stopped,
+            grammar_done,
             num_output_tokens: seq.num_output_tokens(),
             num_tokens: seq.num_tokens(),
             min_tokens: r.params.sampling.min_tokens,
@@ -423,6 +431,7 @@ mod tests {
             stop_token_ids: Vec::new(),
             ignore_eos: true,
             skip_special_tokens: true,
+            guide: None,
         }
     }
 

@@ -3,6 +3,7 @@
 //! neutral [`EngineEvent`]s (tokens and finish reasons — no OpenAI shapes here).
 
 mod core;
+pub mod guide;
 pub mod kv;
 pub mod logits;
 mod request;
@@ -35,6 +36,10 @@ pub enum EngineError {
     Model(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    /// The grammar matcher failed (a bug or a grammar past its limits, never a client's
+    /// mistake: grammars are compiled and checked before submission).
+    #[error("{0}")]
+    Grammar(String),
 }
 
 /// A request that does not fit the context.
@@ -126,6 +131,8 @@ pub struct GenerationRequest {
     pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     pub skip_special_tokens: bool,
+    /// The grammar the output must follow (`response_format`, tools, `structured_outputs`).
+    pub guide: Option<guide::Guide>,
 }
 
 /// Limits the API validates against before submitting.

@@ -9,6 +9,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::guide::Guide;
 use super::logits::{is_identity, process, TokenHistory};
 use super::sampler::{logprobs, sample};
 use super::sequence::Sequence;
@@ -22,12 +23,22 @@ pub(crate) struct Request {
     pub stop: StopMatcher,
     rng: StdRng,
     history: TokenHistory,
+    /// The grammar the output must follow, when the request has one.
+    guide: Option<Guide>,
     /// Tokens that end generation (EOS unless ignored, and `stop_token_ids`).
     pub end_tokens: Vec<u32>,
     /// Has been scheduled once (its queue time is recorded).
     pub admitted: bool,
     pub arrival: Instant,
     last_token: Option<Instant>,
+}
+
+/// A token drawn for one sequence.
+pub(crate) struct Sampled {
+    pub token: u32,
+    pub logprobs: Option<TokenLogprobs>,
+    /// The request's grammar is complete and takes no more tokens.
+    pub grammar_done: bool,
 }
 
 /// One sampling sequence's share of a step's output.
@@ -66,7 +77,7 @@ impl Outcome {
 
 impl Request {
     pub fn new(
-        params: GenerationRequest,
+        mut params: GenerationRequest,
         events: UnboundedSender<EngineEvent>,
         arrival: Instant,
         eos_token_ids: &[u32],
@@ -79,7 +90,9 @@ impl Request {
         if !params.ignore_eos {
             end_tokens.extend_from_slice(eos_token_ids);
         }
+        let guide = params.guide.take();
         Self {
+            guide,
             decoder: IncrementalDecoder::new(params.prompt_ids.len(), params.skip_special_tokens),
             stop: StopMatcher::new(params.stop.clone()),
             history: TokenHistory::new(&params.prompt_ids, &params.sampling),
@@ -93,19 +106,27 @@ impl Request {
         }
     }
 
-    /// Greedy with nothing between the logits and the argmax (no processors, no logprobs).
+    /// Greedy with nothing between the logits and the argmax (no grammar, no processors, no
+    /// logprobs).
     pub fn plain_greedy(&self) -> bool {
         let sp = &self.params.sampling;
-        sp.is_greedy() && sp.logprobs.is_none() && is_identity(sp, &self.history)
+        self.guide.is_none()
+            && sp.is_greedy()
+            && sp.logprobs.is_none()
+            && is_identity(sp, &self.history)
     }
 
     /// The next token from `row` (processed and sampled here, or already picked on the
-    /// device), recorded in the history, with its log-probabilities when asked for. End tokens
-    /// are masked until `min_tokens` are out, so none is sampled before then.
-    pub fn sample(&mut self, row: Row) -> (u32, Option<TokenLogprobs>) {
+    /// device), recorded in the history, with its log-probabilities when asked for. The
+    /// grammar's mask comes first, so logprobs describe the distribution sampled from; end
+    /// tokens are masked until `min_tokens` are out, so none is sampled before then.
+    pub fn sample(&mut self, row: Row) -> Result<Sampled, EngineError> {
         let sp = &self.params.sampling;
-        let (token, lp) = match row {
+        let (token, logprobs) = match row {
             Row::Logits(mut logits) => {
+                if let Some(g) = &mut self.guide {
+                    g.mask(&mut logits).map_err(EngineError::Grammar)?;
+                }
                 process(&mut logits, sp, &self.history, &self.end_tokens);
                 let token = sample(&logits, sp, &mut self.rng);
                 let lp = sp
@@ -116,7 +137,15 @@ impl Request {
             Row::Token(token) => (token, None),
         };
         self.history.push(token);
-        (token, lp)
+        let grammar_done = match &mut self.guide {
+            Some(g) => g.commit(token).map_err(EngineError::Grammar)?,
+            None => false,
+        };
+        Ok(Sampled {
+            token,
+            logprobs,
+            grammar_done,
+        })
     }
 
     /// The text `seq`'s newest token completes, held back while it may become a stop string.

@@ -11,6 +11,8 @@ pub struct StopCheck {
     pub end_token: bool,
     /// The text now contains one of the `stop` strings.
     pub stop_string: bool,
+    /// The request's grammar is complete: no token can follow.
+    pub grammar_done: bool,
     /// Generated tokens, the new one included.
     pub num_output_tokens: usize,
     /// Prompt and generated tokens.
@@ -20,13 +22,13 @@ pub struct StopCheck {
     pub max_model_len: usize,
 }
 
-/// `Stop` for an end token (once `min_tokens` are out) or a stop string; else `Length` when
+/// `Stop` for an end token (once `min_tokens` are out), a stop string or a completed grammar; else `Length` when
 /// `max_tokens` are generated or the context is full; else `None`: keep going.
 pub fn check_stop(s: &StopCheck) -> Option<FinishReason> {
     if s.end_token && s.num_output_tokens >= s.min_tokens {
         return Some(FinishReason::Stop);
     }
-    if s.stop_string {
+    if s.stop_string || s.grammar_done {
         return Some(FinishReason::Stop);
     }
     if s.num_output_tokens >= s.max_tokens || s.num_tokens >= s.max_model_len {
@@ -43,6 +45,7 @@ mod tests {
         StopCheck {
             end_token: false,
             stop_string: false,
+            grammar_done: false,
             num_output_tokens: 3,
             num_tokens: 10,
             min_tokens: 0,

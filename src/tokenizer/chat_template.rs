@@ -1,20 +1,43 @@
 //! Chat templates: the model's own Jinja template, rendered with minijinja the way Hugging Face
 //! transformers renders it (`trim_blocks`, `lstrip_blocks`, loop controls, Python string methods
-//! through minijinja-contrib's pycompat).
+//! through minijinja-contrib's pycompat, and a `tojson` that writes what Python's `json.dumps`
+//! writes, so tool schemas and call arguments reach the prompt as the reference renders them).
 
-use minijinja::{context, Environment, Error, ErrorKind};
+use minijinja::{context, Environment, Error, ErrorKind, Value};
 use serde::Serialize;
 
 use super::TokenizerError;
 
+/// One message as templates see it: OpenAI's fields (`tool_calls` with `arguments` as an
+/// object, `tool_call_id`, `name`) where the message has them.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain text message.
+    pub fn text(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        }
+    }
 }
 
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -31,10 +54,12 @@ impl ChatTemplate {
         env.add_function("strftime_now", |fmt: String| -> String {
             strftime_utc_now(&fmt)
         });
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TokenizerError::Template(e.to_string()))?;
         Ok(Self {
             env,
+            source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
@@ -45,17 +70,98 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Render with `tools` (OpenAI's `[{"type": "function", "function": {...}}]`, as the
+    /// client sent them) for templates that describe tools to the model.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
         let tmpl = self
             .env
             .get_template("chat")
             .map_err(|e| TokenizerError::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
         })
         .map_err(|e| TokenizerError::Template(e.to_string()))
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the template reads `tools` (it describes them to the model itself).
+    pub fn mentions(&self, name: &str) -> bool {
+        self.env
+            .get_template("chat")
+            .map(|t| t.undeclared_variables(false).contains(name))
+            .unwrap_or(false)
+    }
+}
+
+/// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=indent)` with
+/// `separators=(", ", ": ")` (`(",", ": ")` when indenting), keys in their given order.
+fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    python_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+/// Write `v` as Python's `json.dumps` does (see [`tojson`]).
+pub fn python_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out: &mut String) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        J::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, level + 1);
+                python_json(x, indent, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        J::Object(m) if !m.is_empty() => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(sep);
+                }
+                newline(out, level + 1);
+                out.push_str(&serde_json::to_string(k).unwrap_or_default());
+                out.push_str(": ");
+                python_json(x, indent, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        // Python writes -0.0 and floats like 1e+16 differently from serde_json; tool schemas
+        // and arguments hold ordinary numbers, written alike.
+        other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
     }
 }
 
@@ -126,14 +232,8 @@ mod tests {
     fn renders_chatml() {
         let t = ChatTemplate::new(CHATML, "", "<|im_end|>").unwrap();
         let msgs = vec![
-            ChatMessage {
-                role: "system".into(),
-                content: "Be brief.".into(),
-            },
-            ChatMessage {
-                role: "user".into(),
-                content: "Hi".into(),
-            },
+            ChatMessage::text("system", "Be brief."),
+            ChatMessage::text("user", "Hi"),
         ];
         assert_eq!(
             t.render(&msgs, true).unwrap(),
@@ -149,20 +249,38 @@ mod tests {
             "",
         )
         .unwrap();
-        let user = vec![ChatMessage {
-            role: "user".into(),
-            content: "  hi ".into(),
-        }];
+        let user = vec![ChatMessage::text("user", "  hi ")];
         assert_eq!(t.render(&user, false).unwrap(), "HI");
-        let sys = vec![ChatMessage {
-            role: "system".into(),
-            content: "x".into(),
-        }];
+        let sys = vec![ChatMessage::text("system", "x")];
         assert!(t
             .render(&sys, false)
             .unwrap_err()
             .to_string()
             .contains("first must be user"));
+    }
+
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let t = ChatTemplate::new(
+            "{{ tools[0] | tojson }}|{{ tools[0] | tojson(indent=2) }}|{{ [] | tojson }}",
+            "",
+            "",
+        )
+        .unwrap();
+        let tool: serde_json::Value = serde_json::from_str(
+            r#"{"type": "function", "function": {"name": "f", "parameters": {"z": [1, 2.5, "é<>&'"], "a": {}}}}"#,
+        )
+        .unwrap();
+        let out = t.render_with_tools(&[], Some(&[tool]), false).unwrap();
+        // Keys keep their order (z before a); no HTML escaping; Python's separators.
+        assert_eq!(
+            out,
+            "{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": {\"z\": [1, 2.5, \"é<>&'\"], \"a\": {}}}}|{\n  \"type\": \"function\",\n  \"function\": {\n    \"name\": \"f\",\n    \"parameters\": {\n      \"z\": [\n        1,\n        2.5,\n        \"é<>&'\"\n      ],\n      \"a\": {}\n    }\n  }\n}|[]"
+        );
+        assert!(t.mentions("tools"));
+        assert!(!ChatTemplate::new("{{ messages }}", "", "")
+            .unwrap()
+            .mentions("tools"));
     }
 
     #[test]

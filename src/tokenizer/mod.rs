@@ -4,6 +4,7 @@
 pub mod chat_template;
 pub mod detok;
 pub mod gguf;
+mod trie;
 
 use std::path::Path;
 use std::str::FromStr;

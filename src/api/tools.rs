@@ -1,0 +1,794 @@
+//! Tool calling: `tools`, `tool_choice` and `parallel_tool_calls` checked into a [`ToolPlan`];
+//! the grammar that keeps every call the model starts valid, in the model's own format; and
+//! [`ToolCallParser`], which turns the model's text back into content and `tool_calls`
+//! incrementally. Streams and whole responses are both built from its deltas, so they agree
+//! by construction.
+//!
+//! Formats: `hermes` (Qwen2 / Qwen2.5: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`,
+//! one block per call).
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::structured::{json_options, Constraint};
+use llguidance::api::TopLevelGrammar;
+
+/// The tool fields of a chat request.
+#[derive(Debug, Default, Deserialize)]
+pub struct ToolParams {
+    pub tools: Option<Vec<Value>>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+}
+
+/// How a model writes tool calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>` (Qwen2, Qwen2.5, Hermes).
+    Hermes,
+}
+
+impl ToolFormat {
+    /// The format a chat template speaks, judged by what it writes (`None`: the template has
+    /// no tool format this daemon knows).
+    pub fn of_template(source_mentions: impl Fn(&str) -> bool) -> Option<Self> {
+        source_mentions("<tool_call>").then_some(Self::Hermes)
+    }
+}
+
+/// `tool_choice`, once checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    Auto,
+    Required,
+    Named(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Function {
+    pub name: String,
+    /// The JSON schema of the arguments (`{}`-only when the tool declares none).
+    pub parameters: Value,
+    pub strict: bool,
+}
+
+/// What a request's tools ask of generation.
+#[derive(Debug, Clone)]
+pub struct ToolPlan {
+    pub format: ToolFormat,
+    pub functions: Vec<Function>,
+    pub choice: Choice,
+    pub parallel: bool,
+}
+
+/// The checked tool fields: the tools for the template (as sent; none for `tool_choice:
+/// "none"`, so the model is not invited to call) and the plan, unless no call may be made.
+#[derive(Debug, Default)]
+pub struct Tools {
+    pub for_template: Option<Vec<Value>>,
+    pub plan: Option<ToolPlan>,
+}
+
+fn bad(field: &'static str, msg: impl Into<String>) -> ApiError {
+    ApiError::param(field, msg)
+}
+
+/// One entry of `tools`: `{"type": "function", "function": {"name", "description",
+/// "parameters", "strict"}}`.
+fn function(i: usize, t: &Value) -> Result<Function, ApiError> {
+    if t.get("type").and_then(Value::as_str) != Some("function") {
+        return Err(bad("tools", format!("tools[{i}].type must be `function`")));
+    }
+    let f = t
+        .get("function")
+        .filter(|f| f.is_object())
+        .ok_or_else(|| bad("tools", format!("tools[{i}].function must be an object")))?;
+    let name = f.get("name").and_then(Value::as_str).unwrap_or("");
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid {
+        return Err(bad(
+            "tools",
+            format!(
+                "tools[{i}].function.name must be 1 to 64 of a-z, A-Z, 0-9, _ and -; got `{name}`"
+            ),
+        ));
+    }
+    let parameters = match f.get("parameters") {
+        None | Some(Value::Null) => {
+            json!({"type": "object", "properties": {}, "additionalProperties": false})
+        }
+        Some(Value::Object(m)) if m.is_empty() => {
+            json!({"type": "object", "properties": {}, "additionalProperties": false})
+        }
+        Some(p @ Value::Object(_)) => p.clone(),
+        Some(_) => {
+            return Err(bad(
+                "tools",
+                format!("tools[{i}].function.parameters must be a JSON schema object"),
+            ))
+        }
+    };
+    Ok(Function {
+        name: name.to_string(),
+        parameters,
+        strict: f.get("strict").and_then(Value::as_bool).unwrap_or(false),
+    })
+}
+
+impl ToolParams {
+    /// Check the fields against each other; `format` is the model's (`None`: it has none,
+    /// and a request that may call a tool is refused rather than answered as plain text).
+    pub fn check(self, format: Option<ToolFormat>) -> Result<Tools, ApiError> {
+        let tools = self.tools.unwrap_or_default();
+        let functions = tools
+            .iter()
+            .enumerate()
+            .map(|(i, t)| function(i, t))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (i, f) in functions.iter().enumerate() {
+            if functions[..i].iter().any(|g| g.name == f.name) {
+                return Err(bad(
+                    "tools",
+                    format!("tools[{i}].function.name `{}` is given twice", f.name),
+                ));
+            }
+        }
+        let choice = match &self.tool_choice {
+            None => (!functions.is_empty()).then_some(Choice::Auto),
+            Some(Value::String(s)) => match s.as_str() {
+                "none" => None,
+                "auto" => Some(Choice::Auto),
+                "required" => Some(Choice::Required),
+                other => {
+                    return Err(bad(
+                        "tool_choice",
+                        format!("tool_choice must be none, auto, required or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}; got `{other}`"),
+                    ))
+                }
+            },
+            Some(v) => {
+                let name = v
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str)
+                    .filter(|_| v.get("type").and_then(Value::as_str) == Some("function"))
+                    .ok_or_else(|| {
+                        bad(
+                            "tool_choice",
+                            "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                        )
+                    })?;
+                Some(Choice::Named(name.to_string()))
+            }
+        };
+        match &choice {
+            Some(Choice::Required) if functions.is_empty() => {
+                return Err(bad(
+                    "tool_choice",
+                    "tool_choice `required` needs at least one tool in tools",
+                ))
+            }
+            Some(Choice::Named(n)) if !functions.iter().any(|f| &f.name == n) => {
+                return Err(bad(
+                    "tool_choice",
+                    format!("tool_choice names function `{n}`, which is not in tools"),
+                ))
+            }
+            _ => {}
+        }
+        let Some(choice) = choice else {
+            return Ok(Tools::default());
+        };
+        let format = format.ok_or_else(|| {
+            bad(
+                "tools",
+                "this model's chat template has no tool-call format; send tool_choice `none` or no tools",
+            )
+        })?;
+        Ok(Tools {
+            for_template: Some(tools),
+            plan: Some(ToolPlan {
+                format,
+                functions,
+                choice,
+                parallel: self.parallel_tool_calls.unwrap_or(true),
+            }),
+        })
+    }
+}
+
+impl ToolPlan {
+    /// The functions a call may name under this choice.
+    fn callable(&self) -> Vec<&Function> {
+        match &self.choice {
+            Choice::Named(n) => self.functions.iter().filter(|f| &f.name == n).collect(),
+            _ => self.functions.iter().collect(),
+        }
+    }
+
+    /// One call's JSON: the name pinned, the arguments valid against that tool's schema.
+    fn call_schema(&self) -> Value {
+        let one = |f: &Function| {
+            json!({
+                "type": "object",
+                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": false,
+            })
+        };
+        let fs = self.callable();
+        let mut schema = match fs.as_slice() {
+            [f] => one(f),
+            fs => json!({"anyOf": fs.iter().map(|f| one(f)).collect::<Vec<_>>()}),
+        };
+        // Tools that are not `strict` may use keywords the compiler does not know; those are
+        // ignored rather than refused (their arguments are still valid JSON objects).
+        let lenient = !fs.iter().all(|f| f.strict);
+        if let Value::Object(m) = &mut schema {
+            let mut opts = json_options();
+            opts["lenient"] = lenient.into();
+            m.insert("x-guidance".into(), opts);
+        }
+        schema
+    }
+
+    /// The grammar every reply follows: with `auto`, free text until a call starts, then a
+    /// valid call; with `required` or a named function, calls only. A call opens with
+    /// `<tool_call>`, or (as small models often write it) is a bare JSON object that begins the
+    /// reply; text that is not a call never begins with `{`, so such an object is always a
+    /// valid call.
+    pub fn constraint(&self) -> Constraint {
+        let ToolFormat::Hermes = self.format;
+        let rules = format!(
+            "f_end: TEXT?\n\
+             TEXT: /[^{{](.|\\n)*/\n\
+             f_hd[lazy]: /([^{{](.|\\n)*)?<tool_call>/\n\
+             f_call: f_hd \"\\n\" body \"\\n</tool_call>\"\n\
+             call: \"<tool_call>\\n\" body \"\\n</tool_call>\"\n\
+             body: %json {}\n",
+            self.call_schema()
+        );
+        let start = match (&self.choice, self.parallel) {
+            (Choice::Auto, true) => "start: body (\"\\n\" body)* | f_call* f_end",
+            (Choice::Auto, false) => "start: body | f_end | f_call",
+            (Choice::Required, true) => "start: call (\"\\n\" call)*",
+            _ => "start: call",
+        };
+        Constraint {
+            grammar: TopLevelGrammar::from_lark(format!("{start}\n{rules}")),
+            field: "tools",
+        }
+    }
+
+    /// Whether a reply with calls finishes as `tool_calls` (OpenAI gives `stop` when the
+    /// function was named).
+    pub fn finish_as_tool_calls(&self) -> bool {
+        !matches!(self.choice, Choice::Named(_))
+    }
+}
+
+/// What the parser recognised in new text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolDelta {
+    Content(String),
+    /// A call began: its index (dense from 0) and function name.
+    Start {
+        index: usize,
+        name: String,
+    },
+    /// More of call `index`'s arguments (JSON text).
+    Args {
+        index: usize,
+        fragment: String,
+    },
+}
+
+const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
+
+/// Text in, content and calls out, a piece at a time (see the module docs).
+#[derive(Debug, Default)]
+pub struct ToolCallParser {
+    /// Text not yet resolved: held-back content, or the current call's body.
+    buf: String,
+    in_call: bool,
+    /// The current call opened with `<tool_call>` (else it is a bare JSON object).
+    tagged: bool,
+    /// A bare JSON call may start here: at the start of the reply, or right after one.
+    bare_ok: bool,
+    /// Whitespace after the content sent so far, held until more content follows (it is
+    /// dropped before a call and after the last one).
+    pending_ws: String,
+    /// Whitespace held before a `<tool_call>` tag, restored if what follows is not a call.
+    ws_before_tag: String,
+    /// Calls started.
+    calls: usize,
+    /// The current call's `Start` was sent.
+    started: bool,
+    /// Bytes of the current call's arguments sent.
+    args_sent: usize,
+}
+
+impl ToolCallParser {
+    pub fn new() -> Self {
+        Self {
+            bare_ok: true,
+            ..Self::default()
+        }
+    }
+
+    /// What opened the current call, given back as text if it was not one.
+    fn opener(&self) -> &'static str {
+        if self.tagged {
+            OPEN
+        } else {
+            ""
+        }
+    }
+
+    /// Calls started so far.
+    pub fn num_calls(&self) -> usize {
+        self.calls
+    }
+
+    pub fn push(&mut self, text: &str) -> Vec<ToolDelta> {
+        self.buf.push_str(text);
+        let mut out = Vec::new();
+        loop {
+            let progressed = if self.in_call {
+                self.step_call(&mut out)
+            } else {
+                self.step_content(&mut out)
+            };
+            if !progressed {
+                return out;
+            }
+        }
+    }
+
+    /// The end of the text: release what was held back.
+    pub fn finish(&mut self) -> Vec<ToolDelta> {
+        let mut out = Vec::new();
+        if self.in_call {
+            if !self.started {
+                // `<tool_call>` and no recognisable call after it: that was text.
+                let text = format!("{}{}", self.opener(), std::mem::take(&mut self.buf));
+                self.pending_ws = std::mem::take(&mut self.ws_before_tag);
+                self.content(&text, &mut out);
+            }
+        } else {
+            let rest = std::mem::take(&mut self.buf);
+            self.content(&rest, &mut out);
+        }
+        if self.calls == 0 && !self.pending_ws.is_empty() {
+            out.push(ToolDelta::Content(std::mem::take(&mut self.pending_ws)));
+        }
+        out
+    }
+
+    /// Content, whose trailing whitespace is held back.
+    fn content(&mut self, text: &str, out: &mut Vec<ToolDelta>) {
+        if text.is_empty() {
+            return;
+        }
+        let body = text.trim_end();
+        if body.is_empty() {
+            self.pending_ws.push_str(text);
+            return;
+        }
+        let mut s = std::mem::take(&mut self.pending_ws);
+        s.push_str(body);
+        self.pending_ws = text[body.len()..].to_string();
+        self.bare_ok = false;
+        out.push(ToolDelta::Content(s));
+    }
+
+    /// Begin a call after `skip` bytes of the buffer (the opening tag, or leading whitespace).
+    fn open_call(&mut self, skip: usize, tagged: bool) {
+        self.ws_before_tag = std::mem::take(&mut self.pending_ws);
+        self.buf.drain(..skip);
+        self.in_call = true;
+        self.tagged = tagged;
+        self.started = false;
+        self.args_sent = 0;
+    }
+
+    fn step_content(&mut self, out: &mut Vec<ToolDelta>) -> bool {
+        // Models that leave out the tag write the call as a bare JSON object first thing.
+        let lead = self.buf.len() - self.buf.trim_start().len();
+        if self.bare_ok && self.buf[lead..].starts_with('{') {
+            let ws: String = self.buf[..lead].to_string();
+            self.pending_ws.push_str(&ws);
+            self.open_call(lead, false);
+            return true;
+        }
+        if let Some(i) = self.buf.find(OPEN) {
+            let before = self.buf[..i].to_string();
+            self.content(&before, out);
+            self.open_call(i + OPEN.len(), true);
+            return true;
+        }
+        // Hold back a tail that may be the start of `<tool_call>`.
+        let held = (1..OPEN.len())
+            .rev()
+            .find(|&k| self.buf.ends_with(&OPEN[..k]))
+            .unwrap_or(0);
+        let cut = self.buf.len() - held;
+        if cut > 0 {
+            let text: String = self.buf.drain(..cut).collect();
+            self.content(&text, out);
+        }
+        false
+    }
+
+    fn step_call(&mut self, out: &mut Vec<ToolDelta>) -> bool {
+        let lead = self.buf.len() - self.buf.trim_start().len();
+        let body = self.buf[lead..].to_string();
+        let scan = match scan_call(&body) {
+            Ok(s) => s,
+            Err(()) => {
+                // Not a JSON call: if nothing was sent for it, it was text after all.
+                if !self.started {
+                    let text = format!("{}{}", self.opener(), std::mem::take(&mut self.buf));
+                    self.in_call = false;
+                    self.pending_ws = std::mem::take(&mut self.ws_before_tag);
+                    self.content(&text, out);
+                    return true;
+                }
+                return self.close_call(self.buf.len(), out);
+            }
+        };
+        if let (false, Some(name)) = (self.started, &scan.name) {
+            out.push(ToolDelta::Start {
+                index: self.calls,
+                name: name.clone(),
+            });
+            self.started = true;
+            self.calls += 1;
+            self.ws_before_tag.clear();
+        }
+        if let (true, Some((a, end))) = (self.started, scan.args) {
+            let upto = end.unwrap_or(body.len());
+            if upto > a + self.args_sent {
+                out.push(ToolDelta::Args {
+                    index: self.calls - 1,
+                    fragment: body[a + self.args_sent..upto].to_string(),
+                });
+                self.args_sent = upto - a;
+            }
+        }
+        let Some(end) = scan.end else {
+            return false;
+        };
+        if !self.tagged {
+            let called = self.started;
+            self.close_call(lead + end, out);
+            self.bare_ok = called;
+            return true;
+        }
+        let after = &body[end..];
+        let after_trim = after.trim_start();
+        if after_trim.starts_with(CLOSE) {
+            let consumed = lead + end + (after.len() - after_trim.len()) + CLOSE.len();
+            return self.close_call(consumed, out);
+        }
+        if CLOSE.starts_with(after_trim) {
+            return false; // `</tool_call>` may still be coming
+        }
+        // A complete call without its closing tag: the call ends here, the rest is content.
+        self.close_call(lead + end, out)
+    }
+
+    /// End the current call after `consumed` bytes of the buffer.
+    fn close_call(&mut self, consumed: usize, out: &mut Vec<ToolDelta>) -> bool {
+        if !self.started {
+            // A JSON object without a name: text.
+            let text = format!("{}{}", self.opener(), &self.buf[..consumed]);
+            self.pending_ws = std::mem::take(&mut self.ws_before_tag);
+            self.content(&text, out);
+        }
+        self.buf.drain(..consumed);
+        self.in_call = false;
+        self.started = false;
+        self.args_sent = 0;
+        true
+    }
+}
+
+/// What a (possibly partial) call body `{"name": ..., "arguments": ...}` holds so far.
+#[derive(Debug, Default, PartialEq)]
+struct CallScan {
+    name: Option<String>,
+    /// Byte offset where the arguments value starts, and where it ends once complete.
+    args: Option<(usize, Option<usize>)>,
+    /// Offset just past the object's closing brace.
+    end: Option<usize>,
+}
+
+/// Scan a call body prefix. `Err` when it cannot be the start of a JSON object.
+fn scan_call(body: &str) -> Result<CallScan, ()> {
+    let b = body.as_bytes();
+    let mut scan = CallScan::default();
+    let ws = |i: &mut usize| {
+        while *i < b.len() && b[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    let mut i = 0;
+    if b.is_empty() {
+        return Ok(scan);
+    }
+    if b[0] != b'{' {
+        return Err(());
+    }
+    i += 1;
+    loop {
+        ws(&mut i);
+        if i >= b.len() {
+            return Ok(scan);
+        }
+        match b[i] {
+            b'}' => {
+                scan.end = Some(i + 1);
+                return Ok(scan);
+            }
+            b',' => {
+                i += 1;
+                continue;
+            }
+            b'"' => {}
+            _ => return Err(()),
+        }
+        let Some(k_end) = string_end(b, i) else {
+            return Ok(scan);
+        };
+        let key: String = serde_json::from_str(&body[i..k_end]).map_err(|_| ())?;
+        i = k_end;
+        ws(&mut i);
+        if i >= b.len() {
+            return Ok(scan);
+        }
+        if b[i] != b':' {
+            return Err(());
+        }
+        i += 1;
+        ws(&mut i);
+        if i >= b.len() {
+            return Ok(scan);
+        }
+        let v_start = i;
+        let v_end = value_end(b, i);
+        match key.as_str() {
+            "name" => {
+                if let Some(e) = v_end {
+                    scan.name = serde_json::from_str::<String>(&body[v_start..e]).ok();
+                }
+            }
+            "arguments" | "parameters" => scan.args = Some((v_start, v_end)),
+            _ => {}
+        }
+        match v_end {
+            Some(e) => i = e,
+            None => return Ok(scan),
+        }
+    }
+}
+
+/// The offset past the JSON string starting at `b[i] == '"'`, if it is complete.
+fn string_end(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    while j < b.len() {
+        match b[j] {
+            b'\\' => j += 2,
+            b'"' => return Some(j + 1),
+            _ => j += 1,
+        }
+    }
+    None
+}
+
+/// The offset past the JSON value starting at `b[i]`, if it is complete.
+fn value_end(b: &[u8], i: usize) -> Option<usize> {
+    match b[i] {
+        b'"' => string_end(b, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut j = i;
+            while j < b.len() {
+                match b[j] {
+                    b'"' => {
+                        j = string_end(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            None
+        }
+        _ => {
+            let j = i + b[i..]
+                .iter()
+                .position(|&c| c == b',' || c == b'}' || c == b']' || c.is_ascii_whitespace())?;
+            Some(j)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Content and calls, as a whole response shows them.
+    #[derive(Debug, Default, PartialEq)]
+    struct Parsed {
+        content: String,
+        calls: Vec<(String, String)>,
+    }
+
+    fn fold(deltas: impl IntoIterator<Item = ToolDelta>) -> Parsed {
+        let mut p = Parsed::default();
+        for d in deltas {
+            match d {
+                ToolDelta::Content(c) => p.content.push_str(&c),
+                ToolDelta::Start { index, name } => {
+                    assert_eq!(index, p.calls.len(), "indices are dense");
+                    p.calls.push((name, String::new()));
+                }
+                ToolDelta::Args { index, fragment } => p.calls[index].1.push_str(&fragment),
+            }
+        }
+        p
+    }
+
+    fn parse_whole(text: &str) -> Parsed {
+        let mut p = ToolCallParser::new();
+        let mut d = p.push(text);
+        d.extend(p.finish());
+        fold(d)
+    }
+
+    fn call(name: &str, args: &str) -> (String, String) {
+        (name.to_string(), args.to_string())
+    }
+
+    #[test]
+    fn hermes_goldens() {
+        let one = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"days\": [1, 2]}}\n</tool_call>";
+        assert_eq!(
+            parse_whole(one),
+            Parsed {
+                content: String::new(),
+                calls: vec![call(
+                    "get_weather",
+                    "{\"city\": \"Paris\", \"days\": [1, 2]}"
+                )]
+            }
+        );
+        let two = format!("Let me check.\n\n{one}\n<tool_call>\n{{\"arguments\": {{}}, \"name\": \"now\"}}\n</tool_call>");
+        assert_eq!(
+            parse_whole(&two),
+            Parsed {
+                content: "Let me check.".into(),
+                calls: vec![
+                    call("get_weather", "{\"city\": \"Paris\", \"days\": [1, 2]}"),
+                    call("now", "{}")
+                ]
+            }
+        );
+        // Braces and tags inside strings are data.
+        let tricky = "<tool_call>\n{\"name\": \"run\", \"arguments\": {\"code\": \"if x: {\\\"a\\\": '}'} </tool_call>\"}}\n</tool_call>";
+        assert_eq!(
+            parse_whole(tricky).calls,
+            vec![call(
+                "run",
+                "{\"code\": \"if x: {\\\"a\\\": '}'} </tool_call>\"}"
+            )]
+        );
+        // Plain text, and a tag with no call after it, stay text.
+        assert_eq!(parse_whole("Hello <tool").content, "Hello <tool");
+        assert_eq!(parse_whole("a <tool_call> b").content, "a <tool_call> b");
+        assert_eq!(parse_whole("  hi \n").content, "  hi \n");
+        // Cut off mid-arguments (max_tokens): the call keeps what was generated.
+        assert_eq!(
+            parse_whole("<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": \"ab").calls,
+            vec![call("f", "{\"x\": \"ab")]
+        );
+    }
+
+    #[test]
+    fn a_bare_json_call_first_thing_is_a_call() {
+        let bare =
+            "\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n{\"name\": \"g\", \"arguments\": {}}";
+        assert_eq!(
+            parse_whole(bare),
+            Parsed {
+                content: String::new(),
+                calls: vec![call("f", "{\"a\": 1}"), call("g", "{}")]
+            }
+        );
+        // JSON without a name, or after other text, is content.
+        assert_eq!(parse_whole("{\"a\": 1}").content, "{\"a\": 1}");
+        assert_eq!(
+            parse_whole("x {\"name\": \"f\"}").content,
+            "x {\"name\": \"f\"}"
+        );
+    }
+
+    /// Split at every byte (char) boundary, and one char at a time: the deltas fold to the
+    /// whole parse.
+    #[test]
+    fn streaming_at_every_boundary_equals_the_whole_parse() {
+        let text = "Sure — calling.\n<tool_call>\n{\"name\": \"search\", \"arguments\": {\"q\": \"naïve {x}\", \"n\": 3}}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
+        let whole = parse_whole(text);
+        assert_eq!(whole.calls.len(), 2);
+        for (cut, _) in text.char_indices() {
+            let mut p = ToolCallParser::new();
+            let mut d = p.push(&text[..cut]);
+            d.extend(p.push(&text[cut..]));
+            d.extend(p.finish());
+            assert_eq!(fold(d), whole, "split at {cut}");
+        }
+        let mut p = ToolCallParser::new();
+        let mut d = Vec::new();
+        for c in text.chars() {
+            d.extend(p.push(&c.to_string()));
+        }
+        d.extend(p.finish());
+        assert_eq!(fold(d), whole);
+    }
+
+    fn check(json: &str) -> Result<Tools, String> {
+        let p: ToolParams = serde_json::from_str(json).unwrap();
+        p.check(Some(ToolFormat::Hermes)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn tool_fields_are_checked() {
+        let tools = r#""tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]"#;
+        assert_eq!(
+            check(&format!(
+                r#"{{{tools}, "tool_choice": {{"type": "function", "function": {{"name": "g"}}}}}}"#
+            ))
+            .unwrap_err(),
+            "tool_choice names function `g`, which is not in tools"
+        );
+        assert_eq!(
+            check(r#"{"tool_choice": "required"}"#).unwrap_err(),
+            "tool_choice `required` needs at least one tool in tools"
+        );
+        assert_eq!(
+            check(&format!(r#"{{{tools}, "tool_choice": "sometimes"}}"#))
+                .unwrap_err()
+                .split(';')
+                .next()
+                .unwrap(),
+            "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}"
+        );
+        assert_eq!(
+            check(r#"{"tools": [{"type": "function", "function": {"name": "a b"}}]}"#).unwrap_err(),
+            "tools[0].function.name must be 1 to 64 of a-z, A-Z, 0-9, _ and -; got `a b`"
+        );
+        let t = check(&format!("{{{tools}}}")).unwrap();
+        assert_eq!(t.plan.unwrap().choice, Choice::Auto);
+        let t = check(&format!(r#"{{{tools}, "tool_choice": "none"}}"#)).unwrap();
+        assert!(t.plan.is_none() && t.for_template.is_none());
+        let p: ToolParams = serde_json::from_str(&format!("{{{tools}}}")).unwrap();
+        assert_eq!(
+            p.check(None).unwrap_err().to_string(),
+            "this model's chat template has no tool-call format; send tool_choice `none` or no tools"
+        );
+    }
+}

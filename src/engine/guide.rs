@@ -1,0 +1,65 @@
+//! Constrained decoding for one sequence: a grammar matcher (llguidance) that, before each
+//! sample, masks every token the grammar cannot take next, and after it advances by the token
+//! drawn. Compiled off the engine thread (the API does it); each choice owns its own matcher.
+//! Preemption by recompute keeps a sequence's tokens, so the matcher's state stays valid.
+
+use llguidance::Matcher;
+
+pub struct Guide {
+    matcher: Matcher,
+}
+
+impl Guide {
+    /// A matcher fresh from its grammar (no tokens consumed).
+    pub fn new(matcher: Matcher) -> Self {
+        Self { matcher }
+    }
+
+    /// Set every logit the grammar forbids at this point to -inf. Rows wider than the mask
+    /// (padding ids) are forbidden too.
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
+        let allowed = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| format!("structured output: {e}"))?;
+        let words = allowed.as_slice();
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            let bits = words.get(w).copied().unwrap_or(0);
+            if bits == u32::MAX {
+                continue;
+            }
+            for (b, l) in chunk.iter_mut().enumerate() {
+                if bits & (1 << b) == 0 {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Advance by the token drawn; returns whether the grammar is complete and can take no
+    /// more tokens (the sequence ends there).
+    pub fn commit(&mut self, token: u32) -> Result<bool, String> {
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| format!("structured output: {e}"))?;
+        Ok(self.matcher.is_stopped())
+    }
+}
+
+impl Clone for Guide {
+    /// An independent matcher in the same state (one per choice of `n`).
+    fn clone(&self) -> Self {
+        Self {
+            matcher: self.matcher.deep_clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Guide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guide")
+            .field("stopped", &self.matcher.is_stopped())
+            .finish()
+    }
+}
