@@ -96,6 +96,99 @@ async fn preemption_by_recompute_is_invisible() {
     );
 }
 
+/// A seeded, sampled request whose output must follow `schema`.
+fn constrained(content: &str, seed: u64, schema: &Value) -> Value {
+    json!({"model": NAME, "messages": [{"role": "user", "content": content}],
+           "temperature": 0.8, "seed": seed, "max_tokens": 120, "ignore_eos": true,
+           "response_format": {"type": "json_schema",
+                               "json_schema": {"name": "answer", "schema": schema}}})
+}
+
+/// Grammar-constrained requests batched with plain ones, and preempted and recomputed, give the
+/// tokens they give alone; every constrained output parses and follows its schema, and a
+/// completed grammar ends the sequence even with `ignore_eos`.
+#[tokio::test]
+async fn constrained_requests_batch_and_preempt_like_plain_ones() {
+    let base = tiny_pool();
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "tags": {"type": "array", "maxItems": 4,
+                 "items": {"type": "string", "enum": ["small", "furry", "fast", "loud"]}}},
+        "required": ["name", "tags"], "additionalProperties": false});
+    let regex = json!({"model": NAME, "prompt": "My phone number is", "max_tokens": 30,
+                       "temperature": 0.9, "seed": 5,
+                       "structured_outputs": {"regex": "[0-9]{3}-[0-9]{3}-[0-9]{4}"}});
+    let requests = [
+        (
+            "/v1/chat/completions",
+            constrained("Describe a cat as JSON.", 1, &schema),
+        ),
+        ("/v1/chat/completions", chat("Tell me about the moon.", 64)),
+        (
+            "/v1/chat/completions",
+            constrained("Describe a dog as JSON.", 2, &schema),
+        ),
+        ("/v1/completions", regex),
+        ("/v1/chat/completions", chat("Describe a cat.", 64)),
+    ];
+    let text = |v: &Value| {
+        let c = &v["choices"][0];
+        c["message"]["content"]
+            .as_str()
+            .or(c["text"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut alone = Vec::new();
+    for (path, body) in &requests {
+        let (s, v) = post(base, path, body).await;
+        assert_eq!(s, 200, "{v}");
+        alone.push(v);
+    }
+    for v in [&alone[0], &alone[2]] {
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let out: Value = serde_json::from_str(&text(v)).expect("the output is JSON");
+        assert!(out["name"].as_str().unwrap().chars().count() <= 24, "{out}");
+        for t in out["tags"].as_array().unwrap() {
+            assert!(
+                ["small", "furry", "fast", "loud"].contains(&t.as_str().unwrap()),
+                "{out}"
+            );
+        }
+    }
+    let phone = text(&alone[3]);
+    assert!(
+        phone.len() == 12 && phone.chars().filter(|c| c.is_ascii_digit()).count() == 10,
+        "{phone}"
+    );
+    let before = engine_stats(base).await["num_preemptions"]
+        .as_u64()
+        .unwrap();
+    let together = futures::future::join_all(
+        requests
+            .iter()
+            .map(|(path, body)| async move { post(base, path, body).await.1 }),
+    )
+    .await;
+    let after = wait_until_idle(base).await;
+    assert!(
+        after["num_preemptions"].as_u64().unwrap() > before,
+        "the pool was meant to force preemption: {after}"
+    );
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(text(a), text(t), "request {i} changed when batched");
+    }
+    // This model's template has no tool-call format: tools are refused, not ignored.
+    let mut with_tools = chat("What is the weather?", 8);
+    with_tools["tools"] = json!([{"type": "function", "function": {"name": "get_weather"}}]);
+    let (s, v) = post(base, "/v1/chat/completions", &with_tools).await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("tools")),
+        "{v}"
+    );
+}
+
 #[tokio::test]
 async fn a_prompt_that_can_never_fit_is_a_400() {
     let base = tiny_pool();

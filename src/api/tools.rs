@@ -239,23 +239,27 @@ impl ToolPlan {
 
     /// The grammar every reply follows: with `auto`, free text until a call starts, then a
     /// valid call; with `required` or a named function, calls only. A call opens with
-    /// `<tool_call>`, or (as small models often write it) is a bare JSON object that begins the
-    /// reply; text that is not a call never begins with `{`, so such an object is always a
-    /// valid call.
+    /// `<tool_call>`, or (as small models often write it, and llama.cpp accepts) is a bare JSON
+    /// object or a ```` ```json ```` fence that begins the reply; text that is not a call never
+    /// begins with either, so such a start is always a valid call.
     pub fn constraint(&self) -> Constraint {
         let ToolFormat::Hermes = self.format;
         let rules = format!(
-            "f_end: TEXT?\n\
-             TEXT: /[^{{](.|\\n)*/\n\
-             f_hd[lazy]: /([^{{](.|\\n)*)?<tool_call>/\n\
+            "fenced: \"```json\\n\" body \"\\n```\"\n\
+             f_end: TEXT?\n\
+             TEXT: /(.|\\n)+/ & ~/(\\{{|```json)(.|\\n)*/\n\
+             f_hd[lazy]: F_HD\n\
+             F_HD: /(.|\\n)*<tool_call>/ & ~/(\\{{|```json)(.|\\n)*/\n\
              f_call: f_hd \"\\n\" body \"\\n</tool_call>\"\n\
              call: \"<tool_call>\\n\" body \"\\n</tool_call>\"\n\
              body: %json {}\n",
             self.call_schema()
         );
         let start = match (&self.choice, self.parallel) {
-            (Choice::Auto, true) => "start: body (\"\\n\" body)* | f_call* f_end",
-            (Choice::Auto, false) => "start: body | f_end | f_call",
+            (Choice::Auto, true) => {
+                "start: body (\"\\n\" body)* | fenced (\"\\n\" fenced)* | f_call* f_end"
+            }
+            (Choice::Auto, false) => "start: body | fenced | f_end | f_call",
             (Choice::Required, true) => "start: call (\"\\n\" call)*",
             _ => "start: call",
         };
@@ -289,7 +293,36 @@ pub enum ToolDelta {
 }
 
 const OPEN: &str = "<tool_call>";
-const CLOSE: &str = "</tool_call>";
+
+/// What surrounds a call in the text.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Wrap {
+    /// `<tool_call>` ... `</tool_call>`, anywhere.
+    #[default]
+    Tagged,
+    /// A JSON object alone, first thing in the reply.
+    Bare,
+    /// ```` ```json ```` ... ```` ``` ````, first thing in the reply.
+    Fenced,
+}
+
+impl Wrap {
+    fn open(self) -> &'static str {
+        match self {
+            Self::Tagged => OPEN,
+            Self::Bare => "",
+            Self::Fenced => "```json",
+        }
+    }
+
+    fn close(self) -> Option<&'static str> {
+        match self {
+            Self::Tagged => Some("</tool_call>"),
+            Self::Bare => None,
+            Self::Fenced => Some("```"),
+        }
+    }
+}
 
 /// Text in, content and calls out, a piece at a time (see the module docs).
 #[derive(Debug, Default)]
@@ -297,9 +330,9 @@ pub struct ToolCallParser {
     /// Text not yet resolved: held-back content, or the current call's body.
     buf: String,
     in_call: bool,
-    /// The current call opened with `<tool_call>` (else it is a bare JSON object).
-    tagged: bool,
-    /// A bare JSON call may start here: at the start of the reply, or right after one.
+    /// How the current call opened.
+    wrap: Wrap,
+    /// A bare or fenced call may start here: at the start of the reply, or right after one.
     bare_ok: bool,
     /// Whitespace after the content sent so far, held until more content follows (it is
     /// dropped before a call and after the last one).
@@ -324,11 +357,7 @@ impl ToolCallParser {
 
     /// What opened the current call, given back as text if it was not one.
     fn opener(&self) -> &'static str {
-        if self.tagged {
-            OPEN
-        } else {
-            ""
-        }
+        self.wrap.open()
     }
 
     /// Calls started so far.
@@ -388,29 +417,42 @@ impl ToolCallParser {
         out.push(ToolDelta::Content(s));
     }
 
-    /// Begin a call after `skip` bytes of the buffer (the opening tag, or leading whitespace).
-    fn open_call(&mut self, skip: usize, tagged: bool) {
+    /// Begin a call after `skip` bytes of the buffer (its opening, and whitespace before it).
+    fn open_call(&mut self, skip: usize, wrap: Wrap) {
         self.ws_before_tag = std::mem::take(&mut self.pending_ws);
         self.buf.drain(..skip);
         self.in_call = true;
-        self.tagged = tagged;
+        self.wrap = wrap;
         self.started = false;
         self.args_sent = 0;
     }
 
     fn step_content(&mut self, out: &mut Vec<ToolDelta>) -> bool {
-        // Models that leave out the tag write the call as a bare JSON object first thing.
+        // Models that leave out the tag write the call first thing, as a bare JSON object or
+        // in a ```json fence.
         let lead = self.buf.len() - self.buf.trim_start().len();
-        if self.bare_ok && self.buf[lead..].starts_with('{') {
-            let ws: String = self.buf[..lead].to_string();
-            self.pending_ws.push_str(&ws);
-            self.open_call(lead, false);
-            return true;
+        let rest = &self.buf[lead..];
+        if self.bare_ok && !rest.is_empty() {
+            let wrap = if rest.starts_with('{') {
+                Some(Wrap::Bare)
+            } else if rest.starts_with(Wrap::Fenced.open()) {
+                Some(Wrap::Fenced)
+            } else if Wrap::Fenced.open().starts_with(rest) {
+                return false; // may become a fence
+            } else {
+                None
+            };
+            if let Some(wrap) = wrap {
+                let ws: String = self.buf[..lead].to_string();
+                self.pending_ws.push_str(&ws);
+                self.open_call(lead + wrap.open().len(), wrap);
+                return true;
+            }
         }
         if let Some(i) = self.buf.find(OPEN) {
             let before = self.buf[..i].to_string();
             self.content(&before, out);
-            self.open_call(i + OPEN.len(), true);
+            self.open_call(i + OPEN.len(), Wrap::Tagged);
             return true;
         }
         // Hold back a tail that may be the start of `<tool_call>`.
@@ -465,20 +507,23 @@ impl ToolCallParser {
         let Some(end) = scan.end else {
             return false;
         };
-        if !self.tagged {
+        let Some(close) = self.wrap.close() else {
             let called = self.started;
             self.close_call(lead + end, out);
             self.bare_ok = called;
             return true;
-        }
+        };
         let after = &body[end..];
         let after_trim = after.trim_start();
-        if after_trim.starts_with(CLOSE) {
-            let consumed = lead + end + (after.len() - after_trim.len()) + CLOSE.len();
-            return self.close_call(consumed, out);
+        if after_trim.starts_with(close) {
+            let consumed = lead + end + (after.len() - after_trim.len()) + close.len();
+            let (called, wrap) = (self.started, self.wrap);
+            self.close_call(consumed, out);
+            self.bare_ok = called && wrap == Wrap::Fenced;
+            return true;
         }
-        if CLOSE.starts_with(after_trim) {
-            return false; // `</tool_call>` may still be coming
+        if close.starts_with(after_trim) {
+            return false; // the closing tag may still be coming
         }
         // A complete call without its closing tag: the call ends here, the rest is content.
         self.close_call(lead + end, out)
@@ -719,6 +764,18 @@ mod tests {
                 calls: vec![call("f", "{\"a\": 1}"), call("g", "{}")]
             }
         );
+        let fenced = "```json\n{\"name\": \"f\", \"arguments\": {}}\n```\n```json\n{\"name\": \"g\", \"arguments\": {}}\n```";
+        assert_eq!(
+            parse_whole(fenced),
+            Parsed {
+                content: String::new(),
+                calls: vec![call("f", "{}"), call("g", "{}")]
+            }
+        );
+        assert_eq!(
+            parse_whole("```python\nx = 1\n```").content,
+            "```python\nx = 1\n```"
+        );
         // JSON without a name, or after other text, is content.
         assert_eq!(parse_whole("{\"a\": 1}").content, "{\"a\": 1}");
         assert_eq!(
@@ -731,23 +788,31 @@ mod tests {
     /// whole parse.
     #[test]
     fn streaming_at_every_boundary_equals_the_whole_parse() {
-        let text = "Sure — calling.\n<tool_call>\n{\"name\": \"search\", \"arguments\": {\"q\": \"naïve {x}\", \"n\": 3}}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>";
-        let whole = parse_whole(text);
-        assert_eq!(whole.calls.len(), 2);
-        for (cut, _) in text.char_indices() {
+        let texts = [
+            "Sure — calling.\n<tool_call>\n{\"name\": \"search\", \"arguments\": {\"q\": \"naïve {x}\", \"n\": 3}}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>",
+            "\n{\"name\": \"f\", \"arguments\": {\"s\": \"```\"}}\n{\"name\": \"g\", \"arguments\": {}}",
+            "```json\n{\"name\": \"f\", \"arguments\": {\"a\": [1, {\"b\": null}]}}\n```",
+            "```js\nlet x = {};\n``` and <tool_cal",
+        ];
+        for text in texts {
+            let whole = parse_whole(text);
+            for (cut, _) in text.char_indices() {
+                let mut p = ToolCallParser::new();
+                let mut d = p.push(&text[..cut]);
+                d.extend(p.push(&text[cut..]));
+                d.extend(p.finish());
+                assert_eq!(fold(d), whole, "{text:?} split at {cut}");
+            }
             let mut p = ToolCallParser::new();
-            let mut d = p.push(&text[..cut]);
-            d.extend(p.push(&text[cut..]));
+            let mut d = Vec::new();
+            for c in text.chars() {
+                d.extend(p.push(&c.to_string()));
+            }
             d.extend(p.finish());
-            assert_eq!(fold(d), whole, "split at {cut}");
+            assert_eq!(fold(d), whole, "{text:?} a char at a time");
         }
-        let mut p = ToolCallParser::new();
-        let mut d = Vec::new();
-        for c in text.chars() {
-            d.extend(p.push(&c.to_string()));
-        }
-        d.extend(p.finish());
-        assert_eq!(fold(d), whole);
+        assert_eq!(parse_whole(texts[0]).calls.len(), 2);
+        assert_eq!(parse_whole(texts[3]).content, texts[3]);
     }
 
     fn check(json: &str) -> Result<Tools, String> {
