@@ -34,7 +34,14 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
     let mut engines = Vec::new();
     for m in &config.models {
         let (model, engine) = load_model(m)?;
-        models.push(Arc::new(model));
+        let model = Arc::new(model);
+        // The grammar compiler walks the whole vocabulary (about a second for 150k tokens):
+        // build it now, beside serving, rather than in the first constrained request.
+        let warm = model.clone();
+        let _ = std::thread::Builder::new()
+            .name("grammar-warmup".into())
+            .spawn(move || warm.grammars.warm());
+        models.push(model);
         engines.push(engine);
     }
     Ok(AppState {

@@ -30,6 +30,10 @@ pub struct EngineStats {
     pub prefix_cache_hits: u64,
     /// Blocks holding a cached prefix (free or in use).
     pub num_cached_blocks: usize,
+    /// Tokens sampled under a grammar, and the time spent computing their masks and advancing
+    /// their matchers (the cost of constrained decoding, apart from the forward pass).
+    pub guided_tokens: u64,
+    pub guide_seconds: f64,
 }
 
 pub const TTFT: &str = "vllm:time_to_first_token_seconds";
@@ -106,6 +110,8 @@ pub fn publish_engine(model: &str, s: &EngineStats) {
     counter!("vllm:prefix_cache_hits_total", m()).absolute(s.prefix_cache_hits);
     counter!("vllm:prompt_tokens_total", m()).absolute(s.prompt_tokens);
     counter!("vllm:generation_tokens_total", m()).absolute(s.generation_tokens);
+    counter!("inferd:guided_tokens_total", m()).absolute(s.guided_tokens);
+    gauge!("inferd:guide_seconds_total", m()).set(s.guide_seconds);
 }
 
 #[cfg(test)]

@@ -123,13 +123,14 @@ async fn constrained_requests_batch_and_preempt_like_plain_ones() {
             "/v1/chat/completions",
             constrained("Describe a cat as JSON.", 1, &schema),
         ),
-        ("/v1/chat/completions", chat("Tell me about the moon.", 64)),
+        ("/v1/chat/completions", chat("Tell me about the moon.", 100)),
         (
             "/v1/chat/completions",
             constrained("Describe a dog as JSON.", 2, &schema),
         ),
         ("/v1/completions", regex),
-        ("/v1/chat/completions", chat("Describe a cat.", 64)),
+        ("/v1/chat/completions", chat("Describe a cat.", 100)),
+        ("/v1/chat/completions", chat("What is rain?", 100)),
     ];
     let text = |v: &Value| {
         let c = &v["choices"][0];
@@ -178,6 +179,16 @@ async fn constrained_requests_batch_and_preempt_like_plain_ones() {
     for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
         assert_eq!(text(a), text(t), "request {i} changed when batched");
     }
+    // A constraint the vocabulary cannot spell (no SmolLM2 token holds the byte 0xF2 that
+    // U+A84F8 begins with) is the client's 400, naming its field, not a 500.
+    let mut unspellable = chat("Say it.", 8);
+    unspellable["guided_choice"] = json!(["\u{A84F8}"]);
+    let (s, v) = post(base, "/v1/chat/completions", &unspellable).await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("guided_choice")),
+        "{v}"
+    );
     // This model's template has no tool-call format: tools are refused, not ignored.
     let mut with_tools = chat("What is the weather?", 8);
     with_tools["tools"] = json!([{"type": "function", "function": {"name": "get_weather"}}]);
@@ -238,6 +249,7 @@ async fn the_bench_client_measures_a_run() {
         request_timeout: 120,
         max_duration: 600,
         allow_remote: false,
+        response_format: None,
         serve: Default::default(),
     };
     let r = inferd::bench::run(&args).await.unwrap().remove(0);
@@ -251,6 +263,24 @@ async fn the_bench_client_measures_a_run() {
     );
     assert!(r.ttft.mean_ms > 0.0 && r.ttft.mean_ms <= r.e2el.mean_ms);
     assert!(r.output_throughput > 0.0 && r.itl.median_ms > 0.0);
+
+    // --response-format: every request constrained; the server counts its guided tokens.
+    let guided = |v: &Value| v["guided_tokens"].as_u64().unwrap();
+    let before = guided(&engine_stats(tiny_pool()).await);
+    let schema =
+        r#"{"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}"#;
+    let args = inferd::bench::BenchArgs {
+        response_format: Some(schema.into()),
+        ..args
+    };
+    let r = inferd::bench::run(&args).await.unwrap().remove(0);
+    assert_eq!((r.completed, r.failed), (6, 0));
+    let after = engine_stats(tiny_pool()).await;
+    assert!(
+        guided(&after) >= before + r.total_output_tokens as u64,
+        "{after}"
+    );
+    assert!(after["guide_seconds"].as_f64().unwrap() > 0.0);
 }
 
 /// `inferd bench --self-serve` on a synthetic model: the numerics check (here the tensor cache
@@ -277,6 +307,7 @@ async fn self_serve_bench_checks_numerics_and_runs_every_level() {
         request_timeout: 120,
         max_duration: 600,
         allow_remote: false,
+        response_format: None,
         serve: serve.clone(),
     };
     let o = inferd::bench::self_serve::run(&args).await.unwrap();

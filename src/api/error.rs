@@ -156,9 +156,8 @@ impl From<EngineError> for ApiError {
             EngineError::QueueFull { .. } => Self::Overloaded(e.to_string()),
             EngineError::ContextTooLong(c) => Self::context(c, "prompt"),
             EngineError::Stopped => Self::Overloaded(e.to_string()),
-            EngineError::Model(_) | EngineError::Tokenizer(_) | EngineError::Grammar(_) => {
-                Self::Internal(e.to_string())
-            }
+            EngineError::Grammar { field, message } => Self::param(field, message),
+            EngineError::Model(_) | EngineError::Tokenizer(_) => Self::Internal(e.to_string()),
         }
     }
 }

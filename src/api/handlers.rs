@@ -295,7 +295,13 @@ fn chat_message(i: usize, m: ChatMessageIn) -> Result<ChatMessage, ApiError> {
                             )
                         })?,
                         serde_json::Value::Null => serde_json::json!({}),
-                        v => v,
+                        v @ serde_json::Value::Object(_) => v,
+                        _ => {
+                            return Err(ApiError::param(
+                                "messages",
+                                format!("messages[{i}].tool_calls[{j}].function.arguments must be a JSON string or an object"),
+                            ))
+                        }
                     };
                     let mut call = serde_json::json!({
                         "type": "function",

@@ -237,6 +237,13 @@ impl Grammars {
         }
     }
 
+    /// Build the compiler now (it is built on first use otherwise).
+    pub fn warm(&self) {
+        if let Err(e) = self.factory() {
+            tracing::warn!(error = %e, "structured output disabled");
+        }
+    }
+
     fn factory(&self) -> Result<&ParserFactory, ApiError> {
         self.factory
             .get_or_init(|| {
@@ -291,7 +298,7 @@ impl Grammars {
                 format!("{} is not a valid constraint: {e}", c.field),
             ));
         }
-        Ok(Guide::new(matcher))
+        Ok(Guide::new(matcher, c.field))
     }
 }
 

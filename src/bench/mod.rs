@@ -91,6 +91,12 @@ pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Repo
         }
     };
     let prompts = Arc::new(corpus(args.seed, num_requests, args.prompt_tokens));
+    let response_format = Arc::new(
+        args.response_format
+            .as_deref()
+            .map(response_format)
+            .transpose()?,
+    );
     let progress = indicatif::ProgressBar::new(num_requests as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template(
@@ -104,13 +110,14 @@ pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Repo
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.max_duration);
     let workers = (0..concurrency.min(num_requests)).map(|_| {
-        let (client, base, model, prompts, next, progress) = (
+        let (client, base, model, prompts, next, progress, format) = (
             client.clone(),
             base.clone(),
             model.clone(),
             prompts.clone(),
             next.clone(),
             progress.clone(),
+            response_format.clone(),
         );
         let (max_tokens, stream) = (args.max_tokens, args.stream);
         tokio::spawn(async move {
@@ -120,7 +127,12 @@ pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Repo
                 if i >= prompts.len() || Instant::now() > deadline {
                     return results;
                 }
-                let r = one_request(&client, &base, &model, &prompts[i], max_tokens, stream).await;
+                let mut body = json!({"model": model, "prompt": prompts[i], "max_tokens": max_tokens,
+                                      "temperature": 0, "ignore_eos": true, "stream": stream});
+                if let Some(f) = format.as_ref() {
+                    body["response_format"] = f.clone();
+                }
+                let r = one_request(&client, &base, body, prompts[i].len(), stream).await;
                 progress.inc(1);
                 results.push(r);
             }
@@ -138,22 +150,35 @@ pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Repo
     Ok(Report::new(&base, &model, concurrency, duration, &results))
 }
 
+/// `--response-format`: `json_object`, or a JSON schema (inline, or `@FILE`).
+fn response_format(arg: &str) -> anyhow::Result<Value> {
+    if arg == "json_object" {
+        return Ok(json!({"type": "json_object"}));
+    }
+    let text = match arg.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("--response-format {path}"))?
+        }
+        None => arg.to_string(),
+    };
+    let schema: Value = serde_json::from_str(&text)
+        .context("--response-format must be json_object, a JSON schema, or @FILE holding one")?;
+    Ok(json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}))
+}
+
 async fn one_request(
     client: &reqwest::Client,
     base: &str,
-    model: &str,
-    prompt: &[u32],
-    max_tokens: usize,
+    mut body: Value,
+    prompt_tokens: usize,
     stream: bool,
 ) -> RequestResult {
-    let mut body = json!({"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                          "temperature": 0, "ignore_eos": true, "stream": stream});
     if stream {
         body["stream_options"] = json!({"include_usage": true});
     }
     let t0 = Instant::now();
     let mut r = RequestResult {
-        prompt_tokens: prompt.len(),
+        prompt_tokens,
         ..Default::default()
     };
     let fail = |mut r: RequestResult, e: String| {

@@ -38,6 +38,12 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub stream: bool,
 
+    /// Constrain every request's output: `json_object`, or a JSON schema (inline JSON, or
+    /// @FILE) sent as a `json_schema` response format. Compare with a run without it to see
+    /// what constrained decoding costs (the server's /stats reports its mask time).
+    #[arg(long)]
+    pub response_format: Option<String>,
+
     /// Seed of the prompt corpus.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

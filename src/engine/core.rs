@@ -55,6 +55,8 @@ struct Counters {
     num_steps: u64,
     generation_tokens: u64,
     prompt_tokens: u64,
+    guided_tokens: u64,
+    guide_seconds: f64,
 }
 
 /// An engine's thread. It ends once every [`EngineHandle`] is dropped and the sequences it
@@ -324,10 +326,15 @@ impl Engine {
             token,
             logprobs,
             grammar_done,
+            guide_time,
         } = match r.sample(row) {
             Ok(s) => s,
             Err(e) => return Some(Outcome::Failed(e)),
         };
+        if let Some(t) = guide_time {
+            self.counters.guided_tokens += 1;
+            self.counters.guide_seconds += t.as_secs_f64();
+        }
         seq.token_ids.push(token);
         self.counters.generation_tokens += 1;
         match r.mark_token(Instant::now()) {
@@ -385,6 +392,8 @@ impl Engine {
             prefix_cache_queries: queries,
             prefix_cache_hits: hits,
             num_cached_blocks: self.kv.num_cached_blocks(),
+            guided_tokens: self.counters.guided_tokens,
+            guide_seconds: self.counters.guide_seconds,
         };
         if let Ok(mut s) = self.stats.lock() {
             *s = snapshot;

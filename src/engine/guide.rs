@@ -5,23 +5,42 @@
 
 use llguidance::Matcher;
 
+use super::EngineError;
+
 pub struct Guide {
     matcher: Matcher,
+    /// The request field the grammar came from, named in errors.
+    field: &'static str,
 }
 
 impl Guide {
-    /// A matcher fresh from its grammar (no tokens consumed).
-    pub fn new(matcher: Matcher) -> Self {
-        Self { matcher }
+    /// A matcher fresh from its grammar (no tokens consumed), compiled from request `field`.
+    pub fn new(matcher: Matcher, field: &'static str) -> Self {
+        Self { matcher, field }
+    }
+
+    /// The matcher failed. Grammars are checked before submission, so this is a constraint
+    /// the vocabulary cannot spell (a byte no token holds) or one past the matcher's limits:
+    /// the client's request, named by its field, with the matcher's first line of reasons.
+    fn error(&self, e: impl std::fmt::Display) -> EngineError {
+        let e = e.to_string();
+        let reason = e.lines().next().unwrap_or_default();
+        EngineError::Grammar {
+            field: self.field,
+            message: format!(
+                "{} cannot be followed with this model's vocabulary ({reason})",
+                self.field
+            ),
+        }
     }
 
     /// Set every logit the grammar forbids at this point to -inf. Rows wider than the mask
     /// (padding ids) are forbidden too.
-    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
-        let allowed = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| format!("structured output: {e}"))?;
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
+        let allowed = match self.matcher.compute_mask_or_eos() {
+            Ok(a) => a,
+            Err(e) => return Err(self.error(e)),
+        };
         let words = allowed.as_slice();
         for (w, chunk) in logits.chunks_mut(32).enumerate() {
             let bits = words.get(w).copied().unwrap_or(0);
@@ -39,10 +58,10 @@ impl Guide {
 
     /// Advance by the token drawn; returns whether the grammar is complete and can take no
     /// more tokens (the sequence ends there).
-    pub fn commit(&mut self, token: u32) -> Result<bool, String> {
-        self.matcher
-            .consume_token(token)
-            .map_err(|e| format!("structured output: {e}"))?;
+    pub fn commit(&mut self, token: u32) -> Result<bool, EngineError> {
+        if let Err(e) = self.matcher.consume_token(token) {
+            return Err(self.error(e));
+        }
         Ok(self.matcher.is_stopped())
     }
 }
@@ -52,6 +71,7 @@ impl Clone for Guide {
     fn clone(&self) -> Self {
         Self {
             matcher: self.matcher.deep_clone(),
+            field: self.field,
         }
     }
 }

@@ -36,10 +36,12 @@ pub enum EngineError {
     Model(String),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
-    /// The grammar matcher failed (a bug or a grammar past its limits, never a client's
-    /// mistake: grammars are compiled and checked before submission).
-    #[error("{0}")]
-    Grammar(String),
+    /// The output constraint from request `field` cannot be followed (see `guide`).
+    #[error("{message}")]
+    Grammar {
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// A request that does not fit the context.

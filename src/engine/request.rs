@@ -39,6 +39,8 @@ pub(crate) struct Sampled {
     pub logprobs: Option<TokenLogprobs>,
     /// The request's grammar is complete and takes no more tokens.
     pub grammar_done: bool,
+    /// Time spent on the grammar (mask and advance), when there is one.
+    pub guide_time: Option<std::time::Duration>,
 }
 
 /// One sampling sequence's share of a step's output.
@@ -122,10 +124,13 @@ impl Request {
     /// tokens are masked until `min_tokens` are out, so none is sampled before then.
     pub fn sample(&mut self, row: Row) -> Result<Sampled, EngineError> {
         let sp = &self.params.sampling;
+        let started = Instant::now();
+        let mut guide_time = std::time::Duration::ZERO;
         let (token, logprobs) = match row {
             Row::Logits(mut logits) => {
                 if let Some(g) = &mut self.guide {
-                    g.mask(&mut logits).map_err(EngineError::Grammar)?;
+                    g.mask(&mut logits)?;
+                    guide_time = started.elapsed();
                 }
                 process(&mut logits, sp, &self.history, &self.end_tokens);
                 let token = sample(&logits, sp, &mut self.rng);
@@ -138,13 +143,19 @@ impl Request {
         };
         self.history.push(token);
         let grammar_done = match &mut self.guide {
-            Some(g) => g.commit(token).map_err(EngineError::Grammar)?,
+            Some(g) => {
+                let t = Instant::now();
+                let done = g.commit(token)?;
+                guide_time += t.elapsed();
+                done
+            }
             None => false,
         };
         Ok(Sampled {
             token,
             logprobs,
             grammar_done,
+            guide_time: self.guide.is_some().then_some(guide_time),
         })
     }
 
