@@ -14,10 +14,14 @@
 //! DeepSeek-V2) render a conversation with a system message and a multi-turn history exactly as
 //! transformers renders them (`tests/fixtures/chat_templates.json`, made by
 //! `scripts/fixtures/make_reference_fixtures.py`, which also checks GLM-4's and DeepSeek-V2's
-//! against llama.cpp's expected strings).
+//! against llama.cpp's expected strings). With tools (`chat_templates_tools.json`, the same
+//! script's `tools` mode): Meta's Llama 3.1 and 3.2 and Qwen2.5 templates render tool
+//! descriptions, assistant calls (sent as OpenAI does, `arguments` a JSON string) and tool
+//! results exactly as transformers renders them from its own input form.
 
 use std::path::PathBuf;
 
+use inferd::api::structured::Grammars;
 use inferd::models::loader::read_gguf_header;
 use inferd::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 
@@ -147,4 +151,139 @@ fn chat_templates_of_all_four_families_render_like_transformers() {
         let got = t.render(&messages, true).unwrap();
         assert_eq!(got, s("expected"), "{}", s("name"));
     }
+}
+
+#[test]
+fn tool_templates_render_like_transformers() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/chat_templates_tools.json");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(cases.len(), 4);
+    for c in &cases {
+        let s = |k: &str| c[k].as_str().unwrap().to_string();
+        let wire: Vec<inferd::api::types::ChatMessageIn> =
+            serde_json::from_value(c["messages"].clone()).unwrap();
+        let messages = inferd::api::handlers::chat_messages(wire).unwrap();
+        let tools = c["tools"].as_array().unwrap();
+        let t = ChatTemplate::new(&s("template"), &s("bos_token"), &s("eos_token")).unwrap();
+        let got = t.render_with_tools(&messages, Some(tools), true).unwrap();
+        assert_eq!(got, s("expected"), "{}", s("name"));
+    }
+}
+
+/// Walk `text`'s tokens through the grammar of a request's tools: `Ok(true)` if every token is
+/// allowed and the reply may end there, `Err` naming the first refused token.
+fn walk(
+    (tok, grammars): &(std::sync::Arc<Tokenizer>, Grammars),
+    body: serde_json::Value,
+    text: &str,
+) -> Result<bool, String> {
+    use inferd::api::tools::{ToolFormat, ToolParams};
+    const ROWS: usize = 160_000;
+    let format = tok.chat_template().and_then(|t| {
+        ToolFormat::of_template(|s| t.source().contains(s), |s| tok.special_token_id(s))
+    });
+    let params: ToolParams = serde_json::from_value(body).unwrap();
+    let plan = params.check(format).unwrap().plan.unwrap();
+    let mut guide = grammars.compile(&plan.constraint()).unwrap();
+    for (i, &t) in tok.encode(text, false).unwrap().iter().enumerate() {
+        let mut logits = vec![0f32; ROWS];
+        guide.mask(&mut logits).map_err(|e| e.to_string())?;
+        if !logits[t as usize].is_finite() {
+            return Err(format!("token {i} ({:?}) refused", tok.decode(&[t], false)));
+        }
+        guide.commit(t).map_err(|e| e.to_string())?;
+    }
+    let mut logits = vec![0f32; ROWS];
+    guide.mask(&mut logits).map_err(|e| e.to_string())?;
+    Ok(tok
+        .eos_token_ids()
+        .iter()
+        .any(|&e| logits[e as usize].is_finite()))
+}
+
+/// The tokenizer in test-assets `dir` with the template of tool fixture `case`, and its
+/// grammar compiler.
+fn with_template(dir: &str, case: &str) -> (std::sync::Arc<Tokenizer>, Grammars) {
+    let mut tok = Tokenizer::from_hf_dir(&assets().join(dir)).unwrap();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/chat_templates_tools.json");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let c = cases.iter().find(|c| c["name"] == case).unwrap();
+    tok.set_chat_template(c["template"].as_str().unwrap())
+        .unwrap();
+    let tok = std::sync::Arc::new(tok);
+    (tok.clone(), Grammars::new(tok, 0))
+}
+
+fn weather_tools(choice: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"tool_choice": choice, "tools": [
+        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+        {"type": "function", "function": {"name": "get_time"}}]})
+}
+
+/// Qwen's real vocabulary (`<tool_call>` is one token) under the hermes grammar: calls in
+/// every wrap pass and may end the reply; wrong names, non-call JSON and text under
+/// `required` are refused token by token.
+#[test]
+fn hermes_grammar_on_qwens_vocabulary() {
+    // Qwen3's vocabulary is Qwen2.5's; the template is Qwen2.5's (the default model's).
+    let tok = &with_template("qwen3", "qwen-2.5 single");
+    let auto = weather_tools("auto".into());
+    let call = r#"{"name": "get_weather", "arguments": {"city": "Paris"}}"#;
+    for ok in [
+        format!("<tool_call>\n{call}\n</tool_call>"),
+        format!("<tool_call>\n{call}\n</tool_call>\n<tool_call>\n{{\"name\": \"get_time\", \"arguments\": {{}}}}\n</tool_call>"),
+        format!("Let me look.\n<tool_call>\n{call}\n</tool_call>"),
+        call.to_string(),
+        format!("```json\n{call}\n```"),
+        "```python\nprint(1)\n```".to_string(),
+        "Paris is sunny.".to_string(),
+    ] {
+        assert_eq!(walk(tok, auto.clone(), &ok), Ok(true), "{ok:?}");
+    }
+    for bad in [
+        "<tool_call>\n{\"name\": \"get_wether\"",
+        "{\"answer\": 1}",
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"town\": 1}}",
+    ] {
+        assert!(walk(tok, auto.clone(), bad).is_err(), "{bad:?} was allowed");
+    }
+    let required = weather_tools("required".into());
+    assert!(walk(tok, required.clone(), "Hello").is_err());
+    assert_eq!(
+        walk(tok, required, &format!("<tool_call>\n{call}\n</tool_call>")),
+        Ok(true)
+    );
+    let named =
+        weather_tools(serde_json::json!({"type": "function", "function": {"name": "get_time"}}));
+    assert!(walk(tok, named, &format!("<tool_call>\n{call}")).is_err());
+}
+
+/// Llama 3's real vocabulary and Meta's 3.1 template: one JSON call; text that begins with `{`
+/// must be a call; a second call is refused (one per turn). (This vocabulary is Llama 3.0's,
+/// without `<|python_tag|>`: the grammar leaves that alternative out.)
+#[test]
+fn llama3_grammar_on_llamas_vocabulary() {
+    let tok = &with_template("llama3_1", "llama-3.1 single");
+    assert_eq!(tok.0.special_token_id("<|python_tag|>"), None);
+    let auto = weather_tools("auto".into());
+    let call = r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#;
+    for ok in [call.to_string(), "It is sunny.".into()] {
+        assert_eq!(walk(tok, auto.clone(), &ok), Ok(true), "{ok:?}");
+    }
+    for bad in [
+        format!("{call}\n{call}"),
+        r#"{"name": "get_weather", "arguments": {"#.to_string(),
+        r#"{"city": "Paris"}"#.to_string(),
+    ] {
+        assert!(
+            walk(tok, auto.clone(), &bad).is_err(),
+            "{bad:?} was allowed"
+        );
+    }
+    assert!(walk(tok, weather_tools("required".into()), "It is sunny.").is_err());
 }

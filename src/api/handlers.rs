@@ -118,6 +118,7 @@ pub async fn chat_completions(
         ));
     }
     let tool_stream = tools.plan.as_ref().map(|p| ToolStream {
+        format: p.format,
         finish_as_tool_calls: p.finish_as_tool_calls(),
     });
     let constraint = tools.plan.as_ref().map(|p| p.constraint()).or(output);
@@ -232,7 +233,7 @@ enum Prompts {
     Ids(Vec<Vec<u32>>),
 }
 
-pub(crate) fn chat_messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
+pub fn chat_messages(msgs: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
     if msgs.is_empty() {
         return Err(ApiError::param(
             "messages",

@@ -47,9 +47,12 @@ impl ServedModel {
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let tool_format = tokenizer
-            .chat_template()
-            .and_then(|t| tools::ToolFormat::of_template(|s| t.source().contains(s)));
+        let tool_format = tokenizer.chat_template().and_then(|t| {
+            tools::ToolFormat::of_template(
+                |s| t.source().contains(s),
+                |s| tokenizer.special_token_id(s),
+            )
+        });
         Self {
             grammars: structured::Grammars::new(tokenizer.clone(), vocab_size),
             name,

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::logprobs::{self, TokenBytes};
-use super::tools::{ToolCallParser, ToolDelta};
+use super::tools::{ToolCallParser, ToolDelta, ToolFormat};
 use super::types::{
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatDelta, ChatLogprobs,
     Completion, CompletionChoice, CompletionLogprobs, ErrorResponse, FinishReasonOut,
@@ -86,6 +86,7 @@ pub struct StreamSpec {
 /// How a chat stream with tools reports its calls.
 #[derive(Debug, Clone, Copy)]
 pub struct ToolStream {
+    pub format: ToolFormat,
     /// A reply with calls finishes as `tool_calls` (not when the function was named).
     pub finish_as_tool_calls: bool,
 }
@@ -106,7 +107,9 @@ impl ChunkBuilder {
         let num_choices = spec.num_prompts * spec.n;
         Self {
             usage: UsageTally::new(spec.num_prompts, spec.n),
-            parsers: (0..num_choices).map(|_| ToolCallParser::new()).collect(),
+            parsers: (0..num_choices)
+                .map(|_| ToolCallParser::new(spec.tools.map_or(ToolFormat::Hermes, |t| t.format)))
+                .collect(),
             finished: vec![false; num_choices],
             chars: vec![0; num_choices],
             num_choices,

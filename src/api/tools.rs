@@ -5,7 +5,8 @@
 //! by construction.
 //!
 //! Formats: `hermes` (Qwen2 / Qwen2.5: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`,
-//! one block per call).
+//! one block per call) and `llama3_json` (Llama 3.1 / 3.2: `{"name": ..., "parameters": {...}}`,
+//! optionally after `<|python_tag|>`, one call per turn: Meta's template refuses more).
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -27,13 +28,51 @@ pub struct ToolParams {
 pub enum ToolFormat {
     /// `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>` (Qwen2, Qwen2.5, Hermes).
     Hermes,
+    /// `{"name": ..., "parameters": ...}`, after `<|python_tag|>` (its id, when the
+    /// vocabulary has it) or not (Llama 3.1, 3.2).
+    Llama3Json { python_tag: Option<u32> },
 }
 
 impl ToolFormat {
     /// The format a chat template speaks, judged by what it writes (`None`: the template has
     /// no tool format this daemon knows).
-    pub fn of_template(source_mentions: impl Fn(&str) -> bool) -> Option<Self> {
-        source_mentions("<tool_call>").then_some(Self::Hermes)
+    pub fn of_template(
+        source_mentions: impl Fn(&str) -> bool,
+        token_id: impl Fn(&str) -> Option<u32>,
+    ) -> Option<Self> {
+        if source_mentions("<tool_call>") {
+            Some(Self::Hermes)
+        } else if source_mentions("<|python_tag|>") && source_mentions("\"parameters\"") {
+            Some(Self::Llama3Json {
+                python_tag: token_id("<|python_tag|>"),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// The key a call's arguments go under.
+    fn args_key(self) -> &'static str {
+        match self {
+            Self::Hermes => "arguments",
+            Self::Llama3Json { .. } => "parameters",
+        }
+    }
+
+    /// How calls may be wrapped in this format's text.
+    fn wraps(self) -> &'static [Wrap] {
+        match self {
+            Self::Hermes => &[Wrap::Tagged, Wrap::Bare, Wrap::Fenced],
+            Self::Llama3Json { .. } => &[Wrap::Bare],
+        }
+    }
+
+    /// Whether a reply may hold more than one call.
+    fn parallel(self) -> bool {
+        match self {
+            Self::Hermes => true,
+            Self::Llama3Json { .. } => false,
+        }
     }
 }
 
@@ -213,11 +252,12 @@ impl ToolPlan {
 
     /// One call's JSON: the name pinned, the arguments valid against that tool's schema.
     fn call_schema(&self) -> Value {
+        let key = self.format.args_key();
         let one = |f: &Function| {
             json!({
                 "type": "object",
-                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
-                "required": ["name", "arguments"],
+                "properties": {"name": {"const": f.name}, key: f.parameters},
+                "required": ["name", key],
                 "additionalProperties": false,
             })
         };
@@ -238,12 +278,23 @@ impl ToolPlan {
     }
 
     /// The grammar every reply follows: with `auto`, free text until a call starts, then a
-    /// valid call; with `required` or a named function, calls only. A call opens with
-    /// `<tool_call>`, or (as small models often write it, and llama.cpp accepts) is a bare JSON
-    /// object or a ```` ```json ```` fence that begins the reply; text that is not a call never
-    /// begins with either, so such a start is always a valid call.
+    /// valid call; with `required` or a named function, calls only.
     pub fn constraint(&self) -> Constraint {
-        let ToolFormat::Hermes = self.format;
+        let lark = match self.format {
+            ToolFormat::Hermes => self.hermes_grammar(),
+            ToolFormat::Llama3Json { python_tag } => self.llama3_grammar(python_tag),
+        };
+        Constraint {
+            grammar: TopLevelGrammar::from_lark(lark),
+            field: "tools",
+        }
+    }
+
+    /// Hermes: a call opens with `<tool_call>`, or (as small models often write it, and
+    /// llama.cpp accepts) is a bare JSON object or a ```` ```json ```` fence that begins the
+    /// reply; text that is not a call never begins with either, so such a start is always a
+    /// valid call.
+    fn hermes_grammar(&self) -> String {
         let rules = format!(
             "fenced: \"```json\\n\" body \"\\n```\"\n\
              f_end: TEXT?\n\
@@ -255,7 +306,7 @@ impl ToolPlan {
              body: %json {}\n",
             self.call_schema()
         );
-        let start = match (&self.choice, self.parallel) {
+        let start = match (&self.choice, self.parallel()) {
             (Choice::Auto, true) => {
                 "start: body (\"\\n\" body)* | fenced (\"\\n\" fenced)* | f_call* f_end"
             }
@@ -263,10 +314,29 @@ impl ToolPlan {
             (Choice::Required, true) => "start: call (\"\\n\" call)*",
             _ => "start: call",
         };
-        Constraint {
-            grammar: TopLevelGrammar::from_lark(format!("{start}\n{rules}")),
-            field: "tools",
-        }
+        format!("{start}\n{rules}")
+    }
+
+    /// Llama 3: the reply is one call (a JSON object, after `<|python_tag|>` or not) or text
+    /// that does not begin with `{`.
+    fn llama3_grammar(&self, python_tag: Option<u32>) -> String {
+        let start = match self.choice {
+            Choice::Auto => "start: call | TEXT?",
+            _ => "start: call",
+        };
+        let tagged = python_tag.map_or(String::new(), |id| format!(" | <[{id}]> body"));
+        format!(
+            "{start}\n\
+             call: body{tagged}\n\
+             TEXT: /(.|\\n)+/ & ~/\\{{(.|\\n)*/\n\
+             body: %json {}\n",
+            self.call_schema()
+        )
+    }
+
+    /// Whether a reply may hold several calls: asked for, and the format has room for them.
+    pub fn parallel(&self) -> bool {
+        self.parallel && self.format.parallel()
     }
 
     /// Whether a reply with calls finishes as `tool_calls` (OpenAI gives `stop` when the
@@ -334,6 +404,8 @@ pub struct ToolCallParser {
     wrap: Wrap,
     /// A bare or fenced call may start here: at the start of the reply, or right after one.
     bare_ok: bool,
+    /// The wraps this format's calls come in.
+    wraps: &'static [Wrap],
     /// Whitespace after the content sent so far, held until more content follows (it is
     /// dropped before a call and after the last one).
     pending_ws: String,
@@ -348,9 +420,10 @@ pub struct ToolCallParser {
 }
 
 impl ToolCallParser {
-    pub fn new() -> Self {
+    pub fn new(format: ToolFormat) -> Self {
         Self {
             bare_ok: true,
+            wraps: format.wraps(),
             ..Self::default()
         }
     }
@@ -433,11 +506,12 @@ impl ToolCallParser {
         let lead = self.buf.len() - self.buf.trim_start().len();
         let rest = &self.buf[lead..];
         if self.bare_ok && !rest.is_empty() {
-            let wrap = if rest.starts_with('{') {
+            let fenced = self.wraps.contains(&Wrap::Fenced);
+            let wrap = if rest.starts_with('{') && self.wraps.contains(&Wrap::Bare) {
                 Some(Wrap::Bare)
-            } else if rest.starts_with(Wrap::Fenced.open()) {
+            } else if fenced && rest.starts_with(Wrap::Fenced.open()) {
                 Some(Wrap::Fenced)
-            } else if Wrap::Fenced.open().starts_with(rest) {
+            } else if fenced && Wrap::Fenced.open().starts_with(rest) {
                 return false; // may become a fence
             } else {
                 None
@@ -449,7 +523,8 @@ impl ToolCallParser {
                 return true;
             }
         }
-        if let Some(i) = self.buf.find(OPEN) {
+        let tagged = self.wraps.contains(&Wrap::Tagged);
+        if let Some(i) = self.buf.find(OPEN).filter(|_| tagged) {
             let before = self.buf[..i].to_string();
             self.content(&before, out);
             self.open_call(i + OPEN.len(), Wrap::Tagged);
@@ -458,7 +533,7 @@ impl ToolCallParser {
         // Hold back a tail that may be the start of `<tool_call>`.
         let held = (1..OPEN.len())
             .rev()
-            .find(|&k| self.buf.ends_with(&OPEN[..k]))
+            .find(|&k| tagged && self.buf.ends_with(&OPEN[..k]))
             .unwrap_or(0);
         let cut = self.buf.len() - held;
         if cut > 0 {
@@ -699,7 +774,7 @@ mod tests {
     }
 
     fn parse_whole(text: &str) -> Parsed {
-        let mut p = ToolCallParser::new();
+        let mut p = ToolCallParser::new(ToolFormat::Hermes);
         let mut d = p.push(text);
         d.extend(p.finish());
         fold(d)
@@ -797,13 +872,13 @@ mod tests {
         for text in texts {
             let whole = parse_whole(text);
             for (cut, _) in text.char_indices() {
-                let mut p = ToolCallParser::new();
+                let mut p = ToolCallParser::new(ToolFormat::Hermes);
                 let mut d = p.push(&text[..cut]);
                 d.extend(p.push(&text[cut..]));
                 d.extend(p.finish());
                 assert_eq!(fold(d), whole, "{text:?} split at {cut}");
             }
-            let mut p = ToolCallParser::new();
+            let mut p = ToolCallParser::new(ToolFormat::Hermes);
             let mut d = Vec::new();
             for c in text.chars() {
                 d.extend(p.push(&c.to_string()));

@@ -253,6 +253,31 @@ impl Tokenizer {
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
     }
+
+    /// The id of special token `name` (`<|python_tag|>`), if the vocabulary has it.
+    pub fn special_token_id(&self, name: &str) -> Option<u32> {
+        let id = self.inner.token_to_id(name)?;
+        self.inner
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|a| a.special)
+            .then_some(id)
+    }
+
+    /// Use `source` as the chat template instead of the model's own (vLLM's
+    /// `--chat-template`).
+    pub fn set_chat_template(&mut self, source: &str) -> Result<(), TokenizerError> {
+        let name = |id: Option<u32>| {
+            id.and_then(|i| self.inner.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let (bos, eos) = (
+            name(self.bos_token_id),
+            name(self.eos_token_ids.first().copied()),
+        );
+        self.chat_template = Some(ChatTemplate::new(source, &bos, &eos)?);
+        Ok(())
+    }
 }
 
 /// GPT-2's printable character → byte table (the inverse of `bytes_to_unicode`).
