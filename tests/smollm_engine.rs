@@ -189,14 +189,51 @@ async fn constrained_requests_batch_and_preempt_like_plain_ones() {
         (400, Some("guided_choice")),
         "{v}"
     );
-    // This model's template has no tool-call format: tools are refused, not ignored.
-    let mut with_tools = chat("What is the weather?", 8);
-    with_tools["tools"] = json!([{"type": "function", "function": {"name": "get_weather"}}]);
+    // This model's template has no tool format: the generic JSON protocol stands in, and its
+    // calls are as valid as a native format's, streamed or not.
+    let mut with_tools = chat("What is the weather in Paris?", 80);
+    with_tools["tools"] = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                       "required": ["city"], "additionalProperties": false}}}]);
+    with_tools["tool_choice"] = json!("required");
     let (s, v) = post(base, "/v1/chat/completions", &with_tools).await;
+    assert_eq!(s, 200, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    assert_eq!(choice["message"]["content"], Value::Null, "{v}");
+    let call = &choice["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "get_weather");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(
+        args["city"].as_str().unwrap().chars().count() <= 20,
+        "{args}"
+    );
+    with_tools["stream"] = json!(true);
+    let (s, body, _) = stream_body(base, "/v1/chat/completions", &with_tools).await;
+    assert_eq!(s, 200);
+    let (mut name, mut arguments) = (String::new(), String::new());
+    for d in sse_data(&body).iter().filter(|d| *d != "[DONE]") {
+        let c: Value = serde_json::from_str(d).unwrap();
+        for t in c["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            name.push_str(t["function"]["name"].as_str().unwrap_or(""));
+            arguments.push_str(t["function"]["arguments"].as_str().unwrap());
+        }
+    }
+    let calls = choice["message"]["tool_calls"].as_array().unwrap();
+    let whole: (String, String) = calls.iter().fold(Default::default(), |(n, a), c| {
+        (
+            n + c["function"]["name"].as_str().unwrap(),
+            a + c["function"]["arguments"].as_str().unwrap(),
+        )
+    });
     assert_eq!(
-        (s, v["error"]["param"].as_str()),
-        (400, Some("tools")),
-        "{v}"
+        (name, arguments),
+        whole,
+        "the stream adds up to the whole reply"
     );
 }
 

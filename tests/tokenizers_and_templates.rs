@@ -287,3 +287,56 @@ fn llama3_grammar_on_llamas_vocabulary() {
     }
     assert!(walk(tok, weather_tools("required".into()), "It is sunny.").is_err());
 }
+
+/// DeepSeek-V2's template has no tool format: the generic protocol puts a tool note in the
+/// system message, and renders past calls, answers and tool results as JSON turns the
+/// template already knows (user / assistant).
+#[test]
+fn deepseek_v2_tools_use_the_generic_protocol() {
+    use inferd::api::tools::{prepare_messages, ToolFormat, ToolParams};
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chat_templates.json");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let dsv2 = cases.iter().find(|c| c["name"] == "deepseek-v2").unwrap();
+    let t = ChatTemplate::new(
+        dsv2["template"].as_str().unwrap(),
+        "",
+        "<｜end▁of▁sentence｜>",
+    )
+    .unwrap();
+    let format = ToolFormat::of_template(|s| t.source().contains(s), |_| None);
+    assert_eq!(format, Some(ToolFormat::Generic));
+    let body = serde_json::json!({
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+            {"role": "assistant", "content": "It is 18 C."},
+            {"role": "user", "content": "Thanks!"}]});
+    let tools = serde_json::from_value::<ToolParams>(body.clone())
+        .unwrap()
+        .check(format)
+        .unwrap();
+    let wire = serde_json::from_value(body["messages"].clone()).unwrap();
+    let messages = prepare_messages(
+        format,
+        &tools,
+        inferd::api::handlers::chat_messages(wire).unwrap(),
+    );
+    let got = t.render(&messages, true).unwrap();
+    let want = "Be brief.\n\n\
+        You can call tools. To call tools, reply with only a JSON object: {\"tool_calls\": [{\"name\": <tool name>, \"arguments\": <arguments object>}]}. \
+        To answer without a tool, reply with {\"response\": <your answer>}.\n\n\
+        Tools:\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}}}}\n\n\
+        User: Weather in Paris?\n\n\
+        Assistant: {\"tool_calls\": [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]}<｜end▁of▁sentence｜>\
+        User: {\"tool_response\": {\"id\": \"call_1\", \"content\": \"18 C\"}}\n\n\
+        Assistant: {\"response\": \"It is 18 C.\"}<｜end▁of▁sentence｜>\
+        User: Thanks!\n\nAssistant:";
+    assert_eq!(got, want);
+}

@@ -19,7 +19,7 @@ use super::extract::{OpenAiJson, WithParams};
 use super::sse::{
     aggregate_chat, aggregate_completion, ChunkBuilder, Kind, StreamChunk, StreamSpec, ToolStream,
 };
-use super::tools::ToolParams;
+use super::tools::{self, ToolParams};
 use super::types::*;
 use super::validate::{self, Endpoint, Validated, MAX_CHOICES};
 use super::{tokenizer_job, AppState, RequestId, ServedModel};
@@ -122,7 +122,7 @@ pub async fn chat_completions(
         finish_as_tool_calls: p.finish_as_tool_calls(),
     });
     let constraint = tools.plan.as_ref().map(|p| p.constraint()).or(output);
-    let messages = chat_messages(req.messages)?;
+    let messages = tools::prepare_messages(model.tool_format, &tools, chat_messages(req.messages)?);
     let m = model.clone();
     let (prompt, guide) = tokenizer_job(move || {
         let template = m.tokenizer.chat_template().ok_or_else(|| {

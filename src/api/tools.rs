@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::structured::{json_options, Constraint};
+use crate::tokenizer::chat_template::python_json;
+use crate::tokenizer::ChatMessage;
 use llguidance::api::TopLevelGrammar;
 
 /// The tool fields of a chat request.
@@ -31,6 +33,10 @@ pub enum ToolFormat {
     /// `{"name": ..., "parameters": ...}`, after `<|python_tag|>` (its id, when the
     /// vocabulary has it) or not (Llama 3.1, 3.2).
     Llama3Json { python_tag: Option<u32> },
+    /// Templates with no tool format of their own (DeepSeek-V2, ChatML without tools): a
+    /// system note describes the tools and the reply is one JSON object, `{"tool_calls":
+    /// [{"name", "arguments"}, ...]}` or `{"response": "..."}` (llama.cpp's generic protocol).
+    Generic,
 }
 
 impl ToolFormat {
@@ -47,7 +53,7 @@ impl ToolFormat {
                 python_tag: token_id("<|python_tag|>"),
             })
         } else {
-            None
+            Some(Self::Generic)
         }
     }
 
@@ -56,6 +62,7 @@ impl ToolFormat {
         match self {
             Self::Hermes => "arguments",
             Self::Llama3Json { .. } => "parameters",
+            Self::Generic => "arguments",
         }
     }
 
@@ -64,13 +71,14 @@ impl ToolFormat {
         match self {
             Self::Hermes => &[Wrap::Tagged, Wrap::Bare, Wrap::Fenced],
             Self::Llama3Json { .. } => &[Wrap::Bare],
+            Self::Generic => &[],
         }
     }
 
     /// Whether a reply may hold more than one call.
     fn parallel(self) -> bool {
         match self {
-            Self::Hermes => true,
+            Self::Hermes | Self::Generic => true,
             Self::Llama3Json { .. } => false,
         }
     }
@@ -250,8 +258,26 @@ impl ToolPlan {
         }
     }
 
-    /// One call's JSON: the name pinned, the arguments valid against that tool's schema.
+    /// One call's JSON with inferd's JSON spelling (see [`Self::call_object`]).
     fn call_schema(&self) -> Value {
+        self.with_options(self.call_object())
+    }
+
+    /// `schema` with inferd's JSON spelling. Tools that are not `strict` may use keywords the
+    /// compiler does not know; those are ignored rather than refused (their arguments are
+    /// still valid JSON objects).
+    fn with_options(&self, mut schema: Value) -> Value {
+        let lenient = !self.callable().iter().all(|f| f.strict);
+        if let Value::Object(m) = &mut schema {
+            let mut opts = json_options();
+            opts["lenient"] = lenient.into();
+            m.insert("x-guidance".into(), opts);
+        }
+        schema
+    }
+
+    /// One call's JSON: the name pinned, the arguments valid against that tool's schema.
+    fn call_object(&self) -> Value {
         let key = self.format.args_key();
         let one = |f: &Function| {
             json!({
@@ -261,31 +287,64 @@ impl ToolPlan {
                 "additionalProperties": false,
             })
         };
-        let fs = self.callable();
-        let mut schema = match fs.as_slice() {
+        match self.callable().as_slice() {
             [f] => one(f),
             fs => json!({"anyOf": fs.iter().map(|f| one(f)).collect::<Vec<_>>()}),
-        };
-        // Tools that are not `strict` may use keywords the compiler does not know; those are
-        // ignored rather than refused (their arguments are still valid JSON objects).
-        let lenient = !fs.iter().all(|f| f.strict);
-        if let Value::Object(m) = &mut schema {
-            let mut opts = json_options();
-            opts["lenient"] = lenient.into();
-            m.insert("x-guidance".into(), opts);
         }
-        schema
+    }
+
+    /// The generic protocol's reply: `{"tool_calls": [...]}`, or with `auto` also
+    /// `{"response": "..."}`.
+    fn generic_schema(&self) -> Value {
+        let mut calls = json!({"type": "array", "items": self.call_object(), "minItems": 1});
+        if !self.parallel() {
+            calls["maxItems"] = 1.into();
+        }
+        let with_calls = json!({"type": "object", "properties": {"tool_calls": calls},
+                                "required": ["tool_calls"], "additionalProperties": false});
+        let schema = match self.choice {
+            Choice::Auto => json!({"anyOf": [with_calls, {"type": "object",
+                "properties": {"response": {"type": "string"}},
+                "required": ["response"], "additionalProperties": false}]}),
+            _ => with_calls,
+        };
+        self.with_options(schema)
+    }
+
+    /// The system note that describes the tools and the protocol to a model whose template
+    /// has no tool format.
+    fn generic_note(&self, tools: &[Value]) -> String {
+        let mut note = String::from(
+            "You can call tools. To call tools, reply with only a JSON object: \
+             {\"tool_calls\": [{\"name\": <tool name>, \"arguments\": <arguments object>}]}",
+        );
+        if self.choice == Choice::Auto {
+            note.push_str(". To answer without a tool, reply with {\"response\": <your answer>}");
+        }
+        note.push_str(".\n\nTools:");
+        for t in tools {
+            note.push('\n');
+            python_json(t, None, 0, &mut note);
+        }
+        note
     }
 
     /// The grammar every reply follows: with `auto`, free text until a call starts, then a
     /// valid call; with `required` or a named function, calls only.
     pub fn constraint(&self) -> Constraint {
-        let lark = match self.format {
-            ToolFormat::Hermes => self.hermes_grammar(),
-            ToolFormat::Llama3Json { python_tag } => self.llama3_grammar(python_tag),
+        let grammar = match self.format {
+            ToolFormat::Hermes => TopLevelGrammar::from_lark(self.hermes_grammar()),
+            ToolFormat::Llama3Json { python_tag } => {
+                TopLevelGrammar::from_lark(self.llama3_grammar(python_tag))
+            }
+            // A space may come first (templates like DeepSeek's end the prompt with `Assistant:`).
+            ToolFormat::Generic => TopLevelGrammar::from_lark(format!(
+                "start: \" \"? body\nbody: %json {}\n",
+                self.generic_schema()
+            )),
         };
         Constraint {
-            grammar: TopLevelGrammar::from_lark(lark),
+            grammar,
             field: "tools",
         }
     }
@@ -344,6 +403,57 @@ impl ToolPlan {
     pub fn finish_as_tool_calls(&self) -> bool {
         !matches!(self.choice, Choice::Named(_))
     }
+}
+
+/// Messages as the template should see them. Native formats pass through (their templates
+/// render tools, calls and results themselves). The generic protocol, for templates that know
+/// none of it, writes the tool note into the system message, past calls as the JSON the model
+/// is asked to write, past answers (while tools are offered) as `{"response": ...}`, and tool
+/// results as user turns.
+pub fn prepare_messages(
+    format: Option<ToolFormat>,
+    tools: &Tools,
+    messages: Vec<ChatMessage>,
+) -> Vec<ChatMessage> {
+    if format != Some(ToolFormat::Generic) {
+        return messages;
+    }
+    let json = |v: Value| {
+        let mut s = String::new();
+        python_json(&v, None, 0, &mut s);
+        s
+    };
+    let offered = tools.plan.is_some();
+    let mut out: Vec<ChatMessage> = messages
+        .into_iter()
+        .map(|m| match (m.role.as_str(), m.tool_calls) {
+            ("assistant", Some(calls)) => {
+                let calls: Vec<Value> = calls
+                    .iter()
+                    .map(|c| json!({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}))
+                    .collect();
+                ChatMessage::text("assistant", json(json!({"tool_calls": calls})))
+            }
+            ("assistant", None) if offered => {
+                ChatMessage::text("assistant", json(json!({"response": m.content})))
+            }
+            ("tool", _) => ChatMessage::text(
+                "user",
+                json(json!({"tool_response": {"id": m.tool_call_id, "content": m.content}})),
+            ),
+            (_, tool_calls) => ChatMessage { tool_calls, ..m },
+        })
+        .collect();
+    if let (Some(plan), Some(list)) = (&tools.plan, &tools.for_template) {
+        let note = plan.generic_note(list);
+        match out.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{}\n\n{note}", first.content);
+            }
+            _ => out.insert(0, ChatMessage::text("system", note)),
+        }
+    }
+    out
 }
 
 /// What the parser recognised in new text.
@@ -417,13 +527,34 @@ pub struct ToolCallParser {
     started: bool,
     /// Bytes of the current call's arguments sent.
     args_sent: usize,
+    /// The generic protocol: where the reply's JSON envelope is (`None` for other formats).
+    envelope: Option<Envelope>,
 }
+
+/// Where the parser is in the generic protocol's reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Envelope {
+    /// Before `{"tool_calls": [` or `{"response": "`.
+    Start,
+    /// Between calls of the list.
+    List,
+    /// Inside the response string.
+    Response,
+    /// Past the response string's closing quote.
+    ResponseEnd,
+    /// Past the envelope: anything more is content.
+    After,
+}
+
+const LIST_OPEN: &str = "{\"tool_calls\": [";
+const RESPONSE_OPEN: &str = "{\"response\": \"";
 
 impl ToolCallParser {
     pub fn new(format: ToolFormat) -> Self {
         Self {
             bare_ok: true,
             wraps: format.wraps(),
+            envelope: (format == ToolFormat::Generic).then_some(Envelope::Start),
             ..Self::default()
         }
     }
@@ -442,10 +573,10 @@ impl ToolCallParser {
         self.buf.push_str(text);
         let mut out = Vec::new();
         loop {
-            let progressed = if self.in_call {
-                self.step_call(&mut out)
-            } else {
-                self.step_content(&mut out)
+            let progressed = match self.envelope {
+                _ if self.in_call => self.step_call(&mut out),
+                Some(e) if e != Envelope::After => self.step_envelope(e, &mut out),
+                _ => self.step_content(&mut out),
             };
             if !progressed {
                 return out;
@@ -498,6 +629,49 @@ impl ToolCallParser {
         self.wrap = wrap;
         self.started = false;
         self.args_sent = 0;
+    }
+
+    /// The generic protocol: its envelope, the response string decoded as it streams, the
+    /// calls of its list (each a bare call).
+    fn step_envelope(&mut self, e: Envelope, out: &mut Vec<ToolDelta>) -> bool {
+        let lead = self.buf.len() - self.buf.trim_start().len();
+        let rest = &self.buf[lead..];
+        let next = |me: &mut Self, skip: usize, to: Envelope| {
+            me.buf.drain(..skip);
+            me.envelope = Some(to);
+            true
+        };
+        match e {
+            Envelope::Start if rest.starts_with(LIST_OPEN) => {
+                next(self, lead + LIST_OPEN.len(), Envelope::List)
+            }
+            Envelope::Start if rest.starts_with(RESPONSE_OPEN) => {
+                next(self, lead + RESPONSE_OPEN.len(), Envelope::Response)
+            }
+            Envelope::Start if LIST_OPEN.starts_with(rest) || RESPONSE_OPEN.starts_with(rest) => {
+                false
+            }
+            Envelope::List if rest.starts_with('{') => {
+                self.open_call(lead, Wrap::Bare);
+                true
+            }
+            Envelope::List if rest.starts_with(',') => next(self, lead + 1, Envelope::List),
+            Envelope::List if rest.starts_with("]}") => next(self, lead + 2, Envelope::After),
+            Envelope::List if rest.is_empty() || rest == "]" => false,
+            Envelope::Response => {
+                let (text, used, closed) = json_string_prefix(&self.buf);
+                self.content(&text, out);
+                self.buf.drain(..used);
+                if closed {
+                    self.envelope = Some(Envelope::ResponseEnd);
+                }
+                closed
+            }
+            Envelope::ResponseEnd if rest.starts_with('}') => next(self, lead + 1, Envelope::After),
+            Envelope::ResponseEnd if rest.is_empty() => false,
+            // Not the protocol after all: the rest is content.
+            _ => next(self, 0, Envelope::After),
+        }
     }
 
     fn step_content(&mut self, out: &mut Vec<ToolDelta>) -> bool {
@@ -618,6 +792,56 @@ impl ToolCallParser {
         self.args_sent = 0;
         true
     }
+}
+
+/// Decode the start of a JSON string's body (after its opening quote): the text decoded so
+/// far, the bytes it used, and whether the closing quote was reached. An escape cut off at the
+/// end (`\`, `\u12`, half of a surrogate pair) waits for more.
+fn json_string_prefix(body: &str) -> (String, usize, bool) {
+    let b = body.as_bytes();
+    let mut out = String::new();
+    let (mut i, mut plain) = (0, 0);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                out.push_str(&body[plain..i]);
+                return (out, i + 1, true);
+            }
+            b'\\' => {
+                out.push_str(&body[plain..i]);
+                plain = i;
+                let len = match b.get(i + 1) {
+                    None => break,
+                    Some(b'u') => {
+                        let high = body
+                            .get(i + 2..i + 6)
+                            .and_then(|h| u16::from_str_radix(h, 16).ok());
+                        match high {
+                            None if body.len() < i + 6 => break,
+                            Some(h) if (0xD800..0xDC00).contains(&h) => {
+                                if body.len() < i + 12 {
+                                    break;
+                                }
+                                12
+                            }
+                            _ => 6,
+                        }
+                    }
+                    Some(_) => 2,
+                };
+                let esc = &body[i..i + len];
+                let decoded: String =
+                    serde_json::from_str(&format!("\"{esc}\"")).unwrap_or_else(|_| esc.to_string());
+                out.push_str(&decoded);
+                i += len;
+                plain = i;
+            }
+            _ => i += 1,
+        }
+    }
+    let end = i.min(b.len());
+    out.push_str(&body[plain..end]);
+    (out, end, false)
 }
 
 /// What a (possibly partial) call body `{"name": ..., "arguments": ...}` holds so far.
@@ -888,6 +1112,44 @@ mod tests {
         }
         assert_eq!(parse_whole(texts[0]).calls.len(), 2);
         assert_eq!(parse_whole(texts[3]).content, texts[3]);
+    }
+
+    fn parse_generic(text: &str) -> Parsed {
+        let mut p = ToolCallParser::new(ToolFormat::Generic);
+        let mut d = p.push(text);
+        d.extend(p.finish());
+        fold(d)
+    }
+
+    #[test]
+    fn generic_protocol_at_every_boundary() {
+        let texts = [
+            r#"{"tool_calls": [{"name": "f", "arguments": {"a": [1, "}"]}}, {"name": "g", "arguments": {}}]}"#,
+            r#"{"response": "Line one\nsaid \"hi\" — \u00e9\ud83d\ude00 and \\ done"}"#,
+        ];
+        assert_eq!(
+            parse_generic(texts[0]),
+            Parsed {
+                content: String::new(),
+                calls: vec![call("f", r#"{"a": [1, "}"]}"#), call("g", "{}")]
+            }
+        );
+        assert_eq!(
+            parse_generic(texts[1]).content,
+            "Line one\nsaid \"hi\" — é😀 and \\ done"
+        );
+        for text in texts {
+            let whole = parse_generic(text);
+            for (cut, _) in text.char_indices() {
+                let mut p = ToolCallParser::new(ToolFormat::Generic);
+                let mut d = p.push(&text[..cut]);
+                d.extend(p.push(&text[cut..]));
+                d.extend(p.finish());
+                assert_eq!(fold(d), whole, "{text:?} split at {cut}");
+            }
+        }
+        // Not the protocol: the text is content.
+        assert_eq!(parse_generic("Hello").content, "Hello");
     }
 
     fn check(json: &str) -> Result<Tools, String> {
