@@ -17,7 +17,9 @@
 //! against llama.cpp's expected strings). With tools (`chat_templates_tools.json`, the same
 //! script's `tools` mode): Meta's Llama 3.1 and 3.2 and Qwen2.5 templates render tool
 //! descriptions, assistant calls (sent as OpenAI does, `arguments` a JSON string) and tool
-//! results exactly as transformers renders them from its own input form.
+//! results exactly as transformers renders them from its own input form; glm-4-9b-chat's
+//! template likewise, from the layout THUDM's own server builds (tools on a system item, calls
+//! as `metadata` items, results as `observation`).
 
 use std::path::PathBuf;
 
@@ -155,20 +157,46 @@ fn chat_templates_of_all_four_families_render_like_transformers() {
 
 #[test]
 fn tool_templates_render_like_transformers() {
+    use inferd::api::tools::{prepare_messages, ToolFormat, ToolParams};
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/chat_templates_tools.json");
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    assert_eq!(cases.len(), 4);
+    assert_eq!(cases.len(), 6);
     for c in &cases {
         let s = |k: &str| c[k].as_str().unwrap().to_string();
-        let wire: Vec<inferd::api::types::ChatMessageIn> =
-            serde_json::from_value(c["messages"].clone()).unwrap();
-        let messages = inferd::api::handlers::chat_messages(wire).unwrap();
-        let tools = c["tools"].as_array().unwrap();
         let t = ChatTemplate::new(&s("template"), &s("bos_token"), &s("eos_token")).unwrap();
-        let got = t.render_with_tools(&messages, Some(tools), true).unwrap();
-        assert_eq!(got, s("expected"), "{}", s("name"));
+        // The handler's path: tools checked against the template's format, messages from
+        // the wire, laid out for the format, rendered.
+        let format = ToolFormat::of_template(|x| t.source().contains(x), |_| None);
+        let tools = serde_json::from_value::<ToolParams>(serde_json::json!({"tools": c["tools"]}))
+            .unwrap()
+            .check(format)
+            .unwrap();
+        let wire = serde_json::from_value(c["messages"].clone()).unwrap();
+        let messages = prepare_messages(
+            format,
+            &tools,
+            inferd::api::handlers::chat_messages(wire).unwrap(),
+        );
+        let got = t
+            .render_with_tools(&messages, tools.for_template.as_deref(), true)
+            .unwrap();
+        // Llama 3.2's template prints today's date (strftime_now): the fixture holds the day
+        // it was made.
+        let undated = |x: &str| {
+            x.split('\n')
+                .map(|l| {
+                    if l.starts_with("Today Date: ") {
+                        "Today Date: -"
+                    } else {
+                        l
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(undated(&got), undated(&s("expected")), "{}", s("name"));
     }
 }
 
@@ -339,4 +367,24 @@ fn deepseek_v2_tools_use_the_generic_protocol() {
         Assistant: {\"response\": \"It is 18 C.\"}<｜end▁of▁sentence｜>\
         User: Thanks!\n\nAssistant:";
     assert_eq!(got, want);
+}
+
+/// GLM-4's call is the tool's name on a line, then its arguments; text may not begin with a
+/// tool's name and a newline. (GLM-4's own tokenizer is nowhere to be had: Qwen's vocabulary
+/// spells the same text.)
+#[test]
+fn glm4_grammar_on_a_real_vocabulary() {
+    let tok = &with_template("qwen3", "glm-4 single");
+    let auto = weather_tools("auto".into());
+    for ok in [
+        "get_weather\n{\"city\": \"Paris\"}",
+        "get_time\n{}",
+        "It is sunny.",
+    ] {
+        assert_eq!(walk(tok, auto.clone(), ok), Ok(true), "{ok:?}");
+    }
+    for bad in ["get_weather\nParis", "get_weather\n{\"town\": 1}"] {
+        assert!(walk(tok, auto.clone(), bad).is_err(), "{bad:?} was allowed");
+    }
+    assert!(walk(tok, weather_tools("required".into()), "It is sunny.").is_err());
 }

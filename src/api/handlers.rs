@@ -119,6 +119,7 @@ pub async fn chat_completions(
     }
     let tool_stream = tools.plan.as_ref().map(|p| ToolStream {
         format: p.format,
+        names: p.functions.iter().map(|f| f.name.clone()).collect(),
         finish_as_tool_calls: p.finish_as_tool_calls(),
     });
     let constraint = tools.plan.as_ref().map(|p| p.constraint()).or(output);
@@ -335,6 +336,8 @@ fn chat_message(i: usize, m: ChatMessageIn) -> Result<ChatMessage, ApiError> {
         tool_calls,
         tool_call_id: m.tool_call_id,
         name: m.name,
+        tools: None,
+        metadata: None,
     })
 }
 

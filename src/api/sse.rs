@@ -84,9 +84,11 @@ pub struct StreamSpec {
 }
 
 /// How a chat stream with tools reports its calls.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ToolStream {
     pub format: ToolFormat,
+    /// The names of the functions a call may name.
+    pub names: Vec<String>,
     /// A reply with calls finishes as `tool_calls` (not when the function was named).
     pub finish_as_tool_calls: bool,
 }
@@ -108,7 +110,10 @@ impl ChunkBuilder {
         Self {
             usage: UsageTally::new(spec.num_prompts, spec.n),
             parsers: (0..num_choices)
-                .map(|_| ToolCallParser::new(spec.tools.map_or(ToolFormat::Hermes, |t| t.format)))
+                .map(|_| match &spec.tools {
+                    Some(t) => ToolCallParser::new(t.format, &t.names),
+                    None => ToolCallParser::new(ToolFormat::Hermes, &[]),
+                })
                 .collect(),
             finished: vec![false; num_choices],
             chars: vec![0; num_choices],
@@ -259,12 +264,13 @@ impl ChunkBuilder {
                 self.usage.add(index, usage);
                 let mut out = Vec::new();
                 let mut reason: FinishReasonOut = reason.into();
-                if let Some(t) = self.spec.tools {
+                if let Some(t) = &self.spec.tools {
+                    let finish_as_tool_calls = t.finish_as_tool_calls;
                     let mut deltas = self.parsers[index].push(&text);
                     deltas.extend(self.parsers[index].finish());
                     out = self.tool_chunks(index, deltas, None);
                     let called = self.parsers[index].num_calls() > 0;
-                    if called && t.finish_as_tool_calls && reason == FinishReasonOut::Stop {
+                    if called && finish_as_tool_calls && reason == FinishReasonOut::Stop {
                         reason = FinishReasonOut::ToolCalls;
                     }
                 } else if !text.is_empty() {

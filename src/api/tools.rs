@@ -33,6 +33,9 @@ pub enum ToolFormat {
     /// `{"name": ..., "parameters": ...}`, after `<|python_tag|>` (its id, when the
     /// vocabulary has it) or not (Llama 3.1, 3.2).
     Llama3Json { python_tag: Option<u32> },
+    /// GLM-4-9B-chat (THUDM): tools on a system item, a call is `name\n{arguments}` after
+    /// `<|assistant|>` (the name in the item's `metadata`), a result is an `observation` turn.
+    Glm4,
     /// Templates with no tool format of their own (DeepSeek-V2, ChatML without tools): a
     /// system note describes the tools and the reply is one JSON object, `{"tool_calls":
     /// [{"name", "arguments"}, ...]}` or `{"response": "..."}` (llama.cpp's generic protocol).
@@ -48,7 +51,9 @@ impl ToolFormat {
     ) -> Option<Self> {
         if source_mentions("<tool_call>") {
             Some(Self::Hermes)
-        } else if source_mentions("<|python_tag|>") && source_mentions("\"parameters\"") {
+        } else if source_mentions("['metadata']") && source_mentions("['tools']") {
+            Some(Self::Glm4)
+        } else if source_mentions("\"parameters\"") && source_mentions("ipython") {
             Some(Self::Llama3Json {
                 python_tag: token_id("<|python_tag|>"),
             })
@@ -62,7 +67,7 @@ impl ToolFormat {
         match self {
             Self::Hermes => "arguments",
             Self::Llama3Json { .. } => "parameters",
-            Self::Generic => "arguments",
+            Self::Generic | Self::Glm4 => "arguments",
         }
     }
 
@@ -71,7 +76,7 @@ impl ToolFormat {
         match self {
             Self::Hermes => &[Wrap::Tagged, Wrap::Bare, Wrap::Fenced],
             Self::Llama3Json { .. } => &[Wrap::Bare],
-            Self::Generic => &[],
+            Self::Generic | Self::Glm4 => &[],
         }
     }
 
@@ -79,7 +84,7 @@ impl ToolFormat {
     fn parallel(self) -> bool {
         match self {
             Self::Hermes | Self::Generic => true,
-            Self::Llama3Json { .. } => false,
+            Self::Llama3Json { .. } | Self::Glm4 => false,
         }
     }
 }
@@ -338,6 +343,7 @@ impl ToolPlan {
                 TopLevelGrammar::from_lark(self.llama3_grammar(python_tag))
             }
             // A space may come first (templates like DeepSeek's end the prompt with `Assistant:`).
+            ToolFormat::Glm4 => TopLevelGrammar::from_lark(self.glm4_grammar()),
             ToolFormat::Generic => TopLevelGrammar::from_lark(format!(
                 "start: \" \"? body\nbody: %json {}\n",
                 self.generic_schema()
@@ -393,6 +399,29 @@ impl ToolPlan {
         )
     }
 
+    /// GLM-4: the reply is one call, `name\n{arguments}`, or text that does not begin with a
+    /// tool's name and a newline.
+    fn glm4_grammar(&self) -> String {
+        let fs = self.callable();
+        let mut rules = String::new();
+        for (i, f) in fs.iter().enumerate() {
+            let head = serde_json::to_string(&format!("{}\n", f.name)).unwrap_or_default();
+            let args = self.with_options(f.parameters.clone());
+            rules.push_str(&format!("call{i}: {head} args{i}\nargs{i}: %json {args}\n"));
+        }
+        let alts: Vec<String> = (0..fs.len()).map(|i| format!("call{i}")).collect();
+        let names: Vec<&str> = fs.iter().map(|f| f.name.as_str()).collect();
+        let start = match self.choice {
+            Choice::Auto => "start: call | TEXT?",
+            _ => "start: call",
+        };
+        format!(
+            "{start}\ncall: {}\nTEXT: /(.|\\n)+/ & ~/({})\\n(.|\\n)*/\n{rules}",
+            alts.join(" | "),
+            names.join("|"),
+        )
+    }
+
     /// Whether a reply may hold several calls: asked for, and the format has room for them.
     pub fn parallel(&self) -> bool {
         self.parallel && self.format.parallel()
@@ -415,14 +444,16 @@ pub fn prepare_messages(
     tools: &Tools,
     messages: Vec<ChatMessage>,
 ) -> Vec<ChatMessage> {
-    if format != Some(ToolFormat::Generic) {
-        return messages;
-    }
-    let json = |v: Value| {
+    let json = |v: &Value| {
         let mut s = String::new();
-        python_json(&v, None, 0, &mut s);
+        python_json(v, None, 0, &mut s);
         s
     };
+    match format {
+        Some(ToolFormat::Generic) => {}
+        Some(ToolFormat::Glm4) => return glm4_messages(tools, messages, json),
+        _ => return messages,
+    }
     let offered = tools.plan.is_some();
     let mut out: Vec<ChatMessage> = messages
         .into_iter()
@@ -432,14 +463,14 @@ pub fn prepare_messages(
                     .iter()
                     .map(|c| json!({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}))
                     .collect();
-                ChatMessage::text("assistant", json(json!({"tool_calls": calls})))
+                ChatMessage::text("assistant", json(&json!({"tool_calls": calls})))
             }
             ("assistant", None) if offered => {
-                ChatMessage::text("assistant", json(json!({"response": m.content})))
+                ChatMessage::text("assistant", json(&json!({"response": m.content})))
             }
             ("tool", _) => ChatMessage::text(
                 "user",
-                json(json!({"tool_response": {"id": m.tool_call_id, "content": m.content}})),
+                json(&json!({"tool_response": {"id": m.tool_call_id, "content": m.content}})),
             ),
             (_, tool_calls) => ChatMessage { tool_calls, ..m },
         })
@@ -451,6 +482,41 @@ pub fn prepare_messages(
                 first.content = format!("{}\n\n{note}", first.content);
             }
             _ => out.insert(0, ChatMessage::text("system", note)),
+        }
+    }
+    out
+}
+
+/// GLM-4's layout, as THUDM's own OpenAI server builds it: the tools on a leading system
+/// item, each past call an assistant item whose `metadata` is the function's name and whose
+/// content is its arguments, each result an `observation` item.
+fn glm4_messages(
+    tools: &Tools,
+    messages: Vec<ChatMessage>,
+    json: impl Fn(&Value) -> String,
+) -> Vec<ChatMessage> {
+    let mut out = Vec::with_capacity(messages.len() + 1);
+    if let (Some(_), Some(list)) = (&tools.plan, &tools.for_template) {
+        out.push(ChatMessage {
+            tools: Some(list.clone()),
+            ..ChatMessage::text("system", "")
+        });
+    }
+    for m in messages {
+        match (m.role.as_str(), &m.tool_calls) {
+            ("assistant", Some(calls)) => {
+                if !m.content.is_empty() {
+                    out.push(ChatMessage::text("assistant", m.content.clone()));
+                }
+                for c in calls {
+                    out.push(ChatMessage {
+                        metadata: c["function"]["name"].as_str().map(String::from),
+                        ..ChatMessage::text("assistant", json(&c["function"]["arguments"]))
+                    });
+                }
+            }
+            ("tool", _) => out.push(ChatMessage::text("observation", m.content)),
+            _ => out.push(m),
         }
     }
     out
@@ -527,8 +593,10 @@ pub struct ToolCallParser {
     started: bool,
     /// Bytes of the current call's arguments sent.
     args_sent: usize,
-    /// The generic protocol: where the reply's JSON envelope is (`None` for other formats).
+    /// The generic protocol and GLM-4: where the reply's envelope is (`None` for others).
     envelope: Option<Envelope>,
+    /// GLM-4: the tools' names (a call's first line).
+    names: Vec<String>,
 }
 
 /// Where the parser is in the generic protocol's reply.
@@ -542,6 +610,10 @@ enum Envelope {
     Response,
     /// Past the response string's closing quote.
     ResponseEnd,
+    /// GLM-4: the first line, which is a tool's name for a call.
+    NameLine,
+    /// GLM-4: a call's arguments, the rest of the reply.
+    GlmArgs,
     /// Past the envelope: anything more is content.
     After,
 }
@@ -550,11 +622,18 @@ const LIST_OPEN: &str = "{\"tool_calls\": [";
 const RESPONSE_OPEN: &str = "{\"response\": \"";
 
 impl ToolCallParser {
-    pub fn new(format: ToolFormat) -> Self {
+    /// A parser for `format`; `names` are the tools' names (GLM-4 writes a call's name alone).
+    pub fn new(format: ToolFormat, names: &[String]) -> Self {
+        let envelope = match format {
+            ToolFormat::Generic => Some(Envelope::Start),
+            ToolFormat::Glm4 => Some(Envelope::NameLine),
+            _ => None,
+        };
         Self {
             bare_ok: true,
             wraps: format.wraps(),
-            envelope: (format == ToolFormat::Generic).then_some(Envelope::Start),
+            envelope,
+            names: names.to_vec(),
             ..Self::default()
         }
     }
@@ -669,6 +748,27 @@ impl ToolCallParser {
             }
             Envelope::ResponseEnd if rest.starts_with('}') => next(self, lead + 1, Envelope::After),
             Envelope::ResponseEnd if rest.is_empty() => false,
+            Envelope::NameLine => match self.buf.find('\n') {
+                Some(i) if self.names.iter().any(|n| *n == self.buf[..i]) => {
+                    out.push(ToolDelta::Start {
+                        index: self.calls,
+                        name: self.buf[..i].to_string(),
+                    });
+                    self.calls += 1;
+                    next(self, i + 1, Envelope::GlmArgs)
+                }
+                None if self.names.iter().any(|n| n.starts_with(self.buf.as_str())) => false,
+                _ => next(self, 0, Envelope::After),
+            },
+            Envelope::GlmArgs => {
+                if !self.buf.is_empty() {
+                    out.push(ToolDelta::Args {
+                        index: self.calls - 1,
+                        fragment: std::mem::take(&mut self.buf),
+                    });
+                }
+                false
+            }
             // Not the protocol after all: the rest is content.
             _ => next(self, 0, Envelope::After),
         }
@@ -998,7 +1098,7 @@ mod tests {
     }
 
     fn parse_whole(text: &str) -> Parsed {
-        let mut p = ToolCallParser::new(ToolFormat::Hermes);
+        let mut p = ToolCallParser::new(ToolFormat::Hermes, &[]);
         let mut d = p.push(text);
         d.extend(p.finish());
         fold(d)
@@ -1096,13 +1196,13 @@ mod tests {
         for text in texts {
             let whole = parse_whole(text);
             for (cut, _) in text.char_indices() {
-                let mut p = ToolCallParser::new(ToolFormat::Hermes);
+                let mut p = ToolCallParser::new(ToolFormat::Hermes, &[]);
                 let mut d = p.push(&text[..cut]);
                 d.extend(p.push(&text[cut..]));
                 d.extend(p.finish());
                 assert_eq!(fold(d), whole, "{text:?} split at {cut}");
             }
-            let mut p = ToolCallParser::new(ToolFormat::Hermes);
+            let mut p = ToolCallParser::new(ToolFormat::Hermes, &[]);
             let mut d = Vec::new();
             for c in text.chars() {
                 d.extend(p.push(&c.to_string()));
@@ -1115,7 +1215,7 @@ mod tests {
     }
 
     fn parse_generic(text: &str) -> Parsed {
-        let mut p = ToolCallParser::new(ToolFormat::Generic);
+        let mut p = ToolCallParser::new(ToolFormat::Generic, &[]);
         let mut d = p.push(text);
         d.extend(p.finish());
         fold(d)
@@ -1141,7 +1241,7 @@ mod tests {
         for text in texts {
             let whole = parse_generic(text);
             for (cut, _) in text.char_indices() {
-                let mut p = ToolCallParser::new(ToolFormat::Generic);
+                let mut p = ToolCallParser::new(ToolFormat::Generic, &[]);
                 let mut d = p.push(&text[..cut]);
                 d.extend(p.push(&text[cut..]));
                 d.extend(p.finish());
@@ -1150,6 +1250,40 @@ mod tests {
         }
         // Not the protocol: the text is content.
         assert_eq!(parse_generic("Hello").content, "Hello");
+    }
+
+    #[test]
+    fn glm4_calls_are_a_name_line_and_arguments() {
+        let names = ["get_weather".to_string(), "get".to_string()];
+        let parse = |text: &str| {
+            let whole = {
+                let mut p = ToolCallParser::new(ToolFormat::Glm4, &names);
+                let mut d = p.push(text);
+                d.extend(p.finish());
+                fold(d)
+            };
+            for (cut, _) in text.char_indices() {
+                let mut p = ToolCallParser::new(ToolFormat::Glm4, &names);
+                let mut d = p.push(&text[..cut]);
+                d.extend(p.push(&text[cut..]));
+                d.extend(p.finish());
+                assert_eq!(fold(d), whole, "{text:?} split at {cut}");
+            }
+            whole
+        };
+        assert_eq!(
+            parse("get_weather\n{\"city\": \"Paris\"}"),
+            Parsed {
+                content: String::new(),
+                calls: vec![call("get_weather", "{\"city\": \"Paris\"}")]
+            }
+        );
+        assert_eq!(
+            parse("get_weathers are nice\nyes").content,
+            "get_weathers are nice\nyes"
+        );
+        assert_eq!(parse("Paris is sunny.").content, "Paris is sunny.");
+        assert_eq!(parse("get").content, "get");
     }
 
     fn check(json: &str) -> Result<Tools, String> {

@@ -20,6 +20,12 @@ pub struct ChatMessage {
     pub tool_call_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// GLM-4's layout: a system item carrying the tools, and the function name of an assistant
+    /// call item.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<serde_json::Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<String>,
 }
 
 impl ChatMessage {
@@ -31,6 +37,8 @@ impl ChatMessage {
             tool_calls: None,
             tool_call_id: None,
             name: None,
+            tools: None,
+            metadata: None,
         }
     }
 }

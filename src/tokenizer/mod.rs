@@ -32,6 +32,9 @@ const END_OF_TURN: &[&str] = &[
     "<|end_of_text|>",
     "<end_of_turn>",
     "<|end|>",
+    // GLM-4 ends a turn by starting the next one (its generation config lists both).
+    "<|user|>",
+    "<|observation|>",
 ];
 
 pub struct Tokenizer {
