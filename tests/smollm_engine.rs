@@ -287,6 +287,7 @@ async fn the_bench_client_measures_a_run() {
         max_duration: 600,
         allow_remote: false,
         response_format: None,
+        tools: None,
         serve: Default::default(),
     };
     let r = inferd::bench::run(&args).await.unwrap().remove(0);
@@ -318,6 +319,18 @@ async fn the_bench_client_measures_a_run() {
         "{after}"
     );
     assert!(after["guide_seconds"].as_f64().unwrap() > 0.0);
+
+    // --tools: chat requests whose every reply is a constrained call.
+    let tools = r#"[{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+        "properties": {"n": {"type": "integer"}}, "required": ["n"]}}}]"#;
+    let args = inferd::bench::BenchArgs {
+        response_format: None,
+        tools: Some(tools.into()),
+        ..args
+    };
+    let r = inferd::bench::run(&args).await.unwrap().remove(0);
+    assert_eq!((r.completed, r.failed), (6, 0));
+    assert!(r.total_output_tokens > 0 && r.total_input_tokens > 6 * 32);
 }
 
 /// `inferd bench --self-serve` on a synthetic model: the numerics check (here the tensor cache
@@ -345,6 +358,7 @@ async fn self_serve_bench_checks_numerics_and_runs_every_level() {
         max_duration: 600,
         allow_remote: false,
         response_format: None,
+        tools: None,
         serve: serve.clone(),
     };
     let o = inferd::bench::self_serve::run(&args).await.unwrap();

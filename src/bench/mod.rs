@@ -91,12 +91,16 @@ pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Repo
         }
     };
     let prompts = Arc::new(corpus(args.seed, num_requests, args.prompt_tokens));
-    let response_format = Arc::new(
-        args.response_format
+    let shape = Arc::new(Shape {
+        response_format: args
+            .response_format
             .as_deref()
             .map(response_format)
             .transpose()?,
-    );
+        tools: args.tools.as_deref().map(tools).transpose()?,
+        max_tokens: args.max_tokens,
+        stream: args.stream,
+    });
     let progress = indicatif::ProgressBar::new(num_requests as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template(
@@ -110,16 +114,15 @@ pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Repo
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.max_duration);
     let workers = (0..concurrency.min(num_requests)).map(|_| {
-        let (client, base, model, prompts, next, progress, format) = (
+        let (client, base, model, prompts, next, progress, shape) = (
             client.clone(),
             base.clone(),
             model.clone(),
             prompts.clone(),
             next.clone(),
             progress.clone(),
-            response_format.clone(),
+            shape.clone(),
         );
-        let (max_tokens, stream) = (args.max_tokens, args.stream);
         tokio::spawn(async move {
             let mut results = Vec::new();
             loop {
@@ -127,12 +130,9 @@ pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Repo
                 if i >= prompts.len() || Instant::now() > deadline {
                     return results;
                 }
-                let mut body = json!({"model": model, "prompt": prompts[i], "max_tokens": max_tokens,
-                                      "temperature": 0, "ignore_eos": true, "stream": stream});
-                if let Some(f) = format.as_ref() {
-                    body["response_format"] = f.clone();
-                }
-                let r = one_request(&client, &base, body, prompts[i].len(), stream).await;
+                let (path, body) = shape.request(&model, &prompts[i]);
+                let url = format!("{base}{path}");
+                let r = one_request(&client, &url, body, prompts[i].len(), shape.stream).await;
                 progress.inc(1);
                 results.push(r);
             }
@@ -150,25 +150,86 @@ pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Repo
     Ok(Report::new(&base, &model, concurrency, duration, &results))
 }
 
+/// Whether a stream chunk carries output: completion text, chat content, or a piece of a call.
+fn has_output(chunk: &Value) -> bool {
+    let c = &chunk["choices"][0];
+    let nonempty = |v: &Value| v.as_str().is_some_and(|s| !s.is_empty());
+    nonempty(&c["text"])
+        || nonempty(&c["delta"]["content"])
+        || c["delta"]["tool_calls"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+}
+
+/// What every request of a run looks like.
+struct Shape {
+    response_format: Option<Value>,
+    tools: Option<Value>,
+    max_tokens: usize,
+    stream: bool,
+}
+
+impl Shape {
+    /// The route and body for one prompt: a completion of its token ids, or with tools a chat
+    /// whose user message has as many words.
+    fn request(&self, model: &str, prompt: &[u32]) -> (&'static str, Value) {
+        let mut body = json!({"model": model, "max_tokens": self.max_tokens, "temperature": 0,
+                              "ignore_eos": true, "stream": self.stream});
+        let path = match &self.tools {
+            Some(tools) => {
+                // Common words, about a token each, so the prompt is about as long.
+                const WORDS: [&str; 16] = [
+                    "the", "of", "and", "to", "in", "is", "it", "you", "that", "was", "for", "on",
+                    "are", "with", "as", "be",
+                ];
+                let words: Vec<&str> = prompt.iter().map(|&t| WORDS[t as usize % 16]).collect();
+                body["messages"] = json!([{"role": "user", "content": words.join(" ")}]);
+                body["tools"] = tools.clone();
+                body["tool_choice"] = json!("required");
+                "/v1/chat/completions"
+            }
+            None => {
+                body["prompt"] = json!(prompt);
+                "/v1/completions"
+            }
+        };
+        if let Some(f) = &self.response_format {
+            body["response_format"] = f.clone();
+        }
+        (path, body)
+    }
+}
+
+/// JSON given inline or as `@FILE`.
+fn json_arg(flag: &str, arg: &str) -> anyhow::Result<Value> {
+    let text = match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("{flag} {path}"))?,
+        None => arg.to_string(),
+    };
+    serde_json::from_str(&text).with_context(|| format!("{flag} is not valid JSON"))
+}
+
 /// `--response-format`: `json_object`, or a JSON schema (inline, or `@FILE`).
 fn response_format(arg: &str) -> anyhow::Result<Value> {
     if arg == "json_object" {
         return Ok(json!({"type": "json_object"}));
     }
-    let text = match arg.strip_prefix('@') {
-        Some(path) => {
-            std::fs::read_to_string(path).with_context(|| format!("--response-format {path}"))?
-        }
-        None => arg.to_string(),
-    };
-    let schema: Value = serde_json::from_str(&text)
-        .context("--response-format must be json_object, a JSON schema, or @FILE holding one")?;
+    let schema = json_arg("--response-format", arg)?;
     Ok(json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}))
+}
+
+/// `--tools`: a JSON array of tools.
+fn tools(arg: &str) -> anyhow::Result<Value> {
+    let v = json_arg("--tools", arg)?;
+    if !v.is_array() {
+        bail!("--tools must be a JSON array of tools");
+    }
+    Ok(v)
 }
 
 async fn one_request(
     client: &reqwest::Client,
-    base: &str,
+    url: &str,
     mut body: Value,
     prompt_tokens: usize,
     stream: bool,
@@ -185,12 +246,7 @@ async fn one_request(
         r.error = Some(e);
         r
     };
-    let resp = match client
-        .post(format!("{base}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-    {
+    let resp = match client.post(url).json(&body).send().await {
         Ok(resp) if resp.status().is_success() => resp,
         Ok(resp) => return fail(r, format!("HTTP {}", resp.status())),
         Err(e) => return fail(r, e.to_string()),
@@ -230,8 +286,10 @@ async fn one_request(
             if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
                 usage_tokens = Some(n as usize);
             }
-            let text = v["choices"][0]["text"].as_str().unwrap_or("");
-            if !text.is_empty() {
+            if let Some(n) = v["usage"]["prompt_tokens"].as_u64() {
+                r.prompt_tokens = n as usize;
+            }
+            if has_output(&v) {
                 let now = Instant::now();
                 match last {
                     None => r.ttft = (now - t0).as_secs_f64(),

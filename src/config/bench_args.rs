@@ -44,6 +44,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub response_format: Option<String>,
 
+    /// Offer these tools (a JSON array of OpenAI tools, inline or @FILE) with `tool_choice:
+    /// required`: requests go to /v1/chat/completions with a synthetic user message of
+    /// --prompt-tokens words, and every reply is a grammar-constrained call.
+    #[arg(long)]
+    pub tools: Option<String>,
+
     /// Seed of the prompt corpus.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
