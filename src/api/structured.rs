@@ -183,6 +183,12 @@ fn response_format(rf: Value) -> Result<Option<TopLevelGrammar>, ApiError> {
             "response_format.type must be one of text, json_object, json_schema",
         )
     })?;
+    if kind != "json_schema" && rf.get("json_schema").is_some() {
+        return Err(ApiError::param(
+            "response_format.json_schema",
+            "response_format.json_schema is only allowed when type is json_schema",
+        ));
+    }
     match kind {
         "text" => Ok(None),
         "json_object" => Ok(Some(json_grammar(json!({"type": "object"}), false))),
@@ -346,6 +352,10 @@ mod tests {
         assert_eq!(
             err(r#"{"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}"#),
             "response_format.json_schema.name is required"
+        );
+        assert_eq!(
+            err(r#"{"response_format": {"type": "json_object", "json_schema": {}}}"#),
+            "response_format.json_schema is only allowed when type is json_schema"
         );
         assert_eq!(
             err(r#"{"structured_outputs": {}}"#),
