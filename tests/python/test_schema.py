@@ -24,9 +24,11 @@ def test_openapi_fuzz(smol, tmp_path):
         "--header", f"Authorization: Bearer {API_KEY}",
         "--max-examples", os.environ.get("INFERD_FUZZ_EXAMPLES", "50"),
         "--seed", "1", "--workers", "1", "--request-timeout", "60",
-        "--report", "junit", "--report-dir", str(tmp_path),
+        "--report", "junit,har", "--report-dir", str(tmp_path),
+        "--report-har-path", str(tmp_path / "run.har"),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    timeout = int(os.environ.get("INFERD_FUZZ_TIMEOUT", "1200"))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     print(out.stdout[-6000:])
     print(out.stderr[-3000:])
     assert out.returncode == 0, "schemathesis found failures (output above)"
@@ -38,5 +40,17 @@ def test_openapi_fuzz(smol, tmp_path):
     operations = sum(1 for ops in paths for m in ops if m in ("get", "post", "put", "delete", "patch"))
     cases = ET.parse(reports[0]).getroot().iter("testcase")
     assert sum(1 for _ in cases) == operations, "every operation was exercised"
+    # Every answer the daemon gave, by route and status (the README quotes a large run's).
+    import collections
+    import json
+    har = json.loads((tmp_path / "run.har").read_text())
+    tally = collections.Counter(
+        (e["request"]["method"] + " " + re.sub(r"^https?://[^/]+", "", e["request"]["url"]).split("?")[0],
+         e["response"]["status"])
+        for e in har["log"]["entries"])
+    print(f"{sum(tally.values())} requests:")
+    for (route, status), n in sorted(tally.items()):
+        print(f"  {route} {status}: {n}")
+    assert not [k for k in tally if k[1] >= 500], "a 5xx in the tally"
     generated = int(re.search(r"(\d+) generated,", out.stdout).group(1))
     assert generated >= 300, f"only {generated} requests were generated"
