@@ -10,9 +10,14 @@
 //!   response being written — a long stream included — is never cut by it.
 //! - At most `max_connections` are open at once; one over the cap is answered with a 503 in
 //!   OpenAI's shape and closed, so a balancer sees a clean refusal rather than a hang.
+//! - What hyper cannot parse (a malformed request line, more header fields or bytes than it
+//!   buffers) it answers itself with an empty body; [`ShapedErrors`] gives those answers
+//!   OpenAI's error body too.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -20,7 +25,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -85,7 +90,8 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let io = TokioIo::new(ShapedErrors::new(stream));
+        let conn = graceful.watch(builder.serve_connection(io, service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::trace!(%peer, error = %e, "connection ended with an error");
@@ -122,4 +128,141 @@ async fn refuse(mut stream: TcpStream, cap: usize) {
         let _ = stream.shutdown().await;
     })
     .await;
+}
+
+/// A connection whose writes pass through unchanged, except hyper's own answers to requests it
+/// could not parse: a response head with a 4xx status and `content-length: 0` (the router's
+/// errors always carry a body) gets OpenAI's error body. Not vectored, so hyper writes each
+/// response head as one buffer.
+struct ShapedErrors<S> {
+    inner: S,
+    /// A rewritten answer not yet fully written.
+    pending: Vec<u8>,
+    sent: usize,
+}
+
+impl<S> ShapedErrors<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            pending: Vec::new(),
+            sent: 0,
+        }
+    }
+}
+
+/// `head` with an OpenAI error body, if it is hyper's body-less answer to an unparsable
+/// request.
+fn shape_hyper_error(head: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(head).ok()?;
+    let status = text.strip_prefix("HTTP/1.1 4")?.get(..2)?;
+    if !text.ends_with("\r\n\r\n") || !text.contains("\r\ncontent-length: 0\r\n") {
+        return None;
+    }
+    let error = match status {
+        "31" => {
+            ApiError::HeadersTooLarge("more header fields or bytes than the server reads".into())
+        }
+        _ => ApiError::BadHttp("the request line or headers could not be parsed".into()),
+    };
+    let body = serde_json::to_string(&error.response()).ok()?;
+    let head = text.replace(
+        "\r\ncontent-length: 0\r\n",
+        &format!(
+            "\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        ),
+    );
+    Some(format!("{head}{body}").into_bytes())
+}
+
+impl<S: AsyncWrite + Unpin> ShapedErrors<S> {
+    /// Write out what is pending.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.sent < self.pending.len() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.pending.clear();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ShapedErrors<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ShapedErrors<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        ready!(self.poll_pending(cx))?;
+        if let Some(shaped) = shape_hyper_error(buf) {
+            self.pending = shaped;
+            // Taken whole: the rest is written by later polls (and by flush).
+            let _ = self.poll_pending(cx)?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_pending(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_pending(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shape_hyper_error;
+
+    #[test]
+    fn hypers_bodyless_errors_get_an_openai_body_and_nothing_else_changes() {
+        let shaped = shape_hyper_error(
+            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n",
+        )
+        .unwrap();
+        let text = String::from_utf8(shaped).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        let shaped = shape_hyper_error(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n",
+        )
+        .unwrap();
+        assert!(String::from_utf8(shaped)
+            .unwrap()
+            .contains("request_header_fields_too_large"));
+        // The router's own answers, bodies and successes pass through.
+        for other in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..],
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 12\r\n\r\n",
+            b"data: {\"a\": 1}\n\n",
+        ] {
+            assert_eq!(shape_hyper_error(other), None);
+        }
+    }
 }

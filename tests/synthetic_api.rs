@@ -709,8 +709,38 @@ async fn cors_preflights_are_answered_only_for_allowed_origins() {
     assert_eq!(r.headers()["access-control-allow-origin"], ORIGIN);
 }
 
-/// Too many or too large headers get a 431 in OpenAI's shape (hyper's own 431, for heads far
-/// over these limits, has no body).
+/// Send raw bytes; the status and JSON body of the answer.
+async fn raw_answer(base: &str, request: &[u8]) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr(base)).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    let status = head[9..12].parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// What hyper cannot parse is answered in OpenAI's shape too: a malformed request line (400),
+/// a head past hyper's own limit of 256 fields (431).
+#[tokio::test]
+async fn unparsable_requests_get_openai_shaped_errors() {
+    let base = server();
+    let (s, v) = raw_answer(base, b"GARBAGE\r\n\r\n").await;
+    assert_eq!(s, 400);
+    assert_openai_error(&v);
+    let mut many = b"GET /health HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..300 {
+        many.extend_from_slice(format!("x-f{i}: a\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    let (s, v) = raw_answer(base, &many).await;
+    assert_eq!(s, 431);
+    assert_eq!(v["error"]["code"], "request_header_fields_too_large");
+}
+
+/// Too many or too large headers get a 431 in OpenAI's shape.
 #[tokio::test]
 async fn oversized_headers_get_an_openai_shaped_431() {
     let base = server();

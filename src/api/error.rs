@@ -51,6 +51,9 @@ pub enum ApiError {
     /// The server is stopping and the grace for in-flight requests is over.
     #[error("The server is shutting down; retry on another replica or later.")]
     ShuttingDown,
+    /// The bytes were not an HTTP/1.1 request (answered for hyper, which parses them).
+    #[error("The request is not valid HTTP/1.1: {0}")]
+    BadHttp(String),
     /// A JSON route got a body declared as something else.
     #[error("Content-Type must be application/json, got `{0}`")]
     UnsupportedMediaType(String),
@@ -80,6 +83,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MalformedJson(_)
+            | Self::BadHttp(_)
             | Self::InvalidBody { .. }
             | Self::InvalidParam { .. }
             | Self::ContextLength { .. } => StatusCode::BAD_REQUEST,
@@ -99,7 +103,7 @@ impl ApiError {
     /// The OpenAI error object (without the outer `{"error": ...}`).
     pub fn body(&self) -> ErrorBody {
         let (kind, param, code) = match self {
-            Self::MalformedJson(_) | Self::PayloadTooLarge(_) => {
+            Self::MalformedJson(_) | Self::PayloadTooLarge(_) | Self::BadHttp(_) => {
                 ("invalid_request_error", None, None)
             }
             Self::UnsupportedMediaType(_) => (
