@@ -12,7 +12,8 @@
 //!   OpenAI's shape and closed, so a balancer sees a clean refusal rather than a hang.
 //! - What hyper cannot parse (a malformed request line, more header fields or bytes than it
 //!   buffers) it answers itself with an empty body; [`ShapedErrors`] gives those answers
-//!   OpenAI's error body too.
+//!   OpenAI's error body too, and a connection closed while its request head is unfinished
+//!   (the header deadline) gets a 408 in that shape; idle ones close silently.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -90,7 +91,7 @@ pub async fn run(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
-        let io = TokioIo::new(ShapedErrors::new(stream));
+        let io = TokioIo::new(ShapedErrors::new(stream, limits.header_read_timeout));
         let conn = graceful.watch(builder.serve_connection(io, service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -133,21 +134,44 @@ async fn refuse(mut stream: TcpStream, cap: usize) {
 /// A connection whose writes pass through unchanged, except hyper's own answers to requests it
 /// could not parse: a response head with a 4xx status and `content-length: 0` (the router's
 /// errors always carry a body) gets OpenAI's error body. Not vectored, so hyper writes each
-/// response head as one buffer.
-struct ShapedErrors<S> {
-    inner: S,
+/// response head as one buffer. Dropped with request bytes read and nothing answered (hyper
+/// gave up at the header deadline), it answers 408.
+struct ShapedErrors {
+    inner: TcpStream,
     /// A rewritten answer not yet fully written.
     pending: Vec<u8>,
     sent: usize,
+    /// Bytes arrived since the last answer was written.
+    unanswered: bool,
+    header_read_timeout: Duration,
 }
 
-impl<S> ShapedErrors<S> {
-    fn new(inner: S) -> Self {
+impl ShapedErrors {
+    fn new(inner: TcpStream, header_read_timeout: Duration) -> Self {
         Self {
             inner,
             pending: Vec::new(),
             sent: 0,
+            unanswered: false,
+            header_read_timeout,
         }
+    }
+}
+
+impl Drop for ShapedErrors {
+    fn drop(&mut self) {
+        if !self.unanswered || !self.pending.is_empty() {
+            return;
+        }
+        let error = ApiError::HeaderTimeout(self.header_read_timeout.as_secs());
+        let body = serde_json::to_string(&error.response()).unwrap_or_default();
+        let response = format!(
+            "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        // Best effort and never blocking: a fresh socket's buffer takes it whole.
+        let _ = self.inner.try_write(response.as_bytes());
     }
 }
 
@@ -176,7 +200,7 @@ fn shape_hyper_error(head: &[u8]) -> Option<Vec<u8>> {
     Some(format!("{head}{body}").into_bytes())
 }
 
-impl<S: AsyncWrite + Unpin> ShapedErrors<S> {
+impl ShapedErrors {
     /// Write out what is pending.
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while self.sent < self.pending.len() {
@@ -192,23 +216,29 @@ impl<S: AsyncWrite + Unpin> ShapedErrors<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for ShapedErrors<S> {
+impl AsyncRead for ShapedErrors {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        if buf.filled().len() > before {
+            self.unanswered = true;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for ShapedErrors<S> {
+impl AsyncWrite for ShapedErrors {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         ready!(self.poll_pending(cx))?;
+        self.unanswered = false;
         if let Some(shaped) = shape_hyper_error(buf) {
             self.pending = shaped;
             // Taken whole: the rest is written by later polls (and by flush).

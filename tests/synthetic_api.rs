@@ -598,10 +598,15 @@ async fn slow_and_idle_connections_are_closed_at_the_header_deadline() {
     }
     let (got, _) = until_closed(&mut slow, Duration::from_secs(5)).await;
     assert!(sent < request.len(), "the whole slow request was accepted");
-    assert!(!got.contains("200 OK"), "{got}");
+    // The unfinished request is answered 408 in OpenAI's shape.
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    let v: Value = serde_json::from_str(got.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(v["error"]["code"], "request_timeout");
 
+    // An idle connection (nothing sent) closes silently.
     let mut idle = tokio::net::TcpStream::connect(addr(base)).await.unwrap();
-    let (_, took) = until_closed(&mut idle, Duration::from_secs(10)).await;
+    let (got, took) = until_closed(&mut idle, Duration::from_secs(10)).await;
+    assert_eq!(got, "");
     assert!(
         took < Duration::from_secs(5),
         "an idle connection stayed {took:?}"
@@ -613,6 +618,10 @@ async fn slow_and_idle_connections_are_closed_at_the_header_deadline() {
         .unwrap();
     let (got, took) = until_closed(&mut kept, Duration::from_secs(10)).await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        !got.contains("408"),
+        "an answered keep-alive connection closes silently: {got}"
+    );
     assert!(
         took < Duration::from_secs(5),
         "an idle keep-alive connection stayed {took:?}"

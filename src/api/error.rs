@@ -51,6 +51,9 @@ pub enum ApiError {
     /// The server is stopping and the grace for in-flight requests is over.
     #[error("The server is shutting down; retry on another replica or later.")]
     ShuttingDown,
+    /// A request head did not arrive within the header-read deadline (the connection closes).
+    #[error("The request headers did not arrive within {0} s; the connection is closed.")]
+    HeaderTimeout(u64),
     /// The bytes were not an HTTP/1.1 request (answered for hyper, which parses them).
     #[error("The request is not valid HTTP/1.1: {0}")]
     BadHttp(String),
@@ -88,6 +91,7 @@ impl ApiError {
             | Self::InvalidParam { .. }
             | Self::ContextLength { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::HeaderTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::ModelNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -111,6 +115,7 @@ impl ApiError {
                 None,
                 Some("unsupported_media_type"),
             ),
+            Self::HeaderTimeout(_) => ("invalid_request_error", None, Some("request_timeout")),
             Self::HeadersTooLarge(_) => (
                 "invalid_request_error",
                 None,
