@@ -436,6 +436,45 @@ async fn clients_that_hang_up_are_aborted_and_free_their_blocks() {
     );
 }
 
+/// A client that hangs up while its long prompt is still being prefilled (2,000 tokens in
+/// 2-token chunks: 1,000 steps) is dropped at a next step; the prefill does not run to its end.
+#[tokio::test]
+async fn a_client_gone_during_prefill_stops_its_prefill() {
+    static URL: OnceLock<String> = OnceLock::new();
+    let settings = EngineSettings {
+        max_num_batched_tokens: 2,
+        max_model_len: Some(2048),
+        ..engine(8, 64)
+    };
+    let base = tiny(&URL, settings, |_, _| {});
+    let before = engine_stats(base).await["num_steps"].as_u64().unwrap();
+    let prompt: Vec<u32> = (0..2000).map(|i| 2 + (i * 7) % 9000).collect();
+    let body = json!({"model": NAME, "prompt": prompt, "max_tokens": 4, "stream": true});
+    let r = client()
+        .post(format!("{base}/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Hang up once the prefill is under way (and before its first token).
+    let started = Instant::now();
+    while engine_stats(base).await["num_steps"].as_u64().unwrap() < before + 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the prefill never started"
+        );
+    }
+    drop(r);
+    let s = wait_until_idle(base).await;
+    let steps = s["num_steps"].as_u64().unwrap() - before;
+    assert!(
+        (5..900).contains(&steps),
+        "the prefill ran on after the client left: {steps} of 1,000 steps"
+    );
+    assert_eq!(s["num_free_blocks"], s["num_total_blocks"], "{s}");
+}
+
 /// A body not declared as JSON is a 415 (a browser's cross-origin "simple request" cannot
 /// spend compute), and the message says which part of the context overflows, by how much.
 #[tokio::test]
