@@ -96,7 +96,7 @@ pub struct ToolStream {
 pub struct ChunkBuilder {
     spec: StreamSpec,
     num_choices: usize,
-    /// Per choice, with tools.
+    /// Per choice, with tools (none without).
     parsers: Vec<ToolCallParser>,
     finished: Vec<bool>,
     /// Characters sent per choice (completions' `text_offset`).
@@ -109,12 +109,11 @@ impl ChunkBuilder {
         let num_choices = spec.num_prompts * spec.n;
         Self {
             usage: UsageTally::new(spec.num_prompts, spec.n),
-            parsers: (0..num_choices)
-                .map(|_| match &spec.tools {
-                    Some(t) => ToolCallParser::new(t.format, &t.names),
-                    None => ToolCallParser::new(ToolFormat::Hermes, &[]),
-                })
-                .collect(),
+            parsers: spec.tools.as_ref().map_or_else(Vec::new, |t| {
+                (0..num_choices)
+                    .map(|_| ToolCallParser::new(t.format, &t.names))
+                    .collect()
+            }),
             finished: vec![false; num_choices],
             chars: vec![0; num_choices],
             num_choices,

@@ -3,6 +3,8 @@
 //! drawn. Compiled off the engine thread (the API does it); each choice owns its own matcher.
 //! Preemption by recompute keeps a sequence's tokens, so the matcher's state stays valid.
 
+use std::time::{Duration, Instant};
+
 use llguidance::Matcher;
 
 use super::EngineError;
@@ -11,12 +13,24 @@ pub struct Guide {
     matcher: Matcher,
     /// The request field the grammar came from, named in errors.
     field: &'static str,
+    /// Time spent masking and advancing since [`Guide::take_spent`] last asked.
+    spent: Duration,
 }
 
 impl Guide {
     /// A matcher fresh from its grammar (no tokens consumed), compiled from request `field`.
     pub fn new(matcher: Matcher, field: &'static str) -> Self {
-        Self { matcher, field }
+        Self {
+            matcher,
+            field,
+            spent: Duration::ZERO,
+        }
+    }
+
+    /// The time spent on this grammar since the last call (the cost of constrained decoding
+    /// apart from the forward pass).
+    pub fn take_spent(&mut self) -> Duration {
+        std::mem::take(&mut self.spent)
     }
 
     /// The matcher failed. Grammars are checked before submission, so this is a constraint
@@ -37,6 +51,7 @@ impl Guide {
     /// Set every logit the grammar forbids at this point to -inf. Rows wider than the mask
     /// (padding ids) are forbidden too.
     pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), EngineError> {
+        let started = Instant::now();
         let allowed = match self.matcher.compute_mask_or_eos() {
             Ok(a) => a,
             Err(e) => return Err(self.error(e)),
@@ -53,15 +68,18 @@ impl Guide {
                 }
             }
         }
+        self.spent += started.elapsed();
         Ok(())
     }
 
     /// Advance by the token drawn; returns whether the grammar is complete and can take no
     /// more tokens (the sequence ends there).
     pub fn commit(&mut self, token: u32) -> Result<bool, EngineError> {
+        let started = Instant::now();
         if let Err(e) = self.matcher.consume_token(token) {
             return Err(self.error(e));
         }
+        self.spent += started.elapsed();
         Ok(self.matcher.is_stopped())
     }
 }
@@ -72,6 +90,7 @@ impl Clone for Guide {
         Self {
             matcher: self.matcher.deep_clone(),
             field: self.field,
+            spent: Duration::ZERO,
         }
     }
 }

@@ -124,13 +124,10 @@ impl Request {
     /// tokens are masked until `min_tokens` are out, so none is sampled before then.
     pub fn sample(&mut self, row: Row) -> Result<Sampled, EngineError> {
         let sp = &self.params.sampling;
-        let started = Instant::now();
-        let mut guide_time = std::time::Duration::ZERO;
         let (token, logprobs) = match row {
             Row::Logits(mut logits) => {
                 if let Some(g) = &mut self.guide {
                     g.mask(&mut logits)?;
-                    guide_time = started.elapsed();
                 }
                 process(&mut logits, sp, &self.history, &self.end_tokens);
                 let token = sample(&logits, sp, &mut self.rng);
@@ -143,19 +140,14 @@ impl Request {
         };
         self.history.push(token);
         let grammar_done = match &mut self.guide {
-            Some(g) => {
-                let t = Instant::now();
-                let done = g.commit(token)?;
-                guide_time += t.elapsed();
-                done
-            }
+            Some(g) => g.commit(token)?,
             None => false,
         };
         Ok(Sampled {
             token,
             logprobs,
             grammar_done,
-            guide_time: self.guide.is_some().then_some(guide_time),
+            guide_time: self.guide.as_mut().map(Guide::take_spent),
         })
     }
 

@@ -107,14 +107,6 @@ impl ChatTemplate {
     pub fn source(&self) -> &str {
         &self.source
     }
-
-    /// Whether the template reads `tools` (it describes them to the model itself).
-    pub fn mentions(&self, name: &str) -> bool {
-        self.env
-            .get_template("chat")
-            .map(|t| t.undeclared_variables(false).contains(name))
-            .unwrap_or(false)
-    }
 }
 
 /// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=indent)` with
@@ -285,10 +277,6 @@ mod tests {
             out,
             "{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": {\"z\": [1, 2.5, \"é<>&'\"], \"a\": {}}}}|{\n  \"type\": \"function\",\n  \"function\": {\n    \"name\": \"f\",\n    \"parameters\": {\n      \"z\": [\n        1,\n        2.5,\n        \"é<>&'\"\n      ],\n      \"a\": {}\n    }\n  }\n}|[]"
         );
-        assert!(t.mentions("tools"));
-        assert!(!ChatTemplate::new("{{ messages }}", "", "")
-            .unwrap()
-            .mentions("tools"));
     }
 
     #[test]
