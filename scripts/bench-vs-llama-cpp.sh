@@ -56,16 +56,16 @@ RAYON_NUM_THREADS="$THREADS" CANDLE_NUM_THREADS="$THREADS" "$inferd" serve --mod
 ipid=$!
 trap 'kill $lpid $ipid 2>/dev/null || true' EXIT
 
-wait_up() { # wait_up URL: bounded wait for a server's /health
+wait_up() { # wait_up URL PATH: bounded wait until the server answers 200 on PATH
   for _ in $(seq 1 600); do
-    curl -fsS "$1/health" >/dev/null 2>&1 && return 0
+    curl -fsS "$1$2" >/dev/null 2>&1 && return 0
     sleep 0.5
   done
   echo "server at $1 did not come up" >&2
   return 1
 }
-wait_up "http://127.0.0.1:$lport"
-wait_up "http://127.0.0.1:$iport"
+wait_up "http://127.0.0.1:$lport" /health # llama.cpp: 503 while loading
+wait_up "http://127.0.0.1:$iport" /ready  # inferd: /health is liveness (200 while loading)
 
 bench() { # bench PORT CONCURRENCY N -> one JSON line
   "$inferd" bench --base-url "http://127.0.0.1:$1" --concurrency "$2" --num-requests "$3" \

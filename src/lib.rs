@@ -51,6 +51,7 @@ pub fn load(config: &Config) -> anyhow::Result<AppState> {
         engines: Arc::new(Mutex::new(engines)),
         stop: Arc::new(tokio::sync::watch::channel(false).0),
         allowed_origins: config.allowed_origins.clone().into(),
+        draining: Arc::default(),
     })
 }
 
@@ -179,7 +180,10 @@ const ENGINE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How the server runs and stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeOptions {
-    /// After the shutdown signal, how long in-flight requests may run.
+    /// After the shutdown signal, how long the server goes on accepting new requests while
+    /// `/ready` answers 503 (time for balancers and Kubernetes to take it out of rotation).
+    pub drain_delay: Duration,
+    /// After the drain delay, how long in-flight requests may run.
     pub shutdown_timeout: Duration,
     pub limits: server::ConnectionLimits,
 }
@@ -187,6 +191,7 @@ pub struct ServeOptions {
 impl Default for ServeOptions {
     fn default() -> Self {
         Self {
+            drain_delay: Duration::ZERO,
             shutdown_timeout: Duration::from_secs(config::DEFAULT_SHUTDOWN_TIMEOUT_SECS),
             limits: server::ConnectionLimits::default(),
         }
@@ -196,45 +201,97 @@ impl Default for ServeOptions {
 impl From<&Config> for ServeOptions {
     fn from(c: &Config) -> Self {
         Self {
+            drain_delay: c.drain_delay,
             shutdown_timeout: c.shutdown_timeout,
             limits: c.connection_limits,
         }
     }
 }
 
-/// Serve the API on `listener` until `shutdown` resolves; then stop accepting connections, let
-/// in-flight requests run for up to `opts.shutdown_timeout`, end those still running (streams
-/// with an error event and `[DONE]`, the others with a 503), and join the engine threads.
+/// Serve the API of loaded models on `listener` until `shutdown` resolves (see
+/// [`serve_loading`]).
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
     opts: ServeOptions,
-) -> std::io::Result<()> {
-    let grace = opts.shutdown_timeout;
+) -> anyhow::Result<()> {
+    serve_loading(async { Ok(state) }, listener, shutdown, opts).await
+}
+
+/// Serve on `listener` from the start: while `load` runs, liveness answers and everything else
+/// says the model is loading ([`api::loading_router`]); then the API. When `shutdown` resolves,
+/// drain: `/ready` answers 503 at once, new requests are still served for
+/// `opts.drain_delay`, then the listener closes, in-flight requests run for up to
+/// `opts.shutdown_timeout`, those still running are ended (streams with an error event and
+/// `[DONE]`, the others with a 503), and the engine threads are joined. A failed load ends the
+/// server and is returned; a shutdown during the load stops at once.
+pub async fn serve_loading(
+    load: impl Future<Output = anyhow::Result<AppState>>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    opts: ServeOptions,
+) -> anyhow::Result<()> {
+    let (routes, routed) = tokio::sync::watch::channel(api::loading_router());
+    let (stop_accepting, accepting) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(listener, routed, opts.limits, async move {
+        let _ = accepting.await;
+    }));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let state = tokio::select! {
+        loaded = load => loaded,
+        () = &mut shutdown => {
+            tracing::info!("shutting down before the models finished loading");
+            let _ = stop_accepting.send(());
+            return Ok(server.await??);
+        }
+    };
+    let state = match state {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = stop_accepting.send(());
+            let _ = server.await;
+            return Err(e);
+        }
+    };
     let engines = state
         .engines
         .lock()
         .map(|mut e| std::mem::take(&mut *e))
         .unwrap_or_default();
     let stop = state.stop.clone();
-    let draining = async move {
-        shutdown.await;
+    let draining = state.draining.clone();
+    let _ = routes.send_replace(api::router(state));
+    tracing::info!("ready: serving the API");
+
+    shutdown.await;
+    draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    if !opts.drain_delay.is_zero() {
         tracing::info!(
-            grace_seconds = grace.as_secs_f64(),
-            "shutting down: no new connections; finishing in-flight requests"
+            drain_delay_seconds = opts.drain_delay.as_secs_f64(),
+            "draining: /ready answers 503; still serving new requests for the drain delay"
         );
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            if !stop.is_closed() {
-                tracing::warn!("shutdown grace over; ending the remaining requests");
-            }
-            stop.send_replace(true);
-        });
-    };
-    let served = server::run(listener, api::router(state), opts.limits, draining).await;
-    // The router, dropped with the server, held every engine handle: with them gone each
-    // engine aborts what is left of its (disconnected) requests and stops.
+        tokio::time::sleep(opts.drain_delay).await;
+    }
+    let grace = opts.shutdown_timeout;
+    tracing::info!(
+        grace_seconds = grace.as_secs_f64(),
+        "shutting down: no new connections; finishing in-flight requests"
+    );
+    let _ = stop_accepting.send(());
+    let ending = tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        if !stop.is_closed() {
+            tracing::warn!("shutdown grace over; ending the remaining requests");
+        }
+        stop.send_replace(true);
+    });
+    let served = server.await;
+    ending.abort();
+    // The router held every engine handle: with it gone (the connections ended, the last
+    // copy replaced) each engine aborts what is left of its requests and stops.
+    let _ = routes.send_replace(api::loading_router());
+    drop(routes);
     let joined = tokio::task::spawn_blocking(move || {
         for e in engines {
             e.join(ENGINE_STOP_TIMEOUT);
@@ -244,5 +301,5 @@ pub async fn serve(
     if let Err(e) = joined {
         tracing::error!(error = %e, "joining the engine threads failed");
     }
-    served
+    Ok(served??)
 }

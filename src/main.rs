@@ -70,20 +70,29 @@ fn main() -> anyhow::Result<()> {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let addr = format!("{}:{}", config.host, config.port);
     let opts = inferd::ServeOptions::from(&config);
-    let grace = opts.shutdown_timeout;
-    let state = tokio::task::spawn_blocking(move || inferd::load(&config)).await??;
+    let wind_down = opts.drain_delay + opts.shutdown_timeout;
+    // Listen first: while the models load, /health answers (alive) and /ready says 503.
     let listener = TcpListener::bind(&addr).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);
+    let load = async move {
+        tokio::task::spawn_blocking(move || inferd::load(&config))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|loaded| loaded)
+    };
 
     let (tx, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = tx.send(true);
+        shutdown_signal().await;
+        tracing::warn!("second signal: exiting without waiting for in-flight requests");
+        std::process::exit(130);
     });
     let mut graceful = rx.clone();
     let mut deadline = rx;
-    let server = inferd::serve(
-        state,
+    let server = inferd::serve_loading(
+        load,
         listener,
         async move {
             let _ = graceful.wait_for(|&s| s).await;
@@ -94,7 +103,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         r = server => r?,
         _ = async {
             let _ = deadline.wait_for(|&s| s).await;
-            tokio::time::sleep(grace + AFTER_GRACE).await;
+            tokio::time::sleep(wind_down + AFTER_GRACE).await;
         } => tracing::warn!("requests still open after the grace; exiting"),
     }
     tracing::info!("stopped");

@@ -28,7 +28,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
+use tower::ServiceExt;
 
 use crate::api::ApiError;
 
@@ -52,11 +53,14 @@ impl Default for ConnectionLimits {
     }
 }
 
-/// Serve `router` on `listener` until `shutdown` resolves, then stop accepting and wait for
-/// the open connections to finish their requests.
+/// Serve `routes` on `listener` until `shutdown` resolves, then stop accepting (the listener
+/// closes, so a balancer's next connection is refused and goes elsewhere) and wait for the
+/// open connections to finish their requests. Each request is routed by the router `routes`
+/// holds when it arrives, so a keep-alive connection opened while the models loaded gets the
+/// full API once they have.
 pub async fn run(
     listener: TcpListener,
-    router: Router,
+    routes: watch::Receiver<Router>,
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
@@ -90,7 +94,11 @@ pub async fn run(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
+        let routes = routes.clone();
+        let service = TowerToHyperService::new(tower::service_fn(move |req| {
+            let router = routes.borrow().clone();
+            router.oneshot(req)
+        }));
         let io = TokioIo::new(ShapedErrors::new(stream, limits.header_read_timeout));
         let conn = graceful.watch(builder.serve_connection(io, service));
         tokio::spawn(async move {

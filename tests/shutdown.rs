@@ -1,5 +1,6 @@
-//! The `inferd` binary: SIGTERM stops new connections but lets an in-flight stream finish, and
-//! the process then exits cleanly.
+//! The `inferd` binary: SIGTERM turns `/ready` to 503, serves new requests for the drain delay,
+//! then stops new connections but lets an in-flight stream finish, and the process exits
+//! cleanly.
 
 mod common;
 
@@ -50,15 +51,22 @@ fn start_daemon(extra: &[&str]) -> (Daemon, String) {
             let _ = tx.send(line);
         }
     });
-    let base = loop {
+    let mut base = None;
+    loop {
         let line = rx
             .recv_timeout(Duration::from_secs(120))
             .expect("inferd did not start");
         if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest.trim().to_string();
+            base = Some(rest.trim().to_string());
         }
-    };
-    (daemon, base)
+        if line.contains("ready: serving the API") {
+            break;
+        }
+    }
+    (
+        daemon,
+        base.expect("the address is logged before the models load"),
+    )
 }
 
 fn sigterm(daemon: &Daemon) {
@@ -163,5 +171,25 @@ async fn streams_still_running_when_the_grace_ends_get_an_error_event_and_done()
     assert_eq!(whole.status(), 503);
     let v: serde_json::Value = whole.json().await.unwrap();
     assert_openai_error(&v);
+    exits_cleanly(&mut daemon).await;
+}
+
+/// With `--drain-delay`, SIGTERM turns `/ready` to 503 at once while the API still answers; the
+/// process then stops and exits cleanly.
+#[tokio::test]
+async fn sigterm_with_a_drain_delay_turns_ready_off_and_keeps_serving() {
+    let (mut daemon, base) = start_daemon(&["--drain-delay", "3"]);
+    let (s, v) = get(&base, "/ready").await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("ready")));
+    sigterm(&daemon);
+    let v = wait_for_ready_status(&base, 503).await;
+    assert_eq!(v["status"], "draining", "{v}");
+    let (s, v) = post(
+        &base,
+        "/v1/chat/completions",
+        &json!({"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(s, 200, "still serving during the drain delay: {v}");
     exits_cleanly(&mut daemon).await;
 }

@@ -524,11 +524,11 @@ async fn json_routes_want_json_and_context_errors_say_what_overflows() {
     );
 }
 
-/// With a key, every route but /health and /version wants it.
+/// With a key, every route but /health, /ready and /version wants it.
 #[tokio::test]
 async fn an_api_key_guards_every_route_that_holds_data() {
     let base = keyed();
-    for path in ["/health", "/version"] {
+    for path in ["/health", "/ready", "/version"] {
         let r = client().get(format!("{base}{path}")).send().await.unwrap();
         assert_eq!(r.status(), 200, "{path}");
     }

@@ -48,6 +48,9 @@ pub enum ApiError {
     /// The request's headers are too many or too long.
     #[error("Request header fields too large: {0}")]
     HeadersTooLarge(String),
+    /// The server is up but its models are still loading (`/ready` answers 503 meanwhile).
+    #[error("The model is still loading; retry shortly.")]
+    Loading,
     /// The server is stopping and the grace for in-flight requests is over.
     #[error("The server is shutting down; retry on another replica or later.")]
     ShuttingDown,
@@ -97,9 +100,10 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::Overloaded(_) | Self::ShuttingDown | Self::TooManyConnections(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::Overloaded(_)
+            | Self::Loading
+            | Self::ShuttingDown
+            | Self::TooManyConnections(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -141,6 +145,7 @@ impl ApiError {
                 ("invalid_request_error", None, Some("method_not_allowed"))
             }
             Self::Overloaded(_) => ("server_error", None, Some("overloaded")),
+            Self::Loading => ("server_error", None, Some("model_loading")),
             Self::ShuttingDown => ("server_error", None, Some("shutting_down")),
             Self::TooManyConnections(_) => ("server_error", None, Some("too_many_connections")),
             Self::Internal(_) => ("server_error", None, None),

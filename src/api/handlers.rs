@@ -33,8 +33,47 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Liveness: the process answers. 200 from the moment it listens until it exits.
 pub async fn health() -> Json<Health> {
     Json(Health { status: "ok" })
+}
+
+/// Readiness: 200 while new requests are welcome; 503 from the shutdown signal on, so a
+/// balancer's health check takes the replica out before it stops listening.
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        not_ready("draining")
+    } else {
+        Json(Health { status: "ready" }).into_response()
+    }
+}
+
+fn not_ready(status: &'static str) -> Response {
+    let mut resp = (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Json(Health { status }),
+    )
+        .into_response();
+    resp.headers_mut().insert(
+        axum::http::header::RETRY_AFTER,
+        HeaderValue::from_static("1"),
+    );
+    resp
+}
+
+/// `/health` while the models load: alive.
+pub async fn health_loading() -> Json<Health> {
+    Json(Health { status: "loading" })
+}
+
+/// `/ready` while the models load: not yet.
+pub async fn ready_loading() -> Response {
+    not_ready("loading")
+}
+
+/// Every other route while the models load.
+pub async fn loading() -> ApiError {
+    ApiError::Loading
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {

@@ -56,7 +56,7 @@ pub async fn header_limits(req: Request, next: Next) -> Response {
 }
 
 /// Routes that hold no data and stay open with `--api-key`.
-pub const OPEN_ROUTES: &[&str] = &["/health", "/version"];
+pub const OPEN_ROUTES: &[&str] = &["/health", "/ready", "/version"];
 
 /// With `--api-key`, every request except to [`OPEN_ROUTES`] must carry
 /// `Authorization: Bearer <key>` (`/metrics`, `/stats` and the tokenizer routes included).

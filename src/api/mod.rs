@@ -131,6 +131,9 @@ pub struct AppState {
     pub stop: Arc<tokio::sync::watch::Sender<bool>>,
     /// Browser origins answered CORS preflights (`*`: any); empty: none.
     pub allowed_origins: Arc<[String]>,
+    /// Set from the shutdown signal on: `/ready` answers 503 so balancers and Kubernetes stop
+    /// sending new requests, while those that still arrive are served as usual.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The id of one HTTP request (`x-request-id`), set by [`middleware::request_id`].
@@ -165,6 +168,7 @@ pub const MAX_BODY_BYTES: usize = 32 << 20;
 /// Every route, as `openapi.yaml` must describe it.
 pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/health"),
+    ("get", "/ready"),
     ("get", "/version"),
     ("get", "/stats"),
     ("get", "/metrics"),
@@ -179,6 +183,7 @@ pub fn router(state: AppState) -> Router {
     let cors = cors(&state.allowed_origins);
     let router = Router::new()
         .route("/health", get(handlers::health))
+        .route("/ready", get(handlers::ready))
         .route("/version", get(tokenize::version))
         .route("/stats", get(handlers::stats))
         .route("/metrics", get(handlers::metrics))
@@ -204,6 +209,19 @@ pub fn router(state: AppState) -> Router {
         None => router,
     };
     router.with_state(state)
+}
+
+/// The routes served while the models load: `/health` answers 200 (the process is alive, so
+/// a liveness probe must not restart it), `/ready` and every other route 503 (`model_loading`,
+/// with `Retry-After`), `/version` as usual.
+pub fn loading_router() -> Router {
+    Router::new()
+        .route("/health", get(handlers::health_loading))
+        .route("/ready", get(handlers::ready_loading))
+        .route("/version", get(tokenize::version))
+        .fallback(handlers::loading)
+        .layer(axum::middleware::from_fn(middleware::request_id))
+        .layer(TraceLayer::new_for_http().on_failure(()))
 }
 
 /// A CORS layer for `origins`, or none: then no preflight is answered and browsers refuse

@@ -96,6 +96,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
         host: "127.0.0.1".into(),
         port: 0,
         api_key: None,
+        drain_delay: std::time::Duration::ZERO,
         shutdown_timeout: std::time::Duration::from_secs(5),
         connection_limits: Default::default(),
         allowed_origins: Vec::new(),

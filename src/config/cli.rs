@@ -64,9 +64,16 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
 
-    /// Seconds in-flight requests may run after SIGTERM (new connections are refused at
-    /// once). When they are up, each remaining stream gets an error event and `[DONE]`, and
-    /// each remaining non-streaming request a 503. [default: 30]
+    /// Seconds to keep serving new requests after SIGTERM while `/ready` answers 503, so a
+    /// load balancer's health check (or Kubernetes' endpoint update) takes this replica out of
+    /// rotation before it stops listening. Set it a little above the balancer's check interval
+    /// × fall count; 0 closes the listener at once. [default: 0]
+    #[arg(long, env = "INFERD_DRAIN_DELAY", value_name = "SECS")]
+    pub drain_delay: Option<u64>,
+
+    /// Seconds in-flight requests may run once the listener has closed (after SIGTERM and the
+    /// drain delay). When they are up, each remaining stream gets an error event and `[DONE]`,
+    /// and each remaining non-streaming request a 503. [default: 30]
     #[arg(long, env = "INFERD_SHUTDOWN_TIMEOUT", value_name = "SECS")]
     pub shutdown_timeout: Option<u64>,
 

@@ -37,6 +37,7 @@ pub struct FileServer {
     pub host: Option<String>,
     pub port: Option<u16>,
     pub api_key: Option<String>,
+    pub drain_delay: Option<u64>,
     pub shutdown_timeout: Option<u64>,
     pub header_read_timeout: Option<u64>,
     pub max_connections: Option<usize>,

@@ -40,7 +40,9 @@ pub struct Config {
     pub host: String,
     pub port: u16,
     pub api_key: Option<String>,
-    /// After SIGTERM, how long in-flight requests may run before they are ended.
+    /// After SIGTERM, how long new requests are still served while `/ready` answers 503.
+    pub drain_delay: std::time::Duration,
+    /// After the drain delay, how long in-flight requests may run before they are ended.
     pub shutdown_timeout: std::time::Duration,
     pub connection_limits: crate::server::ConnectionLimits,
     /// Browser origins answered CORS preflights (`*`: any); empty: none.
@@ -151,6 +153,9 @@ impl Config {
                 .clone()
                 .or(f.server.api_key)
                 .filter(|k| !k.is_empty()),
+            drain_delay: std::time::Duration::from_secs(
+                a.drain_delay.or(f.server.drain_delay).unwrap_or(0),
+            ),
             shutdown_timeout: std::time::Duration::from_secs(
                 a.shutdown_timeout
                     .or(f.server.shutdown_timeout)

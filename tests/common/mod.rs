@@ -29,6 +29,7 @@ pub fn config(model: PathBuf, name: &str, engine: EngineSettings) -> Config {
         host: "127.0.0.1".into(),
         port: 0,
         api_key: None,
+        drain_delay: Duration::ZERO,
         shutdown_timeout: Duration::from_secs(30),
         connection_limits: Default::default(),
         allowed_origins: Vec::new(),
@@ -112,6 +113,19 @@ pub async fn get(base: &str, path: &str) -> (u16, Value) {
         .expect("request");
     let status = r.status().as_u16();
     (status, r.json::<Value>().await.expect("json body"))
+}
+
+/// Poll `GET {base}/ready` (bounded: 30 s) until it answers `status`; returns its body.
+pub async fn wait_for_ready_status(base: &str, status: u16) -> Value {
+    let mut last = (0, Value::Null);
+    for _ in 0..1200 {
+        last = get(base, "/ready").await;
+        if last.0 == status {
+            return last.1;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("/ready did not answer {status}; last {last:?}");
 }
 
 /// The assistant text of a successful chat completion.

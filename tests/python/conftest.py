@@ -39,12 +39,12 @@ class Daemon:
         while True:
             assert self.proc.poll() is None, f"inferd exited early; see {self.log.name}"
             try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                    if json.load(r)["status"] == "ok":
+                with urllib.request.urlopen(self.base + "/ready", timeout=2) as r:
+                    if json.load(r)["status"] == "ready":
                         return
-            except OSError:
+            except OSError:  # not listening yet, or 503 while the model loads
                 pass
-            assert time.time() < deadline, "inferd did not become healthy"
+            assert time.time() < deadline, "inferd did not become ready"
             time.sleep(0.2)
 
     def stop(self):
