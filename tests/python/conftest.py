@@ -22,11 +22,11 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, model: str, name: str, *extra: str):
+    def __init__(self, model: str, name: str, *extra: str, port: int | None = None):
         assert BINARY.exists(), f"{BINARY} is missing: run `cargo build --release` first"
         path = ROOT / "models" / model
         assert path.exists(), f"{path} is missing: run scripts/fetch-models.sh"
-        self.port = free_port()
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.name = name
         self.log = open(ROOT / "target" / f"pytest-{name}.log", "w")
