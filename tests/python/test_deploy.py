@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -299,3 +300,13 @@ def test_a_session_id_keeps_a_conversation_on_one_replica_whose_prefix_cache_hit
             assert len(set(where)) == 1, (s, where)
             first[s] = where[0]
     assert len(set(first.values())) >= 2, first
+
+
+def test_the_dashboards_balancer_metrics_are_what_haproxy_exports(cluster):
+    text = requests.get(cluster.lb_metrics + "/metrics", timeout=10).text
+    exported = {re.split(r"[{ ]", l)[0] for l in text.splitlines() if l and l[0] != "#"}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "inferd.json").read_text())
+    used = {m for p in dashboard["panels"] for t in p["targets"]
+            for m in re.findall(r"\b(haproxy_[a-z0-9_]+)", t["expr"])}
+    assert used and used <= exported, f"not exported: {sorted(used - exported)}"
+    assert 'haproxy_server_status{proxy="inferd",server="inferd1",state="UP"} 1' in text
