@@ -55,14 +55,18 @@ pub async fn header_limits(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-/// Routes that hold no data and stay open with `--api-key`.
+/// Routes that hold no data and stay open with `--api-key` (and the page's, [`super::ui::ROUTES`]).
 pub const OPEN_ROUTES: &[&str] = &["/health", "/ready", "/version"];
+
+fn open(path: &str) -> bool {
+    OPEN_ROUTES.contains(&path) || super::ui::ROUTES.contains(&path)
+}
 
 /// With `--api-key`, every request except to [`OPEN_ROUTES`] must carry
 /// `Authorization: Bearer <key>` (`/metrics`, `/stats` and the tokenizer routes included).
 pub async fn api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(key) = state.api_key.as_deref() {
-        if !OPEN_ROUTES.contains(&req.uri().path()) {
+        if !open(req.uri().path()) {
             let given = req
                 .headers()
                 .get(header::AUTHORIZATION)

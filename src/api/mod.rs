@@ -11,6 +11,7 @@ pub mod structured;
 pub mod tokenize;
 pub mod tools;
 pub mod types;
+pub mod ui;
 pub mod validate;
 
 use std::sync::Arc;
@@ -167,6 +168,9 @@ pub const MAX_BODY_BYTES: usize = 32 << 20;
 
 /// Every route, as `openapi.yaml` must describe it.
 pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/"),
+    ("get", "/ui/app.js"),
+    ("get", "/ui/app.css"),
     ("get", "/health"),
     ("get", "/ready"),
     ("get", "/version"),
@@ -182,6 +186,9 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub fn router(state: AppState) -> Router {
     let cors = cors(&state.allowed_origins);
     let router = Router::new()
+        .route("/", get(ui::index))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/app.css", get(ui::style))
         .route("/health", get(handlers::health))
         .route("/ready", get(handlers::ready))
         .route("/version", get(tokenize::version))

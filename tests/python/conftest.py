@@ -22,17 +22,23 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, model: str, name: str, *extra: str, port: int | None = None):
+    """The binary on `model` (a file in models/) served as `name`; with `model=None`, the models
+    come from a `--config` file in `extra`."""
+
+    def __init__(self, model: str | None, name: str, *extra: str, port: int | None = None):
         assert BINARY.exists(), f"{BINARY} is missing: run `cargo build --release` first"
-        path = ROOT / "models" / model
-        assert path.exists(), f"{path} is missing: run scripts/fetch-models.sh"
+        served = []
+        if model is not None:
+            path = ROOT / "models" / model
+            assert path.exists(), f"{path} is missing: run scripts/fetch-models.sh"
+            served = ["--model", str(path), "--served-model-name", name]
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.name = name
         self.log = open(ROOT / "target" / f"pytest-{name}.log", "w")
         self.proc = subprocess.Popen(
-            [str(BINARY), "serve", "--model", str(path), "--served-model-name", name,
-             "--port", str(self.port), "--api-key", API_KEY, *extra],
+            [str(BINARY), "serve", *served, "--port", str(self.port), "--api-key", API_KEY,
+             *extra],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.time() + 180

@@ -163,10 +163,10 @@ def index(replica: str) -> int:
 
 def test_streams_arrive_token_by_token_and_a_client_that_leaves_frees_its_sequence(cluster):
     body = chat("Write a long story about a lighthouse.", max_tokens=900)
-    with cluster.post(body, stream=True) as r:
+    with cluster.post(body, stream=True, headers={"x-request-id": "story-1"}) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        assert r.headers.get("x-request-id"), "the balancer adds a request id, inferd echoes it"
+        assert r.headers["x-request-id"] == "story-1", "the client's request id passes through"
         i = index(r.headers["x-inferd-replica"])
         events = []
         for line in r.iter_lines(decode_unicode=True):
@@ -281,6 +281,7 @@ def test_a_session_id_keeps_a_conversation_on_one_replica_whose_prefix_cache_hit
         r = cluster.post({"model": NAME, "messages": messages, "max_tokens": 8,
                           "temperature": 0}, headers={"x-session-id": "keeper-1"})
         assert r.status_code == 200, r.text
+        assert re.fullmatch(r"[0-9a-f-]{36}", r.headers["x-request-id"]), "the balancer made one"
         seen.append(r.headers["x-inferd-replica"])
         if turn == 0:
             i = index(seen[0])
