@@ -41,6 +41,17 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(serve(config))
         }
+        Command::Eval(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(inferd::eval::run(&args))?;
+            print!("{}", inferd::eval::table(&report));
+            for path in inferd::eval::outputs(&args, &report) {
+                println!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Command::Bench(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -36,7 +36,7 @@ pub fn corpus(seed: u64, n: usize, len: usize) -> Vec<Vec<u32>> {
     (0..n).map(|_| (0..len).map(|_| next()).collect()).collect()
 }
 
-fn check_loopback(url: &reqwest::Url, allow_remote: bool) -> anyhow::Result<()> {
+pub(crate) fn check_loopback(url: &reqwest::Url, allow_remote: bool) -> anyhow::Result<()> {
     let loopback = match url.host() {
         Some(url::Host::Domain(d)) => d == "localhost",
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
@@ -44,7 +44,7 @@ fn check_loopback(url: &reqwest::Url, allow_remote: bool) -> anyhow::Result<()> 
         None => false,
     };
     if !loopback && !allow_remote {
-        bail!("{url} is not a loopback address; pass --allow-remote to benchmark it");
+        bail!("{url} is not a loopback address; pass --allow-remote to use it");
     }
     Ok(())
 }
@@ -65,14 +65,14 @@ pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Repo
         .map_or(args.num_requests, |k| k * concurrency);
     let base = args.base_url.trim_end_matches('/').to_string();
     let url = reqwest::Url::parse(&base).context("--base-url")?;
-    check_loopback(&url, args.allow_remote)?;
+    check_loopback(&url, args.limits.allow_remote)?;
     if concurrency == 0 || num_requests == 0 || args.max_tokens == 0 || args.prompt_tokens == 0 {
         bail!("--concurrency, --num-requests (or --requests-per-stream), --prompt-tokens and --max-tokens must be at least 1");
     }
     // A fresh connection per request: reusing a pooled keep-alive connection races with servers
     // that close idle ones (llama-server does), which shows up as failed requests.
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(args.request_timeout))
+        .timeout(Duration::from_secs(args.limits.request_timeout))
         .pool_max_idle_per_host(0)
         .build()?;
     let model = match &args.model {
@@ -112,7 +112,7 @@ pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Repo
     progress.set_message(format!("benchmarking {model}"));
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(args.max_duration);
+    let deadline = started + Duration::from_secs(args.limits.max_duration);
     let workers = (0..concurrency.min(num_requests)).map(|_| {
         let (client, base, model, prompts, next, progress, shape) = (
             client.clone(),

@@ -3,6 +3,22 @@
 
 use std::path::PathBuf;
 
+/// The bounds of a client subcommand (`bench`, `eval`): per request, in all, and where to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientLimits {
+    /// Give up on one request after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+
+    /// Stop sending new requests after this many seconds; what is left is reported as not run.
+    #[arg(long, default_value_t = 3600)]
+    pub max_duration: u64,
+
+    /// Allow a base URL that is not a loopback address.
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Server to benchmark (its OpenAI API lives under /v1).
@@ -54,17 +70,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
-    /// Give up on one request after this many seconds.
-    #[arg(long, default_value_t = 600)]
-    pub request_timeout: u64,
-
-    /// Stop sending new requests after this many seconds.
-    #[arg(long, default_value_t = 3600)]
-    pub max_duration: u64,
-
-    /// Allow a base URL that is not a loopback address.
-    #[arg(long)]
-    pub allow_remote: bool,
+    #[command(flatten)]
+    pub limits: ClientLimits,
 
     #[command(flatten)]
     pub serve: SelfServeArgs,

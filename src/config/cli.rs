@@ -24,6 +24,9 @@ pub enum Command {
     /// Benchmark an OpenAI-compatible server (this one, vLLM, llama.cpp...): throughput and
     /// latency at a given concurrency, as a table and one JSON line.
     Bench(super::BenchArgs),
+    /// Evaluate models on an OpenAI-compatible server: a question suite with checks and a
+    /// needle-in-a-haystack sweep, as a table, Markdown and JSON reports and a PNG heatmap.
+    Eval(super::EvalArgs),
 }
 
 #[derive(Debug, Clone, Default, Args)]

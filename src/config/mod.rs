@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 
 mod bench_args;
 mod cli;
+mod eval_args;
 mod file;
 mod values;
 
-pub use bench_args::{BenchArgs, SelfServeArgs};
+pub use bench_args::{BenchArgs, ClientLimits, SelfServeArgs};
 pub use cli::{Cli, Command, ServeArgs};
+pub use eval_args::EvalArgs;
 pub use file::{FileConfig, FileEngine, FileModel, FileModelEntry, FileServer};
 pub use values::{DeviceSpec, KvCacheDtype};
 
