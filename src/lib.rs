@@ -29,6 +29,12 @@ use tokenizer::Tokenizer;
 
 /// Load every configured model and start its engine thread. Blocking (reads weights).
 pub fn load(config: &Config) -> anyhow::Result<AppState> {
+    let kernels = models::layers::simd::KernelPath::from_env().map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        cpu_kernels = kernels.name(),
+        cpu_flags = models::layers::simd::cpu_flags().join(" "),
+        "CPU kernel path"
+    );
     // First: engines register their metrics with the recorder as they start.
     let metrics = telemetry::install();
     let mut models = Vec::new();

@@ -4,69 +4,18 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
 use serde_json::json;
 
-/// Kills the daemon if the test fails before it exits, so no process outlives the test.
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Start the binary on SmolLM2 with `extra` flags; returns it and its base URL.
 fn start_daemon(extra: &[&str]) -> (Daemon, String) {
-    let mut daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_inferd"))
-            .args([
-                "serve",
-                "--port",
-                "0",
-                "--served-model-name",
-                "smol",
-                "--kv-cache-memory",
-                "64MiB",
-            ])
-            .args(extra)
-            .arg("--model")
-            .arg(model_path(SMOLLM))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn inferd"),
-    );
-    let stderr = daemon.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut base = None;
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("inferd did not start");
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            base = Some(rest.trim().to_string());
-        }
-        if line.contains("ready: serving the API") {
-            break;
-        }
-    }
-    (
-        daemon,
-        base.expect("the address is logged before the models load"),
-    )
+    let mut args = vec!["--kv-cache-memory", "64MiB"];
+    args.extend_from_slice(extra);
+    spawn_serve(&model_path(SMOLLM), "smol", &args, &[])
 }
 
 fn sigterm(daemon: &Daemon) {

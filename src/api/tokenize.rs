@@ -69,5 +69,7 @@ pub async fn detokenize(
 pub async fn version() -> Json<Version> {
     Json(Version {
         version: env!("CARGO_PKG_VERSION"),
+        cpu_kernels: crate::models::layers::simd::KernelPath::active().name(),
+        cpu_flags: crate::models::layers::simd::cpu_flags(),
     })
 }

@@ -350,6 +350,10 @@ pub struct Health {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Version {
     pub version: &'static str,
+    /// The CPU kernel path in use (`avx512`, `avxvnni`, `avx2`, `portable`).
+    pub cpu_kernels: &'static str,
+    /// The CPU's SIMD features the kernels look for.
+    pub cpu_flags: Vec<&'static str>,
 }
 
 /// `GET /stats`: each model's engine snapshot.

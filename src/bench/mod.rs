@@ -147,7 +147,20 @@ pub async fn run_at(args: &BenchArgs, concurrency: usize) -> anyhow::Result<Repo
     if let Some(e) = results.iter().find_map(|r| r.error.as_ref()) {
         tracing::warn!(error = %e, failed = results.iter().filter(|r| !r.ok).count(), "some requests failed");
     }
-    Ok(Report::new(&base, &model, concurrency, duration, &results))
+    let mut report = Report::new(&base, &model, concurrency, duration, &results);
+    // inferd says which CPU kernels it runs; other servers answer 404 or without the fields.
+    if let Ok(r) = client.get(format!("{base}/version")).send().await {
+        if let Ok(v) = r.json::<Value>().await {
+            report.cpu_kernels = v["cpu_kernels"].as_str().map(String::from);
+            report.cpu_flags = v["cpu_flags"].as_array().map(|f| {
+                f.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            });
+        }
+    }
+    Ok(report)
 }
 
 /// Whether a stream chunk carries output: completion text, chat content, or a piece of a call.

@@ -57,6 +57,9 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Report {
     pub base_url: String,
+    /// The server's CPU kernel path and CPU flags, when it says (inferd's `/version`).
+    pub cpu_kernels: Option<String>,
+    pub cpu_flags: Option<String>,
     pub model: String,
     pub concurrency: usize,
     pub completed: usize,
@@ -93,6 +96,8 @@ impl Report {
         let itl: Vec<f64> = ok.iter().flat_map(|r| r.itl.iter().copied()).collect();
         Self {
             base_url: base_url.to_string(),
+            cpu_kernels: None,
+            cpu_flags: None,
             model: model.to_string(),
             concurrency,
             completed: ok.len(),
@@ -115,6 +120,12 @@ impl Report {
         let mut s = String::new();
         let line = |s: &mut String, k: &str, v: String| s.push_str(&format!("{k:<40}{v:>12}\n"));
         s.push_str(&format!("{:=^52}\n", " Serving Benchmark Result "));
+        if let Some(k) = &self.cpu_kernels {
+            line(&mut s, "Server CPU kernels:", k.clone());
+        }
+        if let Some(f) = &self.cpu_flags {
+            s.push_str(&format!("Server CPU flags: {f}\n"));
+        }
         line(&mut s, "Successful requests:", self.completed.to_string());
         line(&mut s, "Failed requests:", self.failed.to_string());
         line(

@@ -86,6 +86,63 @@ pub fn start_with(config: Config, opts: inferd::ServeOptions) -> String {
         .expect("server start")
 }
 
+/// A spawned `inferd serve`, killed if a test ends before it exits.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start the binary on `model` (served as `name`) on a free port, with `extra` flags and `env`;
+/// returns once it is ready, with its base URL.
+pub fn spawn_serve(
+    model: &std::path::Path,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Daemon, String) {
+    use std::io::{BufRead, BufReader};
+    let mut daemon = Daemon(
+        std::process::Command::new(env!("CARGO_BIN_EXE_inferd"))
+            .args(["serve", "--port", "0", "--served-model-name", name])
+            .args(extra)
+            .arg("--model")
+            .arg(model)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn inferd"),
+    );
+    let stderr = daemon.0.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut base = None;
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("inferd did not start");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            base = Some(rest.trim().to_string());
+        }
+        if line.contains("ready: serving the API") {
+            break;
+        }
+    }
+    (
+        daemon,
+        base.expect("the address is logged before the models load"),
+    )
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(300))

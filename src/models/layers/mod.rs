@@ -12,6 +12,7 @@ pub mod paged_tensor;
 pub mod pool;
 pub mod qtiles;
 pub mod rope;
+pub mod simd;
 pub mod trunk;
 
 pub use attention::{paged_attention, AttnDims};

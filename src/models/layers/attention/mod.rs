@@ -111,7 +111,7 @@ fn attend_typed<E: Elem>(
         token_seq,
         chunk,
     };
-    let simd = Simd::detect();
+    let simd = Simd::active();
     let mut out = vec![0f32; q.len() / d.head_dim * d.v_head_dim];
     let width = chunk * d.v_head_dim;
     let dst = SyncPtr(out.as_mut_ptr());
@@ -153,6 +153,17 @@ enum Simd {
 }
 
 impl Simd {
+    /// The kernel of the active kernel path (`INFERD_CPU_KERNELS`), never wider than the CPU.
+    fn active() -> Self {
+        use super::simd::KernelPath;
+        match (KernelPath::active(), Self::detect()) {
+            (KernelPath::Portable, _) | (_, Self::None) => Self::None,
+            (KernelPath::Avx2 | KernelPath::AvxVnni, _) => Self::Avx2,
+            (KernelPath::Avx512, widest) => widest,
+        }
+    }
+
+    /// The widest kernel this CPU runs.
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {

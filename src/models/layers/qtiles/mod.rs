@@ -1,6 +1,7 @@
 //! inferd's own CPU matmul for GGUF weights in 32-element blocks (Q4_0, Q4_1, Q5_0, Q8_0, and
 //! the 32-value blocks of Q4_K and Q6_K):
-//! the weights repacked at load into tiles of 16 output rows, multiplied with AVX-512 VNNI.
+//! the weights repacked at load into tiles of 16 output rows, multiplied with AVX-512 VNNI
+//! (`x86`), or AVX2 with or without AVX-VNNI (`avx2`), as [`KernelPath::active`] says.
 //!
 //! Why not candle's kernels: its Q4_1/Q5_0 dot products are scalar loops, and its SIMD Q8_0
 //! kernel wants rows of a multiple of 256 (SmolLM2's 576 and Qwen2.5's 896 pad to 768 and
@@ -23,7 +24,10 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
 
 use super::pool::{self, SyncPtr};
+use super::simd::KernelPath;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod gguf;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -90,19 +94,10 @@ impl std::fmt::Debug for TiledMatrix {
     }
 }
 
-/// Whether this CPU runs the tiled kernels (AVX-512 F/BW/VNNI); elsewhere the loader keeps
-/// candle's kernels.
+/// Whether quantized matmuls run on the tiles (on x86: AVX-512 VNNI, AVX-VNNI, AVX2, or the
+/// portable twin when forced); elsewhere the loader keeps candle's kernels.
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    KernelPath::active().tiles()
 }
 
 fn f16_at(b: &[u8], i: usize) -> f16 {
@@ -212,22 +207,27 @@ impl TiledMatrix {
         }
     }
 
-    /// `x` `[m, k]` row-major → `[m, n]`, on candle's CPU thread pool.
+    /// `x` `[m, k]` row-major → `[m, n]`, on candle's CPU thread pool, on the active path.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let act = Activations::quantize(x, m, self.k);
+        self.matmul_with(KernelPath::active(), x, m)
+    }
+
+    /// [`Self::matmul`] on `path` (which this CPU must support).
+    pub fn matmul_with(&self, path: KernelPath, x: &[f32], m: usize) -> Vec<f32> {
+        assert!(path.supported(), "{path:?} on this CPU");
+        let act = Activations::quantize(x, m, self.k, path);
         let mut out = vec![0f32; m * self.n];
         let tiles = self.n.div_ceil(TILE);
         let row_blocks = m.div_ceil(ROW_BLOCK);
         let items = tiles * row_blocks;
         let dst = SyncPtr(out.as_mut_ptr());
-        let simd = available();
         pool::for_each_range(items, |range| {
             for item in range {
                 let (rb, t) = (item / tiles, item % tiles);
                 let rows = rb * ROW_BLOCK..m.min((rb + 1) * ROW_BLOCK);
                 // SAFETY: `out` is `[m, n]`; item (rb, t) writes only rows `rows` × columns of
                 // tile `t`, which no other item touches.
-                unsafe { self.tile_rows(t, rows, &act, dst, simd) };
+                unsafe { self.tile_rows(t, rows, &act, dst, path) };
             }
         });
         out
@@ -235,24 +235,25 @@ impl TiledMatrix {
 
     /// The same product through the portable code only (tests compare it with the SIMD path).
     pub fn matmul_portable(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let act = Activations::quantize(x, m, self.k);
+        let act = Activations::quantize(x, m, self.k, KernelPath::Portable);
         let mut out = vec![0f32; m * self.n];
         let dst = SyncPtr(out.as_mut_ptr());
         for t in 0..self.n.div_ceil(TILE) {
             // SAFETY: as in `matmul`, one thread.
-            unsafe { self.tile_rows(t, 0..m, &act, dst, false) };
+            unsafe { self.tile_rows(t, 0..m, &act, dst, KernelPath::Portable) };
         }
         out
     }
 
-    /// Outputs of tile `t` for activation rows `rows`, written into `dst` (`[m, n]`).
+    /// Outputs of tile `t` for activation rows `rows`, written into `dst` (`[m, n]`), on
+    /// `path` (supported by this CPU).
     unsafe fn tile_rows(
         &self,
         t: usize,
         rows: std::ops::Range<usize>,
         act: &Activations,
         dst: SyncPtr<f32>,
-        simd: bool,
+        path: KernelPath,
     ) {
         let lanes = TILE.min(self.n - t * TILE);
         let mut acc = [[0f32; TILE]; ROWS];
@@ -260,19 +261,27 @@ impl TiledMatrix {
         while i < rows.end {
             let r = ROWS.min(rows.end - i);
             #[cfg(target_arch = "x86_64")]
-            if simd {
-                match r {
-                    4 => x86::tile::<4>(self, t, i, act, &mut acc),
-                    3 => x86::tile::<3>(self, t, i, act, &mut acc),
-                    2 => x86::tile::<2>(self, t, i, act, &mut acc),
-                    _ => x86::tile::<1>(self, t, i, act, &mut acc),
+            {
+                macro_rules! rows {
+                    ($($kernel:ident)::+) => {
+                        match r {
+                            4 => $($kernel)::+::<4>(self, t, i, act, &mut acc),
+                            3 => $($kernel)::+::<3>(self, t, i, act, &mut acc),
+                            2 => $($kernel)::+::<2>(self, t, i, act, &mut acc),
+                            _ => $($kernel)::+::<1>(self, t, i, act, &mut acc),
+                        }
+                    };
                 }
-            } else {
-                self.tile_portable(t, i, r, act, &mut acc);
+                match path {
+                    KernelPath::Avx512 => rows!(x86::tile),
+                    KernelPath::AvxVnni => rows!(avx2::tile_vnni),
+                    KernelPath::Avx2 => rows!(avx2::tile),
+                    KernelPath::Portable => self.tile_portable(t, i, r, act, &mut acc),
+                }
             }
             #[cfg(not(target_arch = "x86_64"))]
             {
-                let _ = simd;
+                let _ = path;
                 self.tile_portable(t, i, r, act, &mut acc);
             }
             for (j, a) in acc.iter().take(r).enumerate() {
@@ -412,7 +421,7 @@ struct Activations {
 }
 
 impl Activations {
-    fn quantize(x: &[f32], m: usize, k: usize) -> Self {
+    fn quantize(x: &[f32], m: usize, k: usize, path: KernelPath) -> Self {
         debug_assert_eq!(x.len(), m * k);
         let blocks = m * k / QK;
         let mut act = Self {
@@ -422,30 +431,30 @@ impl Activations {
             sum_lo: vec![0; blocks],
             s: vec![0.0; blocks],
         };
-        let simd = available();
         for (b, (xs, qs)) in x
             .chunks_exact(QK)
             .zip(act.q.chunks_exact_mut(QK))
             .enumerate()
         {
-            #[cfg(target_arch = "x86_64")]
-            let (d, sum, sum_lo) = if simd {
-                // SAFETY: AVX-512 F/BW present (`available`); both slices are one block long.
-                unsafe { x86::quantize_block(xs, qs) }
-            } else {
-                quantize_block(xs, qs)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let (d, sum, sum_lo) = {
-                let _ = simd;
-                quantize_block(xs, qs)
-            };
+            let (d, sum, sum_lo) = quantize_block_on(path, xs, qs);
             act.d[b] = d;
             act.sum[b] = sum;
             act.sum_lo[b] = sum_lo;
             act.s[b] = d * sum as f32;
         }
         act
+    }
+}
+
+/// [`quantize_block`] on `path` (supported by this CPU).
+fn quantize_block_on(path: KernelPath, xs: &[f32], qs: &mut [i8]) -> (f32, i32, i32) {
+    match path {
+        // SAFETY: the path is supported, so are its features; both slices are one block long.
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512 => unsafe { x86::quantize_block(xs, qs) },
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::AvxVnni | KernelPath::Avx2 => unsafe { avx2::quantize_block(xs, qs) },
+        _ => quantize_block(xs, qs),
     }
 }
 
@@ -521,8 +530,8 @@ mod tests {
         let deq = q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
         let tiled = TiledMatrix::from_qtensor(&q).unwrap().unwrap();
         let x = pseudo(m * k, 7);
-        let got = tiled.matmul(&x, m);
-        let act = Activations::quantize(&x, m, k);
+        let got = tiled.matmul_portable(&x, m);
+        let act = Activations::quantize(&x, m, k, KernelPath::Portable);
         for i in 0..m {
             for j in 0..n {
                 let want: f64 = (0..k)
@@ -538,12 +547,16 @@ mod tests {
                 );
             }
         }
+        // Every path this CPU runs gives the portable bits, for the batch and for a row alone.
         let row = m / 2;
-        assert_eq!(
-            tiled.matmul(&x[row * k..(row + 1) * k], 1),
-            got[row * n..(row + 1) * n]
-        );
-        assert_eq!(tiled.matmul_portable(&x, m), got);
+        for path in KernelPath::all_supported() {
+            assert_eq!(tiled.matmul_with(path, &x, m), got, "{dtype:?} on {path:?}");
+            assert_eq!(
+                tiled.matmul_with(path, &x[row * k..(row + 1) * k], 1),
+                got[row * n..(row + 1) * n],
+                "{dtype:?} on {path:?}, one row"
+            );
+        }
         let mut r = vec![0f32; k];
         tiled.dequantize_row(n - 1, &mut r);
         assert_eq!(r, deq[n - 1]);
@@ -581,13 +594,10 @@ mod tests {
             if xs[0] == 127.0 {
                 assert_eq!((want.0, &a[..4]), (1.0, &[127, 2, -4, 0][..]));
             }
-            #[cfg(target_arch = "x86_64")]
-            if available() {
-                // SAFETY: AVX-512 present.
-                let got = unsafe { x86::quantize_block(xs, &mut b) };
-                assert_eq!((got, b), (want, a));
+            for path in KernelPath::all_supported() {
+                let got = quantize_block_on(path, xs, &mut b);
+                assert_eq!((got, b), (want, a), "{path:?}");
             }
-            let _ = &mut b;
         }
     }
 

@@ -1,0 +1,303 @@
+//! The AVX2 side of the tiled matmul, for CPUs without AVX-512: the same tiles, each 16-row
+//! tile as two halves of 8 rows in 256-bit registers, one half after the other (a half's
+//! unpacked weights and its accumulators fit the 16 registers). Four columns of 8 rows per
+//! `vpdpbusd` where the CPU has AVX-VNNI (VEX), else per `vpmaddubsw` + `vpmaddwd`. The integer
+//! sums are exact either way and the float steps are the portable twin's, lane by lane, so
+//! every result equals [`super::TiledMatrix::matmul_portable`] bit for bit.
+//!
+//! `vpmaddubsw` saturates its 16-bit pair sums: harmless for 4- to 6-bit weights (at most
+//! 2·63·127), but Q8_0's weights stored + 128 would overflow, so without VNNI Q8_0 multiplies
+//! the signed weights' magnitudes by the activations carrying the weights' signs
+//! (`vpsignb`), at most 2·128·127.
+
+use std::arch::x86_64::*;
+
+use super::{Activations, TileFormat, TiledMatrix, QK, ROWS, TILE};
+
+/// Rows per half tile.
+const HALF: usize = TILE / 2;
+
+/// Four u8 × i8 products per 32-bit lane, summed into `acc`.
+#[inline(always)]
+unsafe fn dot<const VNNI: bool>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpbusd_avx_epi32(acc, w, x)
+    } else {
+        let pairs = _mm256_maddubs_epi16(w, x);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+}
+
+/// 32 mask bits to 32 bytes: 0xff where the bit is set.
+#[inline(always)]
+unsafe fn expand_mask(bits: u32) -> __m256i {
+    let v = _mm256_set1_epi32(bits as i32);
+    let pick = _mm256_setr_epi8(
+        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
+        3, 3,
+    );
+    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    let bytes = _mm256_and_si256(_mm256_shuffle_epi8(v, pick), bit);
+    _mm256_cmpeq_epi8(bytes, bit)
+}
+
+/// The `h`-th 32 bits of the 64-bit byte mask at `p` (bits of half `h` of a 64-byte group).
+#[inline(always)]
+unsafe fn half_mask(p: *const u8, h: usize) -> u32 {
+    (p as *const u64)
+        .read_unaligned()
+        .to_le()
+        .wrapping_shr(32 * h as u32) as u32
+}
+
+/// Eight f16 scales at `p`, widened.
+#[inline(always)]
+unsafe fn f16x8(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+}
+
+#[inline(always)]
+unsafe fn f32x8(p: *const u8) -> __m256 {
+    _mm256_loadu_ps(p as *const f32)
+}
+
+/// [`super::x86::tile`]'s contract, on AVX2 (+ AVX-VNNI when `VNNI`).
+#[inline(always)]
+unsafe fn tile_body<const R: usize, const VNNI: bool>(
+    w: &TiledMatrix,
+    t: usize,
+    first: usize,
+    act: &Activations,
+    out: &mut [[f32; TILE]; ROWS],
+) {
+    let nb = w.k / QK;
+    let rec_bytes = w.format.record();
+    let base = (w.lines.as_ptr() as *const u8).add(t * nb * rec_bytes);
+    let xq = |row: usize, b: usize, word: usize| -> __m256i {
+        let p = act.q.as_ptr().add(row * w.k + b * QK + 4 * word) as *const i32;
+        _mm256_set1_epi32(p.read_unaligned())
+    };
+    let low = _mm256_set1_epi8(0x0f);
+    for h in 0..2 {
+        // Half `h` of each 64-byte weight group: rows 8h..8h + 8.
+        let wgt =
+            |rec: *const u8, at: usize| _mm256_load_si256(rec.add(at + 32 * h) as *const __m256i);
+        let mut acc = [_mm256_setzero_ps(); R];
+        match w.format {
+            TileFormat::Q4_1 | TileFormat::Q4K => {
+                let f32_scales = w.format == TileFormat::Q4K;
+                for b in 0..nb {
+                    let rec = base.add(b * rec_bytes);
+                    let (d, m, nibbles) = if f32_scales {
+                        (f32x8(rec.add(32 * h)), f32x8(rec.add(64 + 32 * h)), 128)
+                    } else {
+                        (f16x8(rec.add(16 * h)), f16x8(rec.add(32 + 16 * h)), 64)
+                    };
+                    let mut lo = [_mm256_setzero_si256(); 4];
+                    let mut hi = [_mm256_setzero_si256(); 4];
+                    for g in 0..4 {
+                        let v = wgt(rec, nibbles + 64 * g);
+                        lo[g] = _mm256_and_si256(v, low);
+                        hi[g] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let row = first + j;
+                        let mut s0 = _mm256_setzero_si256();
+                        let mut s1 = _mm256_setzero_si256();
+                        for g in 0..4 {
+                            s0 = dot::<VNNI>(s0, lo[g], xq(row, b, g));
+                            s1 = dot::<VNNI>(s1, hi[g], xq(row, b, 4 + g));
+                        }
+                        let isum = _mm256_add_epi32(s0, s1);
+                        let i = row * nb + b;
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(*act.d.get_unchecked(i)));
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, *a);
+                        *a = _mm256_fmadd_ps(m, _mm256_set1_ps(*act.s.get_unchecked(i)), *a);
+                    }
+                }
+            }
+            TileFormat::Q5_0 => {
+                let sixteen = _mm256_set1_epi8(16);
+                for b in 0..nb {
+                    let rec = base.add(b * rec_bytes);
+                    let d = f16x8(rec.add(16 * h));
+                    let mut lo = [_mm256_setzero_si256(); 4];
+                    let mut hi = [_mm256_setzero_si256(); 4];
+                    for g in 0..4 {
+                        let v = wgt(rec, 128 + 64 * g);
+                        let masks = rec.add(64 + 16 * g);
+                        let l = _mm256_and_si256(v, low);
+                        let hh = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                        let ml = _mm256_and_si256(expand_mask(half_mask(masks, h)), sixteen);
+                        let mh = _mm256_and_si256(expand_mask(half_mask(masks.add(8), h)), sixteen);
+                        lo[g] = _mm256_add_epi8(l, ml);
+                        hi[g] = _mm256_add_epi8(hh, mh);
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let row = first + j;
+                        let mut s0 = _mm256_setzero_si256();
+                        let mut s1 = _mm256_setzero_si256();
+                        for g in 0..4 {
+                            s0 = dot::<VNNI>(s0, lo[g], xq(row, b, g));
+                            s1 = dot::<VNNI>(s1, hi[g], xq(row, b, 4 + g));
+                        }
+                        // the weights are stored + 16
+                        let i = row * nb + b;
+                        let bias = _mm256_set1_epi32(16 * *act.sum.get_unchecked(i));
+                        let isum = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), bias);
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(*act.d.get_unchecked(i)));
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, *a);
+                    }
+                }
+            }
+            TileFormat::Q6K => {
+                let (sixteen, thirty_two) = (_mm256_set1_epi8(16), _mm256_set1_epi8(32));
+                for b in 0..nb {
+                    let rec = base.add(b * rec_bytes);
+                    let d_lo = f32x8(rec.add(32 * h));
+                    let d_hi = f32x8(rec.add(64 + 32 * h));
+                    let mut lo = [_mm256_setzero_si256(); 4];
+                    let mut hi = [_mm256_setzero_si256(); 4];
+                    for g in 0..4 {
+                        let v = wgt(rec, 256 + 64 * g);
+                        let (fifth, sixth) = (rec.add(128 + 16 * g), rec.add(192 + 16 * g));
+                        let bits = |p: *const u8, add: __m256i| {
+                            _mm256_and_si256(expand_mask(half_mask(p, h)), add)
+                        };
+                        let mut l = _mm256_and_si256(v, low);
+                        let mut hh = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                        l = _mm256_add_epi8(l, bits(fifth, sixteen));
+                        l = _mm256_add_epi8(l, bits(sixth, thirty_two));
+                        hh = _mm256_add_epi8(hh, bits(fifth.add(8), sixteen));
+                        hh = _mm256_add_epi8(hh, bits(sixth.add(8), thirty_two));
+                        lo[g] = l;
+                        hi[g] = hh;
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let row = first + j;
+                        let mut s0 = _mm256_setzero_si256();
+                        let mut s1 = _mm256_setzero_si256();
+                        for g in 0..4 {
+                            s0 = dot::<VNNI>(s0, lo[g], xq(row, b, g));
+                            s1 = dot::<VNNI>(s1, hi[g], xq(row, b, 4 + g));
+                        }
+                        // the weights are stored + 32; each half block has its own scale
+                        let i = row * nb + b;
+                        let (sum, sum_lo) =
+                            (*act.sum.get_unchecked(i), *act.sum_lo.get_unchecked(i));
+                        let isum_lo = _mm256_sub_epi32(s0, _mm256_set1_epi32(32 * sum_lo));
+                        let isum_hi = _mm256_sub_epi32(s1, _mm256_set1_epi32(32 * (sum - sum_lo)));
+                        let dx = _mm256_set1_ps(*act.d.get_unchecked(i));
+                        let scale_lo = _mm256_mul_ps(d_lo, dx);
+                        let scale_hi = _mm256_mul_ps(d_hi, dx);
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum_lo), scale_lo, *a);
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum_hi), scale_hi, *a);
+                    }
+                }
+            }
+            TileFormat::Q8_0 => {
+                let flip = _mm256_set1_epi8(-128);
+                for b in 0..nb {
+                    let rec = base.add(b * rec_bytes);
+                    let d = f32x8(rec.add(32 * h));
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        let row = first + j;
+                        let mut s0 = _mm256_setzero_si256();
+                        let mut s1 = _mm256_setzero_si256();
+                        for g in 0..4 {
+                            let w0 = wgt(rec, 64 + 128 * g);
+                            let w1 = wgt(rec, 128 + 128 * g);
+                            let (x0, x1) = (xq(row, b, 2 * g), xq(row, b, 2 * g + 1));
+                            if VNNI {
+                                s0 = dot::<true>(s0, w0, x0);
+                                s1 = dot::<true>(s1, w1, x1);
+                            } else {
+                                // |w| against x with w's sign: no 16-bit saturation
+                                let (v0, v1) =
+                                    (_mm256_xor_si256(w0, flip), _mm256_xor_si256(w1, flip));
+                                let a0 = _mm256_sign_epi8(x0, v0);
+                                let a1 = _mm256_sign_epi8(x1, v1);
+                                s0 = dot::<false>(s0, _mm256_abs_epi8(v0), a0);
+                                s1 = dot::<false>(s1, _mm256_abs_epi8(v1), a1);
+                            }
+                        }
+                        let i = row * nb + b;
+                        let mut isum = _mm256_add_epi32(s0, s1);
+                        if VNNI {
+                            // the weights were stored + 128
+                            let bias = _mm256_set1_epi32(128 * *act.sum.get_unchecked(i));
+                            isum = _mm256_sub_epi32(isum, bias);
+                        }
+                        let scale = _mm256_mul_ps(d, _mm256_set1_ps(*act.d.get_unchecked(i)));
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, *a);
+                    }
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            _mm256_storeu_ps(o.as_mut_ptr().add(HALF * h), a);
+        }
+    }
+}
+
+/// SAFETY: AVX2, FMA, F16C present; `t` a tile of `w`, rows `first..first + R` in `act`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile<const R: usize>(
+    w: &TiledMatrix,
+    t: usize,
+    first: usize,
+    act: &Activations,
+    out: &mut [[f32; TILE]; ROWS],
+) {
+    tile_body::<R, false>(w, t, first, act, out)
+}
+
+/// SAFETY: as [`tile`], and AVX-VNNI present.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+pub(super) unsafe fn tile_vnni<const R: usize>(
+    w: &TiledMatrix,
+    t: usize,
+    first: usize,
+    act: &Activations,
+    out: &mut [[f32; TILE]; ROWS],
+) {
+    tile_body::<R, true>(w, t, first, act, out)
+}
+
+/// Horizontal sum of eight i32.
+#[inline(always)]
+unsafe fn hsum(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// [`super::quantize_block`] in four 8-lane registers, bit for bit.
+/// SAFETY: AVX2 present.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32, i32) {
+    debug_assert!(xs.len() == QK && qs.len() == QK);
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let x = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(xs.as_ptr().add(i)));
+    let m = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(x[0], abs), _mm256_and_ps(x[1], abs)),
+        _mm256_max_ps(_mm256_and_ps(x[2], abs), _mm256_and_ps(x[3], abs)),
+    );
+    let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m1 = _mm_max_ss(m2, _mm_shuffle_ps::<0b01>(m2, m2));
+    let amax = _mm_cvtss_f32(m1);
+    let d = amax / 127.0;
+    let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    // cvtps2dq rounds to nearest, ties to even (the default MXCSR mode)
+    let q = x.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, inv)));
+    // |q| <= 127: the packs never saturate; they interleave 128-bit lanes, the permute undoes it
+    let w16a = _mm256_packs_epi32(q[0], q[1]);
+    let w16b = _mm256_packs_epi32(q[2], q[3]);
+    let w8 = _mm256_packs_epi16(w16a, w16b);
+    let ordered = _mm256_permutevar8x32_epi32(w8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, ordered);
+    let sum_lo = hsum(_mm256_add_epi32(q[0], q[1]));
+    (d, sum_lo + hsum(_mm256_add_epi32(q[2], q[3])), sum_lo)
+}
