@@ -108,12 +108,17 @@ impl KernelPath {
         })
     }
 
-    /// Whether quantized matmuls run on inferd's tiles on this path: on x86 always (the
-    /// portable twin included, as a test mode); elsewhere candle's kernels (NEON on aarch64)
-    /// are faster than scalar tiles.
+    /// Whether quantized matmuls run on inferd's tiles on this path: on x86 with a SIMD path,
+    /// or on the portable twin when `INFERD_CPU_KERNELS=portable` asks for it (a test mode:
+    /// scalar and slow). Otherwise — x86 without AVX2, aarch64 — candle's kernels (NEON on
+    /// aarch64) run them.
     pub fn tiles(self) -> bool {
-        cfg!(target_arch = "x86_64")
+        cfg!(target_arch = "x86_64") && (self != Self::Portable || forced_portable())
     }
+}
+
+fn forced_portable() -> bool {
+    std::env::var(ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("portable"))
 }
 
 /// The SIMD features of this CPU that the kernels care about.
