@@ -119,7 +119,7 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<(ServedModel, EngineThread
         max_model_len,
         prefix_caching = e.enable_prefix_caching,
         kv_cache_dtype = ?cache_dtype,
-        threads = candle_core::utils::get_num_threads(),
+        threads = models::layers::pool::threads(),
         "model loaded"
     );
     let tokenizer = Arc::new(tokenizer);

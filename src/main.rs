@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = Config::from_args(&args)?;
+            set_threads(config.threads)?;
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
@@ -53,6 +54,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => {
+            set_threads(None)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -76,6 +78,23 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Size candle's compute pools (read once, on first use: so before anything runs on them).
+fn set_threads(asked: Option<usize>) -> anyhow::Result<()> {
+    if asked == Some(0) {
+        anyhow::bail!("--threads must be at least 1");
+    }
+    if asked.is_none()
+        && (std::env::var_os("CANDLE_NUM_THREADS").is_some()
+            || std::env::var_os("RAYON_NUM_THREADS").is_some())
+    {
+        return Ok(()); // the user sized the pools themselves
+    }
+    let n = asked.unwrap_or_else(inferd::models::layers::pool::default_threads);
+    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

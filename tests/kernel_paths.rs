@@ -103,3 +103,17 @@ fn an_unknown_path_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("INFERD_CPU_KERNELS=neon9000"), "{err}");
 }
+
+#[tokio::test]
+async fn threads_are_the_ones_asked_for() {
+    let (_daemon, base) = spawn_serve(&model_path(SMOLLM), "smol", &["--threads", "1"], &[]);
+    let (_, v) = get(&base, "/version").await;
+    assert_eq!(v["cpu_threads"], 1, "{v}");
+    let (status, _) = post(
+        &base,
+        "/v1/completions",
+        &json!({"model": "smol", "prompt": "Hi", "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 200);
+}

@@ -71,5 +71,6 @@ pub async fn version() -> Json<Version> {
         version: env!("CARGO_PKG_VERSION"),
         cpu_kernels: crate::models::layers::simd::KernelPath::active().name(),
         cpu_flags: crate::models::layers::simd::cpu_flags(),
+        cpu_threads: crate::models::layers::pool::threads(),
     })
 }

@@ -354,6 +354,8 @@ pub struct Version {
     pub cpu_kernels: &'static str,
     /// The CPU's SIMD features the kernels look for.
     pub cpu_flags: Vec<&'static str>,
+    /// Threads of the compute pool (`--threads`).
+    pub cpu_threads: usize,
 }
 
 /// `GET /stats`: each model's engine snapshot.

@@ -97,6 +97,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
         port: 0,
         api_key: None,
         drain_delay: std::time::Duration::ZERO,
+        threads: None,
         shutdown_timeout: std::time::Duration::from_secs(5),
         connection_limits: Default::default(),
         allowed_origins: Vec::new(),

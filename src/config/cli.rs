@@ -67,6 +67,11 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
 
+    /// CPU threads for the forward pass (matmuls, attention). [default: the physical cores in
+    /// this process's CPU affinity, capped by a cgroup CPU quota]
+    #[arg(long, env = "INFERD_THREADS")]
+    pub threads: Option<usize>,
+
     /// Seconds to keep serving new requests after SIGTERM while `/ready` answers 503, so a
     /// load balancer's health check (or Kubernetes' endpoint update) takes this replica out of
     /// rotation before it stops listening. Set it a little above the balancer's check interval

@@ -38,6 +38,7 @@ pub struct FileServer {
     pub port: Option<u16>,
     pub api_key: Option<String>,
     pub drain_delay: Option<u64>,
+    pub threads: Option<usize>,
     pub shutdown_timeout: Option<u64>,
     pub header_read_timeout: Option<u64>,
     pub max_connections: Option<usize>,

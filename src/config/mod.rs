@@ -44,6 +44,8 @@ pub struct Config {
     pub api_key: Option<String>,
     /// After SIGTERM, how long new requests are still served while `/ready` answers 503.
     pub drain_delay: std::time::Duration,
+    /// Compute threads (`None`: the default, see `models::layers::pool::default_threads`).
+    pub threads: Option<usize>,
     /// After the drain delay, how long in-flight requests may run before they are ended.
     pub shutdown_timeout: std::time::Duration,
     pub connection_limits: crate::server::ConnectionLimits,
@@ -158,6 +160,7 @@ impl Config {
             drain_delay: std::time::Duration::from_secs(
                 a.drain_delay.or(f.server.drain_delay).unwrap_or(0),
             ),
+            threads: a.threads.or(f.server.threads),
             shutdown_timeout: std::time::Duration::from_secs(
                 a.shutdown_timeout
                     .or(f.server.shutdown_timeout)

@@ -30,6 +30,7 @@ pub fn config(model: PathBuf, name: &str, engine: EngineSettings) -> Config {
         port: 0,
         api_key: None,
         drain_delay: Duration::ZERO,
+        threads: None,
         shutdown_timeout: Duration::from_secs(30),
         connection_limits: Default::default(),
         allowed_origins: Vec::new(),

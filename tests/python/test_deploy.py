@@ -42,10 +42,19 @@ def chat(content: str, max_tokens: int, stream: bool = True, **extra) -> dict:
 
 class Cluster:
     def __init__(self, tmp):
+        self.replicas, self.haproxy = [], None
+        try:
+            self.start_all(tmp)
+        except BaseException:
+            self.close()  # no replica outlives a failed start
+            raise
+
+    def start_all(self, tmp):
         haproxy = shutil.which("haproxy")
         assert haproxy, "haproxy is missing: scripts/install-system-deps.sh installs it"
         self.ports = [free_port() for _ in REPLICAS]
-        self.replicas = [self.start(i) for i in range(len(REPLICAS))]
+        for i in range(len(REPLICAS)):
+            self.replicas.append(self.start(i))
         self.lb = f"http://127.0.0.1:{free_port()}"
         self.lb_metrics = f"http://127.0.0.1:{free_port()}"
         rendered = subprocess.run(
@@ -80,9 +89,11 @@ class Cluster:
                              timeout=TIMEOUT, **kw)
 
     def close(self):
-        self.haproxy.terminate()
-        self.haproxy.wait(timeout=10)
-        self.lb_log.close()
+        """Stop everything started so far (also after a failed start)."""
+        if self.haproxy is not None:
+            self.haproxy.terminate()
+            self.haproxy.wait(timeout=10)
+            self.lb_log.close()
         for r in self.replicas:
             r.stop()
 
