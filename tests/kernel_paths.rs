@@ -1,13 +1,12 @@
 //! Every CPU kernel path this machine runs (`INFERD_CPU_KERNELS=avx512|avxvnni|avx2|portable`)
 //! serves both real models (SmolLM2 Q4_1; Qwen2.5 Q4_K_M: Q4_K, Q6_K, Q5_0, Q8_0) and says which
 //! path it runs in `/version`. The quantized matmuls and activation quantization are bit for bit
-//! the portable twin's on every path (`qtiles`' unit tests), so paths that share an attention
-//! kernel (AVX2 and AVX-VNNI) give identical greedy tokens and logprobs. Attention still differs
-//! by rounding between widths (sums in 16, 8 or 1 lanes, exp approximations), and 8-bit
-//! activation quantization turns a last-bit difference into a step: SmolLM2's first logprob
-//! moves by up to 0.08 between widths (with attention pinned to one kernel, all four paths gave
-//! identical logprobs). So across widths only the first greedy token is compared, until the
-//! attention lanes are made exact too. An unknown path is refused at start.
+//! the portable twin's on every path (`qtiles`' unit tests), and so are the AVX2 attention lanes
+//! (`attention`'s), so the `avx2` and `avxvnni` paths give the portable path's greedy tokens and
+//! logprobs exactly. The AVX-512 attention kernel still rounds its own way (16-lane sums, its
+//! own exp), and 8-bit activation quantization turns a last-bit difference into a step
+//! (SmolLM2's first logprob moves by up to 0.08), so against it only the first greedy token is
+//! compared, until it is made lane-exact too. An unknown path is refused at start.
 
 mod common;
 

@@ -274,7 +274,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
     let mut s = _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
     while i < n {
-        s += a[i] * b[i];
+        s = a[i].mul_add(b[i], s);
         i += 1;
     }
     s
@@ -297,7 +297,7 @@ unsafe fn axpy_avx2(o: &mut [f32], p: f32, v: &[f32]) {
         i += 8;
     }
     while i < n {
-        o[i] += p * v[i];
+        o[i] = p.mul_add(v[i], o[i]);
         i += 1;
     }
 }
