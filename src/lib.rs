@@ -245,7 +245,7 @@ pub async fn serve_loading(
         let _ = accepting.await;
     }));
     let mut shutdown = std::pin::pin!(shutdown);
-    let state = tokio::select! {
+    let loaded = tokio::select! {
         loaded = load => loaded,
         () = &mut shutdown => {
             tracing::info!("shutting down before the models finished loading");
@@ -253,7 +253,7 @@ pub async fn serve_loading(
             return Ok(server.await??);
         }
     };
-    let state = match state {
+    let state = match loaded {
         Ok(s) => s,
         Err(e) => {
             let _ = stop_accepting.send(());

@@ -172,12 +172,7 @@ async fn draining_answers_not_ready_serves_new_requests_then_stops_listening() {
         json!({"model": "tiny", "prompt": "<1><2><3>", "max_tokens": 64,
                "ignore_eos": true, "temperature": 0, "stream": stream})
     };
-    let in_flight = client()
-        .post(format!("{base}/v1/completions"))
-        .json(&body(true))
-        .send()
-        .await
-        .unwrap();
+    let in_flight = send(&base, "/v1/completions", &body(true)).await;
     assert_eq!(in_flight.status(), 200);
     stop.send(()).unwrap();
 

@@ -193,12 +193,7 @@ async fn ttft(base: &str, body: &Value) -> (std::time::Duration, String) {
     let mut body = body.clone();
     body["stream"] = json!(true);
     let t0 = std::time::Instant::now();
-    let resp = client()
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = send(base, "/v1/chat/completions", &body).await;
     let mut stream = resp.bytes_stream();
     let (mut first, mut raw) = (None, String::new());
     while let Some(chunk) = stream.next().await {

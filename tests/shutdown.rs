@@ -45,12 +45,7 @@ async fn sigterm_finishes_in_flight_streams_then_exits() {
     let (mut daemon, base) = start_daemon(&[]);
     let body = json!({"model": "smol", "messages": [{"role": "user", "content": "Tell me a story."}],
                       "max_tokens": 48, "temperature": 0, "ignore_eos": true, "stream": true});
-    let resp = client()
-        .post(format!("{base}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = send(&base, "/v1/chat/completions", &body).await;
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     let mut text = String::new();

@@ -450,12 +450,7 @@ async fn a_client_gone_during_prefill_stops_its_prefill() {
     let before = engine_stats(base).await["num_steps"].as_u64().unwrap();
     let prompt: Vec<u32> = (0..2000).map(|i| 2 + (i * 7) % 9000).collect();
     let body = json!({"model": NAME, "prompt": prompt, "max_tokens": 4, "stream": true});
-    let r = client()
-        .post(format!("{base}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = send(base, "/v1/completions", &body).await;
     assert_eq!(r.status(), 200);
     // Hang up once the prefill is under way (and before its first token).
     let started = Instant::now();
@@ -668,12 +663,7 @@ async fn slow_and_idle_connections_are_closed_at_the_header_deadline() {
 
     // A stream whose client pauses for longer than the deadline still arrives whole.
     let body = completion(1500, json!({"stream": true}));
-    let r = client()
-        .post(format!("{base}/v1/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = send(base, "/v1/completions", &body).await;
     let mut s = r.bytes_stream();
     let mut text = String::from_utf8_lossy(&s.next().await.unwrap().unwrap()).into_owned();
     tokio::time::sleep(Duration::from_millis(2500)).await;

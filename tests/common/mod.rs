@@ -151,13 +151,18 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
-pub async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
-    let r = client()
+/// POST `body` as JSON to `{base}{path}`; the response, unread (streams included).
+pub async fn send(base: &str, path: &str, body: &Value) -> reqwest::Response {
+    client()
         .post(format!("{base}{path}"))
         .json(body)
         .send()
         .await
-        .expect("request");
+        .expect("request")
+}
+
+pub async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    let r = send(base, path, body).await;
     let status = r.status().as_u16();
     let v = r.json::<Value>().await.expect("json body");
     (status, v)
@@ -206,12 +211,7 @@ pub fn sse_data(body: &str) -> Vec<String> {
 }
 
 pub async fn stream_body(base: &str, path: &str, body: &Value) -> (u16, String, Option<String>) {
-    let r = client()
-        .post(format!("{base}{path}"))
-        .json(body)
-        .send()
-        .await
-        .expect("request");
+    let r = send(base, path, body).await;
     let status = r.status().as_u16();
     let ctype = r
         .headers()

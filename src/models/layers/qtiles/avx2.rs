@@ -3,7 +3,7 @@
 //! unpacked weights and its accumulators fit the 16 registers). Four columns of 8 rows per
 //! `vpdpbusd` where the CPU has AVX-VNNI (VEX), else per `vpmaddubsw` + `vpmaddwd`. The integer
 //! sums are exact either way and the float steps are the portable twin's, lane by lane, so
-//! every result equals [`super::TiledMatrix::matmul_portable`] bit for bit.
+//! every result equals the portable twin's bit for bit.
 //!
 //! `vpmaddubsw` saturates its 16-bit pair sums: harmless for 4- to 6-bit weights (at most
 //! 2·63·127), but Q8_0's weights stored + 128 would overflow, so without VNNI Q8_0 multiplies
@@ -26,6 +26,23 @@ unsafe fn dot<const VNNI: bool>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i
         let pairs = _mm256_maddubs_epi16(w, x);
         _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
     }
+}
+
+/// One activation row against a block's unpacked weights: the sums of its low (columns 0..16)
+/// and high (16..32) halves; `x(w)` broadcasts the row's 4-byte word `w` of the block.
+#[inline(always)]
+unsafe fn block_sums<const VNNI: bool>(
+    lo: &[__m256i; 4],
+    hi: &[__m256i; 4],
+    x: impl Fn(usize) -> __m256i,
+) -> (__m256i, __m256i) {
+    let mut s0 = _mm256_setzero_si256();
+    let mut s1 = _mm256_setzero_si256();
+    for g in 0..4 {
+        s0 = dot::<VNNI>(s0, lo[g], x(g));
+        s1 = dot::<VNNI>(s1, hi[g], x(4 + g));
+    }
+    (s0, s1)
 }
 
 /// 32 mask bits to 32 bytes: 0xff where the bit is set.
@@ -102,12 +119,7 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
                     }
                     for (j, a) in acc.iter_mut().enumerate() {
                         let row = first + j;
-                        let mut s0 = _mm256_setzero_si256();
-                        let mut s1 = _mm256_setzero_si256();
-                        for g in 0..4 {
-                            s0 = dot::<VNNI>(s0, lo[g], xq(row, b, g));
-                            s1 = dot::<VNNI>(s1, hi[g], xq(row, b, 4 + g));
-                        }
+                        let (s0, s1) = block_sums::<VNNI>(&lo, &hi, |w| xq(row, b, w));
                         let isum = _mm256_add_epi32(s0, s1);
                         let i = row * nb + b;
                         let scale = _mm256_mul_ps(d, _mm256_set1_ps(*act.d.get_unchecked(i)));
@@ -135,12 +147,7 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
                     }
                     for (j, a) in acc.iter_mut().enumerate() {
                         let row = first + j;
-                        let mut s0 = _mm256_setzero_si256();
-                        let mut s1 = _mm256_setzero_si256();
-                        for g in 0..4 {
-                            s0 = dot::<VNNI>(s0, lo[g], xq(row, b, g));
-                            s1 = dot::<VNNI>(s1, hi[g], xq(row, b, 4 + g));
-                        }
+                        let (s0, s1) = block_sums::<VNNI>(&lo, &hi, |w| xq(row, b, w));
                         // the weights are stored + 16
                         let i = row * nb + b;
                         let bias = _mm256_set1_epi32(16 * *act.sum.get_unchecked(i));
@@ -175,12 +182,7 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
                     }
                     for (j, a) in acc.iter_mut().enumerate() {
                         let row = first + j;
-                        let mut s0 = _mm256_setzero_si256();
-                        let mut s1 = _mm256_setzero_si256();
-                        for g in 0..4 {
-                            s0 = dot::<VNNI>(s0, lo[g], xq(row, b, g));
-                            s1 = dot::<VNNI>(s1, hi[g], xq(row, b, 4 + g));
-                        }
+                        let (s0, s1) = block_sums::<VNNI>(&lo, &hi, |w| xq(row, b, w));
                         // the weights are stored + 32; each half block has its own scale
                         let i = row * nb + b;
                         let (sum, sum_lo) =

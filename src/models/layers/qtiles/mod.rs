@@ -17,7 +17,7 @@
 //!
 //! Each output is `Σ_blocks fma(isum, d_w·d_x, acc)` (then `+ m_w·s_x` for 4-bit), blocks in
 //! order, whatever the batch: a row's result does not depend on the rows beside it (batch
-//! invariance), and the portable twin [`TiledMatrix::matmul_portable`] gives the same bits.
+//! invariance), and the portable twin (`matmul_with` on [`KernelPath::Portable`]) gives the same bits.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
@@ -230,18 +230,6 @@ impl TiledMatrix {
                 unsafe { self.tile_rows(t, rows, &act, dst, path) };
             }
         });
-        out
-    }
-
-    /// The same product through the portable code only (tests compare it with the SIMD path).
-    pub fn matmul_portable(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let act = Activations::quantize(x, m, self.k, KernelPath::Portable);
-        let mut out = vec![0f32; m * self.n];
-        let dst = SyncPtr(out.as_mut_ptr());
-        for t in 0..self.n.div_ceil(TILE) {
-            // SAFETY: as in `matmul`, one thread.
-            unsafe { self.tile_rows(t, 0..m, &act, dst, KernelPath::Portable) };
-        }
         out
     }
 
@@ -530,7 +518,7 @@ mod tests {
         let deq = q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
         let tiled = TiledMatrix::from_qtensor(&q).unwrap().unwrap();
         let x = pseudo(m * k, 7);
-        let got = tiled.matmul_portable(&x, m);
+        let got = tiled.matmul_with(KernelPath::Portable, &x, m);
         let act = Activations::quantize(&x, m, k, KernelPath::Portable);
         for i in 0..m {
             for j in 0..n {
