@@ -76,7 +76,12 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<(ServedModel, EngineThread
     let device = models::device::open(e.device.cuda_ordinal())?;
     let started = std::time::Instant::now();
     tracing::info!(model = %path.display(), name = %config.served_model_name, device = %e.device, "loading model");
-    let loaded = models::load_model(path, &device, e.max_model_len)
+    let opts = models::LoadOptions {
+        max_positions: e.max_model_len,
+        dtype: None,
+        quantize: e.quantize,
+    };
+    let loaded = models::load_model_with(path, &device, &opts)
         .with_context(|| format!("loading {}", path.display()))?;
     let model = loaded.model;
     let tokenizer = if synthetic {

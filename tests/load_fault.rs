@@ -102,6 +102,7 @@ fn base() -> &'static str {
                 device: inferd::config::DeviceSpec::Cpu,
                 gpu_memory_utilization: 0.9,
                 kv_cache_dtype: inferd::config::KvCacheDtype::F16,
+                quantize: None,
             },
         ))
     })

@@ -33,6 +33,7 @@ fn tiny_pool() -> &'static str {
                 device: inferd::config::DeviceSpec::Cpu,
                 gpu_memory_utilization: 0.9,
                 kv_cache_dtype: inferd::config::KvCacheDtype::Auto,
+                quantize: None,
             },
         ))
     })

@@ -388,3 +388,28 @@ fn glm4_grammar_on_a_real_vocabulary() {
     }
     assert!(walk(tok, weather_tools("required".into()), "It is sunny.").is_err());
 }
+
+/// The tokenizers of GGUF files from llama.cpp's converter for the GLM-4 (`chatglm-bpe`) and
+/// DeepSeek-V2 (`deepseek-llm`) families are rebuilt from their metadata: the fixtures'
+/// byte-level vocabularies (no merges; see scripts/fixtures/make_gguf_fixtures.py) encode each
+/// byte as its own token, round-trip, and end turns on the family's end token.
+#[test]
+fn converted_glm4_and_deepseek_ggufs_rebuild_their_tokenizers() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    for (file, eos) in [
+        ("glm4-thudm-f32.gguf", "<|endoftext|>"),
+        ("deepseek-v2-lite-hub-f32.gguf", "<｜end▁of▁sentence｜>"),
+    ] {
+        let tok = Tokenizer::from_gguf(&read_gguf_header(&fixtures.join(file)).unwrap()).unwrap();
+        let text = "Hi, 123 ünï!";
+        let ids = tok.encode(text, false).unwrap();
+        assert_eq!(
+            ids,
+            text.bytes().map(u32::from).collect::<Vec<_>>(),
+            "{file}"
+        );
+        assert_eq!(tok.decode(&ids, false).unwrap(), text, "{file}");
+        let eos_id = tok.special_token_id(eos).unwrap();
+        assert!(tok.eos_token_ids().contains(&eos_id), "{file}");
+    }
+}

@@ -123,6 +123,18 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
                 device,
                 gpu_memory_utilization: 0.9,
                 kv_cache_dtype: crate::config::KvCacheDtype::Auto,
+                quantize: s
+                    .quantize
+                    .as_deref()
+                    .map(|q| {
+                        crate::models::quantize::LoadQuant::parse(q).ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--quantize: expected {}, got `{q}`",
+                                crate::models::quantize::LoadQuant::NAMES
+                            )
+                        })
+                    })
+                    .transpose()?,
             },
         }],
     };

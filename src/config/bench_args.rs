@@ -100,6 +100,11 @@ pub struct SelfServeArgs {
     #[arg(long)]
     pub kv_cache_memory: Option<String>,
 
+    /// Quantize the --self-serve model's matrices at load (q8_0, q4_k, q4_0; safetensors
+    /// directories and synthetic models), as `inferd serve --quantize`.
+    #[arg(long)]
+    pub quantize: Option<String>,
+
     /// Most tokens in one forward pass of the --self-serve daemon.
     #[arg(long, default_value_t = 2048)]
     pub max_num_batched_tokens: usize,

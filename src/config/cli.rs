@@ -145,6 +145,14 @@ pub struct ServeArgs {
     /// and the model's dtype (bf16) on CUDA. [default: auto]
     #[arg(long, env = "INFERD_KV_CACHE_DTYPE")]
     pub kv_cache_dtype: Option<String>,
+
+    /// Quantize a Hugging Face (safetensors) checkpoint as it loads: `q8_0`, `q4_k` or `q4_0`.
+    /// Each bf16/f16/f32 matrix is read and quantized in turn (peak memory ≈ the quantized model
+    /// plus one tensor) and runs on the quantized CPU kernels GGUF files use; the output head
+    /// gets Q6_K below 8 bits, as llama.cpp's quantizer does. An error for a GGUF file.
+    /// [default: none — weights load as stored]
+    #[arg(long, env = "INFERD_QUANTIZE")]
+    pub quantize: Option<String>,
 }
 
 impl ServeArgs {
@@ -161,6 +169,7 @@ impl ServeArgs {
             device: self.device.clone(),
             gpu_memory_utilization: self.gpu_memory_utilization,
             kv_cache_dtype: self.kv_cache_dtype.clone(),
+            quantize: self.quantize.clone(),
         }
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::{parse_bytes, positive, ConfigError, DeviceSpec, EngineSettings, KvCacheDtype};
+use crate::models::quantize::LoadQuant;
 
 /// The config file's shape (every key optional).
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +66,7 @@ pub struct FileEngine {
     pub device: Option<String>,
     pub gpu_memory_utilization: Option<f64>,
     pub kv_cache_dtype: Option<String>,
+    pub quantize: Option<String>,
 }
 
 impl FileEngine {
@@ -83,6 +85,7 @@ impl FileEngine {
             device: self.device.or_else(|| lower.device.clone()),
             gpu_memory_utilization: self.gpu_memory_utilization.or(lower.gpu_memory_utilization),
             kv_cache_dtype: self.kv_cache_dtype.or_else(|| lower.kv_cache_dtype.clone()),
+            quantize: self.quantize.or_else(|| lower.quantize.clone()),
         }
     }
 
@@ -119,6 +122,16 @@ impl FileEngine {
             device: DeviceSpec::parse(self.device.as_deref().unwrap_or("cpu"))?,
             gpu_memory_utilization: utilization,
             kv_cache_dtype: KvCacheDtype::parse(self.kv_cache_dtype.as_deref().unwrap_or("auto"))?,
+            quantize: self
+                .quantize
+                .as_deref()
+                .map(|s| {
+                    LoadQuant::parse(s).ok_or_else(|| ConfigError::Invalid {
+                        field: "quantize",
+                        message: format!("expected {}, got `{s}`", LoadQuant::NAMES),
+                    })
+                })
+                .transpose()?,
         })
     }
 }

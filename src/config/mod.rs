@@ -78,6 +78,8 @@ pub struct EngineSettings {
     pub device: DeviceSpec,
     pub gpu_memory_utilization: f64,
     pub kv_cache_dtype: KvCacheDtype,
+    /// Quantize a safetensors checkpoint's matrices at load.
+    pub quantize: Option<crate::models::quantize::LoadQuant>,
 }
 
 impl Config {
@@ -385,6 +387,35 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "kv_cache_dtype: expected `auto`, `f32`, `f16` or `bf16`, got `fp8`"
+        );
+    }
+
+    #[test]
+    fn quantize_comes_from_the_file_or_the_flag_and_is_checked() {
+        use crate::models::quantize::LoadQuant;
+        let none = Config::resolve(&ServeArgs::default(), FileConfig::default()).unwrap();
+        assert_eq!(none.models[0].engine.quantize, None);
+        let file = || -> FileConfig { toml::from_str("[engine]\nquantize = \"q4_k\"\n").unwrap() };
+        let c = Config::resolve(&ServeArgs::default(), file()).unwrap();
+        assert_eq!(c.models[0].engine.quantize, Some(LoadQuant::Q4K));
+        let args = ServeArgs {
+            quantize: Some("Q8_0".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&args, file()).unwrap();
+        assert_eq!(
+            c.models[0].engine.quantize,
+            Some(LoadQuant::Q8_0),
+            "the flag wins"
+        );
+        let args = ServeArgs {
+            quantize: Some("int4".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args, FileConfig::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "quantize: expected `q8_0`, `q4_k` or `q4_0`, got `int4`"
         );
     }
 }

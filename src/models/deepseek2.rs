@@ -18,6 +18,7 @@ use super::layers::{
     paged_attend, AttnDims, GateUpLayout, GatedMlp, HfRope, Linear, Moe, MoeDims, Pass, RmsNorm,
     RopeStyle, RotaryEmbedding, Routing, TopkMethod, Trunk, TrunkDims,
 };
+use super::loader::GgufMeta;
 use super::weights::Weights;
 use super::{CacheSpec, CausalLm, ForwardBatch, KvCache, ModelError, Result};
 
@@ -78,12 +79,14 @@ pub enum ScoringFunc {
     Softmax,
 }
 
-/// The DeepSeek-V2 family.
+/// The DeepSeek-V2 family: `DeepseekV2ForCausalLM` and GGUF `deepseek2`.
 pub const FAMILY: Family = Family {
     name: "deepseek_v2",
     hf_architectures: &["DeepseekV2ForCausalLM"],
     from_hf: |v| Ok(Box::new(DeepseekV2Config::from_json(v)?)),
-    gguf: None,
+    gguf: Some((&["deepseek2"], |md, w| {
+        Ok(Box::new(DeepseekV2Config::from_gguf(md, w)?))
+    })),
 };
 
 impl FamilyConfig for DeepseekV2Config {
@@ -106,6 +109,86 @@ impl DeepseekV2Config {
         }
         c.rope.scaling().map_err(ModelError::Config)?;
         Ok(c)
+    }
+
+    /// From llama.cpp's `deepseek2` metadata, written as the `config.json` it came from and
+    /// parsed as one: MLA sizes from `key_length_mla` / `value_length_mla` (older files: per-
+    /// head `key_length` / `value_length`), group-limited routing when the file has expert
+    /// groups, and YaRN with `mscale = mscale_all_dim = yarn_log_multiplier / 0.1` (the
+    /// converter stores `0.1 * mscale_all_dim`; DeepSeek's checkpoints set both equal).
+    pub fn from_gguf(md: &GgufMeta, w: &Weights) -> Result<Self> {
+        use serde_json::{json, Value};
+        let u = |k: &str| md.arch_usize(k);
+        let opt_u = |k: &str| u(k).ok();
+        let rope = u("rope.dimension_count")?;
+        let (key, value) = match (
+            u("attention.key_length_mla"),
+            u("attention.value_length_mla"),
+        ) {
+            (Ok(k), Ok(v)) => (k, v),
+            _ => (u("attention.key_length")?, u("attention.value_length")?),
+        };
+        if let Ok(f) = u("expert_gating_func") {
+            if f != 1 {
+                return Err(ModelError::Unsupported(format!(
+                    "deepseek2 expert_gating_func {f} (only softmax, 1, is implemented)"
+                )));
+            }
+        }
+        let groups = opt_u("expert_group_count").unwrap_or(1);
+        let vocab = match u("vocab_size") {
+            Ok(v) => v,
+            Err(_) => md.array_len("tokenizer.ggml.tokens")?,
+        };
+        let mut cfg = json!({
+            "vocab_size": vocab,
+            "hidden_size": u("embedding_length")?,
+            "intermediate_size": u("feed_forward_length")?,
+            "moe_intermediate_size": opt_u("expert_feed_forward_length"),
+            "num_hidden_layers": u("block_count")?,
+            "num_attention_heads": u("attention.head_count")?,
+            "n_shared_experts": opt_u("expert_shared_count"),
+            "n_routed_experts": opt_u("expert_count"),
+            "routed_scaling_factor": md.arch_f64("expert_weights_scale").unwrap_or(1.0),
+            "topk_method": if groups > 1 { "group_limited_greedy" } else { "greedy" },
+            "n_group": groups,
+            "topk_group": opt_u("expert_group_used_count").unwrap_or(groups),
+            "num_experts_per_tok": opt_u("expert_used_count"),
+            "first_k_dense_replace": opt_u("leading_dense_block_count").unwrap_or(0),
+            "norm_topk_prob": opt_u("expert_weights_norm").is_some_and(|n| n != 0),
+            "q_lora_rank": opt_u("attention.q_lora_rank"),
+            "kv_lora_rank": u("attention.kv_lora_rank")?,
+            "qk_nope_head_dim": key.checked_sub(rope).ok_or_else(|| {
+                ModelError::Config(format!("deepseek2 key length {key} < rope dimensions {rope}"))
+            })?,
+            "qk_rope_head_dim": rope,
+            "v_head_dim": value,
+            "rope_theta": md.arch_f64("rope.freq_base").unwrap_or(10_000.0),
+            "rms_norm_eps": md.arch_f64("attention.layer_norm_rms_epsilon")?,
+            "max_position_embeddings": opt_u("context_length"),
+            "tie_word_embeddings": !w.contains("lm_head.weight"),
+        });
+        if md
+            .string(&format!("{}.rope.scaling.type", md.arch))
+            .ok()
+            .as_deref()
+            == Some("yarn")
+        {
+            let f = |k: &str| md.arch_f64(&format!("rope.scaling.{k}")).ok();
+            let mut scaling = json!({
+                "type": "yarn",
+                "factor": f("factor").unwrap_or(1.0),
+                "original_max_position_embeddings": opt_u("rope.scaling.original_context_length"),
+                "beta_fast": f("yarn_beta_fast").unwrap_or(32.0),
+                "beta_slow": f("yarn_beta_slow").unwrap_or(1.0),
+            });
+            if let Some(log_mul) = f("yarn_log_multiplier") {
+                scaling["mscale"] = Value::from(log_mul / 0.1);
+                scaling["mscale_all_dim"] = Value::from(log_mul / 0.1);
+            }
+            cfg["rope_scaling"] = scaling;
+        }
+        Self::from_json(cfg)
     }
 
     fn is_moe_layer(&self, i: usize) -> bool {
@@ -158,9 +241,17 @@ impl Mla {
                 b: Linear::load(&w.pp("q_b_proj"), r, q_out, false)?,
             },
         };
-        let kv_b = w
-            .get("kv_b_proj.weight", (h * (nope + vd), lora))?
-            .reshape((h, nope + vd, lora))?;
+        // `[heads, nope + v, lora]`: Hugging Face's `kv_b_proj`, or llama.cpp's split of it
+        // (`k_b` transposed, `[heads, lora, nope]`, and `v_b`, `[heads, v, lora]`).
+        let kv_b = if w.contains("kv_b_proj.weight") {
+            w.get("kv_b_proj.weight", (h * (nope + vd), lora))?
+                .reshape((h, nope + vd, lora))?
+        } else {
+            let k_b = w.get("k_b_proj.weight", (h, lora, nope))?;
+            let v_b = w.get("v_b_proj.weight", (h, vd, lora))?;
+            let k_b = k_b.to_dtype(v_b.dtype())?.transpose(1, 2)?;
+            Tensor::cat(&[&k_b, &v_b], 1)?
+        };
         Ok(Self {
             q,
             kv_a_proj_with_mqa: Linear::load(

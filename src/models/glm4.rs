@@ -64,12 +64,21 @@ pub const FAMILY: Family = Family {
     gguf: None,
 };
 
-/// GLM-4 in THUDM's original layout (glm-4-9b-chat).
+/// GLM-4 in THUDM's original layout (glm-4-9b-chat), and GGUF `chatglm` — what llama.cpp's
+/// converter makes of either layout: the Llama tensor names plus `ffn_up` for the fused
+/// gate/up and, from THUDM's layout, a fused `attn_qkv` (both located by
+/// `weights::gguf_locate`); RoPE on `rope.dimension_count` (half of each head), interleaved.
 pub const THUDM_FAMILY: Family = Family {
     name: "chatglm",
     hf_architectures: &["ChatGLMModel", "ChatGLMForConditionalGeneration"],
     from_hf: |v| Ok(Box::new(Thudm(thudm_config(v)?))),
-    gguf: None,
+    gguf: Some((&["chatglm"], |md, w| {
+        let cfg = LlamaConfig {
+            gate_up: GateUpLayout::Fused,
+            ..LlamaConfig::from_gguf(md, w, true, RopeStyle::Interleaved)?
+        };
+        Ok(Box::new(cfg))
+    })),
 };
 
 /// A GLM-4 config whose tensors are in THUDM's layout.

@@ -121,9 +121,12 @@ impl LlamaConfig {
     ) -> Result<Self> {
         let hidden = md.arch_usize("embedding_length")?;
         let heads = md.arch_usize("attention.head_count")?;
+        // `attention.key_length` where the converter writes it, else hidden / heads; RoPE
+        // turns `rope.dimension_count` of them (all, except GLM-4's half).
         let head_dim = md
-            .arch_usize("rope.dimension_count")
+            .arch_usize("attention.key_length")
             .unwrap_or(hidden / heads.max(1));
+        let rotary = md.arch_usize("rope.dimension_count").unwrap_or(head_dim);
         let vocab = match md.arch_usize("vocab_size") {
             Ok(v) => v,
             Err(_) => md.array_len("tokenizer.ggml.tokens")?,
@@ -143,7 +146,7 @@ impl LlamaConfig {
             tie_word_embeddings: !w.contains("lm_head.weight"),
             rope_style,
             rope_scaling: RopeScaling::None,
-            partial_rotary_factor: 1.0,
+            partial_rotary_factor: rotary as f64 / head_dim.max(1) as f64,
             rope_freq_factors: None,
             gate_up: GateUpLayout::Separate,
         };

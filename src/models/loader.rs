@@ -9,6 +9,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 
 use super::family::{self, FamilyConfig};
+use super::quantize::LoadQuant;
 use super::weights::Weights;
 use super::{synthetic, CausalLm, ModelError, Result};
 
@@ -28,6 +29,19 @@ pub struct LoadedModel {
     pub architecture: String,
 }
 
+/// How to load a model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Bounds position-indexed tables (the serving context length); `None` uses the model's
+    /// own maximum.
+    pub max_positions: Option<usize>,
+    /// The dtype of dense weights (and so activations and the KV cache); `None`:
+    /// [`dense_dtype`]. GGUF weights keep their types and f32 activations.
+    pub dtype: Option<DType>,
+    /// Quantize a Hugging Face checkpoint's matrices as they load (an error for GGUF files).
+    pub quantize: Option<LoadQuant>,
+}
+
 /// Load the model at `path`. `max_positions` bounds position-indexed tables (the serving
 /// context length); `None` uses the model's own maximum.
 pub fn load_model(
@@ -35,27 +49,49 @@ pub fn load_model(
     device: &Device,
     max_positions: Option<usize>,
 ) -> Result<LoadedModel> {
-    load_model_as(path, device, dense_dtype(device), max_positions)
+    let opts = LoadOptions {
+        max_positions,
+        ..LoadOptions::default()
+    };
+    load_model_with(path, device, &opts)
 }
 
 /// [`load_model`] with dense weights (and so activations and the KV cache) in `dtype` — e.g.
-/// bf16 on the CPU, to exercise the GPU's numerics where there is no GPU. GGUF weights keep
-/// their quantized types and f32 activations.
+/// bf16 on the CPU, to exercise the GPU's numerics where there is no GPU.
 pub fn load_model_as(
     path: &Path,
     device: &Device,
     dtype: DType,
     max_positions: Option<usize>,
 ) -> Result<LoadedModel> {
+    let opts = LoadOptions {
+        max_positions,
+        dtype: Some(dtype),
+        quantize: None,
+    };
+    load_model_with(path, device, &opts)
+}
+
+/// Load the model at `path` as `opts` say.
+pub fn load_model_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<LoadedModel> {
+    let dtype = opts.dtype.unwrap_or_else(|| dense_dtype(device));
     if let Some(name) = synthetic::preset_name(path) {
-        load_synthetic(name, device, dtype, max_positions)
+        load_synthetic(name, device, dtype, opts)
     } else if path.is_dir() {
-        load_hf_dir(path, device, dtype, max_positions)
+        load_hf_dir(path, device, dtype, opts)
     } else if path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        load_gguf(path, device, max_positions)
+        if let Some(q) = opts.quantize {
+            return Err(ModelError::Config(format!(
+                "--quantize {} applies to Hugging Face (safetensors) checkpoints; {} is a GGUF \
+                 file, already quantized (its types are kept)",
+                q.name(),
+                path.display()
+            )));
+        }
+        load_gguf(path, device, opts.max_positions)
     } else if !path.exists() {
         Err(ModelError::Io(std::io::Error::new(
             std::io::ErrorKind::NotFound,
@@ -105,22 +141,30 @@ fn load_synthetic(
     name: &str,
     device: &Device,
     dtype: DType,
-    max_positions: Option<usize>,
+    opts: &LoadOptions,
 ) -> Result<LoadedModel> {
     let preset = synthetic::preset(name)?;
     let cfg = (family::by_hf_architecture(preset.architecture)?.from_hf)(preset.config())?;
-    let w = Weights::synthetic(synthetic::SEED, dtype, device);
+    let w = with_quantize(Weights::synthetic(synthetic::SEED, dtype, device), opts)?;
     Ok(LoadedModel {
-        model: build(cfg, &w, max_positions)?,
+        model: build(cfg, &w, opts.max_positions)?,
         architecture: format!("synthetic:{name}"),
     })
+}
+
+/// `w` quantized at load when `opts` ask for it.
+fn with_quantize(w: Weights, opts: &LoadOptions) -> Result<Weights> {
+    match opts.quantize {
+        Some(q) => w.quantized(q),
+        None => Ok(w),
+    }
 }
 
 fn load_hf_dir(
     dir: &Path,
     device: &Device,
     dtype: DType,
-    max_positions: Option<usize>,
+    opts: &LoadOptions,
 ) -> Result<LoadedModel> {
     let cfg_text = std::fs::read_to_string(dir.join("config.json"))?;
     let raw: serde_json::Value =
@@ -131,30 +175,11 @@ fn load_hf_dir(
         .to_string();
     let cfg = (family::by_hf_architecture(&arch)?.from_hf)(raw)?;
     let files = safetensors_files(dir)?;
-    let w = Weights::safetensors(&files, dtype, device, tensor_count(&files)?)?;
+    let w = with_quantize(Weights::safetensors(&files, dtype, device)?, opts)?;
     Ok(LoadedModel {
-        model: build(cfg, &w, max_positions)?,
+        model: build(cfg, &w, opts.max_positions)?,
         architecture: arch,
     })
-}
-
-/// How many tensors the safetensors files hold (read from their headers), for the progress bar.
-fn tensor_count(files: &[PathBuf]) -> Result<u64> {
-    use std::io::Read;
-    let mut n = 0;
-    for f in files {
-        let mut file = File::open(f)?;
-        let mut len = [0u8; 8];
-        file.read_exact(&mut len)?;
-        let mut header = vec![0u8; u64::from_le_bytes(len).min(100 << 20) as usize];
-        file.read_exact(&mut header)?;
-        let v: serde_json::Value = serde_json::from_slice(&header)
-            .map_err(|e| ModelError::Config(format!("{}: {e}", f.display())))?;
-        n += v
-            .as_object()
-            .map_or(0, |o| o.keys().filter(|k| *k != "__metadata__").count()) as u64;
-    }
-    Ok(n)
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -13,14 +13,16 @@ pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod loader;
+pub mod quantize;
 pub mod qwen2;
+pub mod safetensors;
 pub mod synthetic;
 pub mod weights;
 
 use candle_core::{Device, Tensor};
 
 pub use kv_cache::{CacheSpec, KvCache};
-pub use loader::{load_model, LoadedModel};
+pub use loader::{load_model, load_model_with, LoadOptions, LoadedModel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -14,11 +14,15 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::VarBuilder;
 use indicatif::ProgressBar;
 
+use super::quantize::{quantize_rows, LoadQuant, Role};
+use super::safetensors::Checkpoint;
 use super::{ModelError, Result};
 
 /// Hugging Face name suffix → GGUF name suffix, for the llama-style families.
@@ -35,6 +39,22 @@ const GGUF_NAMES: &[(&str, &str)] = &[
     ("mlp.gate_proj", "ffn_gate"),
     ("mlp.up_proj", "ffn_up"),
     ("mlp.down_proj", "ffn_down"),
+    // GLM-4 (`chatglm`): the fused gate/up projection, gate rows first.
+    ("mlp.gate_up_proj", "ffn_up"),
+    // DeepSeek-V2 (`deepseek2`): MLA and the experts' router and shared experts. Routed
+    // experts are rows of stacked tensors (see `gguf_locate`).
+    ("self_attn.q_a_proj", "attn_q_a"),
+    ("self_attn.q_a_layernorm", "attn_q_a_norm"),
+    ("self_attn.q_b_proj", "attn_q_b"),
+    ("self_attn.kv_a_proj_with_mqa", "attn_kv_a_mqa"),
+    ("self_attn.kv_a_layernorm", "attn_kv_a_norm"),
+    ("self_attn.kv_b_proj", "attn_kv_b"),
+    ("self_attn.k_b_proj", "attn_k_b"),
+    ("self_attn.v_b_proj", "attn_v_b"),
+    ("mlp.gate", "ffn_gate_inp"),
+    ("mlp.shared_experts.gate_proj", "ffn_gate_shexp"),
+    ("mlp.shared_experts.up_proj", "ffn_up_shexp"),
+    ("mlp.shared_experts.down_proj", "ffn_down_shexp"),
 ];
 
 /// `model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight`.
@@ -54,6 +74,107 @@ pub fn gguf_name(hf: &str) -> String {
             .map_or(stem.to_string(), |(_, g)| g.to_string())
     };
     format!("{mapped}.{leaf}")
+}
+
+/// Where the Hugging Face tensor `hf` (of `shape`) is in a GGUF file with tensors `infos`:
+/// its [`gguf_name`], or rows of a tensor llama.cpp's converters fuse or stack — q/k/v in
+/// `attn_qkv` (THUDM's GLM-4 layout: q rows, then k and v of equal size) and routed expert `e`
+/// in `ffn_{gate,up,down}_exps` (`[experts, rows, cols]`).
+fn gguf_locate(
+    infos: &std::collections::HashMap<String, gguf_file::TensorInfo>,
+    hf: &str,
+    shape: &Shape,
+) -> Renamed {
+    let name = gguf_name(hf);
+    let whole = |name: String| Renamed { name, rows: None };
+    if infos.contains_key(&name) {
+        return whole(name);
+    }
+    let stored_rows = |n: &str| {
+        infos.get(n).map(|i| match i.shape.dims() {
+            [n] => *n,
+            d => d.iter().rev().skip(1).product(),
+        })
+    };
+    let len = shape.dims().first().copied().unwrap_or(0);
+    let (stem, leaf) = hf.rsplit_once('.').unwrap_or((hf, ""));
+    let Some(rest) = stem.strip_prefix("model.layers.") else {
+        return whole(name);
+    };
+    let (layer, module) = rest.split_once('.').unwrap_or((rest, ""));
+    let qkv = format!("blk.{layer}.attn_qkv.{leaf}");
+    let fused = |offset: usize, of: usize| Renamed {
+        name: qkv.clone(),
+        rows: Some(RowRange { offset, len, of }),
+    };
+    if let Some(of) = stored_rows(&qkv) {
+        match module {
+            "self_attn.q_proj" => return fused(0, of),
+            "self_attn.k_proj" => return fused(of.saturating_sub(2 * len), of),
+            "self_attn.v_proj" => return fused(of.saturating_sub(len), of),
+            _ => {}
+        }
+    }
+    if let Some(expert) = module.strip_prefix("mlp.experts.") {
+        if let Some((e, proj)) = expert.split_once('.') {
+            let kind = proj.strip_suffix("_proj").unwrap_or(proj);
+            let stacked = format!("blk.{layer}.ffn_{kind}_exps.{leaf}");
+            if let (Ok(e), Some(of)) = (e.parse::<usize>(), stored_rows(&stacked)) {
+                return Renamed {
+                    name: stacked,
+                    rows: Some(RowRange {
+                        offset: e * len,
+                        len,
+                        of,
+                    }),
+                };
+            }
+        }
+    }
+    whole(name)
+}
+
+/// Rows `r` of GGUF tensor `name` (its leading dimensions flattened), reading only their bytes.
+fn read_gguf_rows(
+    content: &gguf_file::Content,
+    file: &File,
+    name: &str,
+    r: RowRange,
+    device: &Device,
+) -> Result<QTensor> {
+    use std::os::unix::fs::FileExt;
+    let info = content
+        .tensor_infos
+        .get(name)
+        .ok_or_else(|| ModelError::MissingWeight(name.to_string()))?;
+    let dims = info.shape.dims();
+    // A vector (a fused bias) is a column of rows.
+    let vector = dims.len() == 1;
+    let (rows, cols) = match dims {
+        [n] => (*n, 1),
+        _ => (
+            dims.iter().rev().skip(1).product(),
+            dims.last().copied().unwrap_or(0),
+        ),
+    };
+    if rows != r.of || r.offset + r.len > rows {
+        return Err(ModelError::WeightShape {
+            name: name.to_string(),
+            expected: vec![r.of, cols],
+            found: dims.to_vec(),
+        });
+    }
+    let dtype = info.ggml_dtype;
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let mut bytes = vec![0u8; r.len * row_bytes];
+    let at = content.tensor_data_offset + info.offset + (r.offset * row_bytes) as u64;
+    file.read_exact_at(&mut bytes, at)?;
+    let storage = candle_core::quantized::QStorage::from_data(Cow::Owned(bytes), device, dtype)?;
+    if vector {
+        Ok(QTensor::new(storage, r.len)?)
+    } else {
+        Ok(QTensor::new(storage, (r.len, cols))?)
+    }
 }
 
 /// Where a Hugging Face tensor lives in a checkpoint of another layout.
@@ -88,7 +209,11 @@ enum Source {
         file: File,
         device: Device,
     },
-    Safetensors(VarBuilder<'static>),
+    Safetensors {
+        checkpoint: Checkpoint,
+        dtype: DType,
+        device: Device,
+    },
     /// Seeded random weights of the shapes the model asks for (benchmarks and tests of model
     /// shapes whose checkpoints are not at hand). Values are bf16-representable whatever
     /// `dtype` is, so a bf16 copy on a GPU and an f32 copy on the CPU hold the same numbers.
@@ -102,6 +227,10 @@ enum Source {
 struct Shared {
     source: Source,
     progress: ProgressBar,
+    /// Quantize dense matrices as they load (`--quantize`).
+    quantize: Option<LoadQuant>,
+    /// How many matrices went to each type under `quantize` ("dense" for those kept so).
+    quantized: Mutex<BTreeMap<String, usize>>,
 }
 
 /// A view of a checkpoint's tensors under a name prefix.
@@ -116,7 +245,12 @@ pub struct Weights {
 impl Weights {
     fn new(source: Source, progress: ProgressBar) -> Self {
         Self {
-            shared: Arc::new(Shared { source, progress }),
+            shared: Arc::new(Shared {
+                source,
+                progress,
+                quantize: None,
+                quantized: Mutex::default(),
+            }),
             prefix: String::new(),
             rename: None,
         }
@@ -136,20 +270,26 @@ impl Weights {
         ))
     }
 
-    pub fn safetensors(
-        files: &[PathBuf],
-        dtype: DType,
-        device: &Device,
-        count: u64,
-    ) -> Result<Self> {
-        // SAFETY: the files are memory-mapped read-only; inferd never writes them, and a user
-        // rewriting a checkpoint under a running daemon is outside what any loader can guard.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? };
+    pub fn safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let checkpoint = Checkpoint::open(files)?;
         let first = files.first().map_or(Path::new(""), |p| p.as_path());
-        Ok(Self::new(
-            Source::Safetensors(vb),
-            progress_bar(Some(count), first),
-        ))
+        let progress = progress_bar(Some(checkpoint.len() as u64), first);
+        let source = Source::Safetensors {
+            checkpoint,
+            dtype,
+            device: device.clone(),
+        };
+        Ok(Self::new(source, progress))
+    }
+
+    /// These weights with their dense matrices quantized to `q` as they load (GGUF tensors
+    /// keep their types). Call before any view is taken.
+    pub fn quantized(mut self, q: LoadQuant) -> Result<Self> {
+        let shared = Arc::get_mut(&mut self.shared).ok_or_else(|| {
+            ModelError::Config("quantization must be set before the weights are shared".into())
+        })?;
+        shared.quantize = Some(q);
+        Ok(self)
     }
 
     pub fn synthetic(seed: u64, dtype: DType, device: &Device) -> Self {
@@ -189,8 +329,9 @@ impl Weights {
 
     pub fn device(&self) -> &Device {
         match &self.shared.source {
-            Source::Gguf { device, .. } | Source::Synthetic { device, .. } => device,
-            Source::Safetensors(vb) => vb.device(),
+            Source::Gguf { device, .. }
+            | Source::Synthetic { device, .. }
+            | Source::Safetensors { device, .. } => device,
         }
     }
 
@@ -199,8 +340,7 @@ impl Weights {
     pub fn dtype(&self) -> DType {
         match &self.shared.source {
             Source::Gguf { .. } => DType::F32,
-            Source::Safetensors(vb) => vb.dtype(),
-            Source::Synthetic { dtype, .. } => *dtype,
+            Source::Safetensors { dtype, .. } | Source::Synthetic { dtype, .. } => *dtype,
         }
     }
 
@@ -217,8 +357,13 @@ impl Weights {
     pub fn contains(&self, name: &str) -> bool {
         let full = self.full_name(name);
         match &self.shared.source {
-            Source::Gguf { content, .. } => content.tensor_infos.contains_key(&gguf_name(&full)),
-            Source::Safetensors(vb) => vb.contains_tensor(&self.renamed(&full).name),
+            Source::Gguf { content, .. } => {
+                let name = gguf_locate(&content.tensor_infos, &full, &Shape::from(0)).name;
+                content.tensor_infos.contains_key(&name)
+            }
+            Source::Safetensors { checkpoint, .. } => {
+                checkpoint.contains(&self.renamed(&full).name)
+            }
             Source::Synthetic { .. } => true,
         }
     }
@@ -236,7 +381,7 @@ impl Weights {
     /// The dense tensor `name` (norm weights, biases, small matrices), of `shape`; GGUF tensors
     /// are dequantized.
     pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
-        match self.matrix_any(name, &shape.into())? {
+        match self.matrix_any(name, &shape.into(), false)? {
             Matrix::Dense(t) => Ok(t),
             Matrix::Quantized(q) => Ok(q.dequantize(self.device())?),
         }
@@ -245,61 +390,125 @@ impl Weights {
     /// The matrix `name` of shape `(rows, cols)` (output features first), as stored: GGUF
     /// weights stay quantized.
     pub fn matrix(&self, name: &str, (rows, cols): (usize, usize)) -> Result<Matrix> {
-        self.matrix_any(name, &Shape::from((rows, cols)))
+        self.matrix_any(name, &Shape::from((rows, cols)), true)
     }
 
-    fn matrix_any(&self, name: &str, shape: &Shape) -> Result<Matrix> {
+    /// The type `--quantize` gives the matrix `full` of `shape`, if any.
+    fn quantize_type(
+        &self,
+        full: &str,
+        shape: &Shape,
+    ) -> Option<candle_core::quantized::GgmlDType> {
+        let q = self.shared.quantize?;
+        let &[_, cols] = shape.dims() else {
+            return None;
+        };
+        let root = Self {
+            prefix: String::new(),
+            ..self.clone()
+        };
+        let output = full == "lm_head.weight"
+            || (full.ends_with("embed_tokens.weight") && !root.contains("lm_head.weight"));
+        let role = if output { Role::Output } else { Role::Other };
+        let t = q.type_for(role, cols);
+        let kind = t.map_or("dense".to_string(), |t| format!("{t:?}").to_lowercase());
+        if let Ok(mut counts) = self.shared.quantized.lock() {
+            *counts.entry(kind).or_default() += 1;
+        }
+        t
+    }
+
+    fn matrix_any(&self, name: &str, shape: &Shape, quantizable: bool) -> Result<Matrix> {
         let full = self.full_name(name);
         let shared = &*self.shared;
+        let quantize = quantizable
+            .then(|| self.quantize_type(&full, shape))
+            .flatten();
         let m = match &shared.source {
             Source::Gguf {
                 content,
                 file,
                 device,
             } => {
-                let gname = gguf_name(&full);
+                let Renamed { name: gname, rows } =
+                    gguf_locate(&content.tensor_infos, &full, shape);
                 if !content.tensor_infos.contains_key(&gname) {
                     return Err(ModelError::MissingWeight(gname));
                 }
-                let mut reader = file;
-                let q = content.tensor(&mut reader, &gname, device)?;
+                let q = match rows {
+                    Some(r) => read_gguf_rows(content, file, &gname, r, device)?,
+                    None => content.tensor(&mut &*file, &gname, device)?,
+                };
                 check_shape(&gname, q.shape(), shape)?;
                 Matrix::Quantized(q)
             }
-            Source::Safetensors(vb) => {
+            Source::Safetensors {
+                checkpoint,
+                dtype,
+                device,
+            } => {
                 let Renamed { name, rows } = self.renamed(&full);
-                if !vb.contains_tensor(&name) {
+                if !checkpoint.contains(&name) {
                     return Err(ModelError::MissingWeight(name));
                 }
-                let mut t = vb.get_unchecked(&name)?;
-                if let Some(r) = rows {
-                    let mut whole = shape.dims().to_vec();
-                    if let Some(first) = whole.first_mut() {
-                        *first = r.of;
-                    }
-                    check_shape(&name, t.shape(), &Shape::from(whole))?;
-                    t = t.narrow(0, r.offset, r.len)?.contiguous()?;
+                // The stored tensor's shape: the fused tensor when only some rows are wanted.
+                let mut stored = shape.dims().to_vec();
+                if let (Some(r), Some(first)) = (rows, stored.first_mut()) {
+                    *first = r.of;
                 }
-                check_shape(&name, t.shape(), shape)?;
-                Matrix::Dense(t)
+                let stored = Shape::from(stored);
+                let (offset, len) = rows.map_or((0, shape.dims()[0]), |r| (r.offset, r.len));
+                if let Some(qt) = quantize {
+                    let (values, found) = checkpoint.read_f32(&name)?;
+                    check_shape(&name, &Shape::from(found), &stored)?;
+                    let cols = shape.dims()[1];
+                    let part = &values[offset * cols..(offset + len) * cols];
+                    Matrix::Quantized(quantize_rows(part, (len, cols), qt, device)?)
+                } else {
+                    let mut t = checkpoint.read(&name, *dtype, device)?;
+                    check_shape(&name, t.shape(), &stored)?;
+                    if rows.is_some() {
+                        t = t.narrow(0, offset, len)?.contiguous()?;
+                    }
+                    Matrix::Dense(t)
+                }
             }
             Source::Synthetic {
                 seed,
                 dtype,
                 device,
-            } => Matrix::Dense(
-                super::synthetic::tensor(&full, shape.dims(), *seed)?
-                    .to_dtype(*dtype)?
-                    .to_device(device)?,
-            ),
+            } => {
+                let t = super::synthetic::tensor(&full, shape.dims(), *seed)?;
+                match quantize {
+                    Some(qt) => {
+                        let values = t.flatten_all()?.to_vec1::<f32>()?;
+                        let (rows, cols) = shape.dims2()?;
+                        Matrix::Quantized(quantize_rows(&values, (rows, cols), qt, device)?)
+                    }
+                    None => Matrix::Dense(t.to_dtype(*dtype)?.to_device(device)?),
+                }
+            }
         };
         shared.progress.inc(1);
         Ok(m)
     }
 
-    /// Close the progress bar.
+    /// Close the progress bar (and say what `--quantize` made of the matrices).
     pub fn finish(&self) {
         self.shared.progress.finish_and_clear();
+        if let (Some(q), Ok(counts)) = (self.shared.quantize, self.shared.quantized.lock()) {
+            let made: Vec<String> = counts.iter().map(|(t, n)| format!("{n} {t}")).collect();
+            tracing::info!(quantize = q.name(), matrices = %made.join(", "), "quantized at load");
+        }
+    }
+
+    /// How many matrices `--quantize` turned into each type (`q4k`, `q8_0`, ..., or `dense`).
+    pub fn quantized_counts(&self) -> BTreeMap<String, usize> {
+        self.shared
+            .quantized
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_default()
     }
 }
 

@@ -108,6 +108,10 @@ pub fn from_gguf(c: &Content) -> Result<GgufTokenizer, TokenizerError> {
     let (pre_tokenizer, ignore_merges) = match pre.as_str() {
         "qwen2" => (vec![split(QWEN2_RE), byte_level(false)], false),
         "llama-bpe" | "llama3" => (vec![split(LLAMA3_RE), byte_level(false)], true),
+        // GLM-4 (llama.cpp's CHATGLM4 pre-type: Llama 3's split, spelled without `(?i:)`);
+        // `glm4` files are also read ignoring merges, as llama.cpp does.
+        "chatglm-bpe" => (vec![split(LLAMA3_RE), byte_level(false)], false),
+        "glm4" => (vec![split(LLAMA3_RE), byte_level(false)], true),
         "deepseek-llm" => {
             let mut v: Vec<_> = DEEPSEEK_LLM_RES.iter().map(|r| split(r)).collect();
             v.push(byte_level(false));

@@ -54,6 +54,7 @@ pub fn default_engine() -> EngineSettings {
         device: inferd::config::DeviceSpec::Cpu,
         gpu_memory_utilization: 0.9,
         kv_cache_dtype: inferd::config::KvCacheDtype::Auto,
+        quantize: None,
     }
 }
 
