@@ -1,12 +1,14 @@
 //! Time of one model forward pass for decode steps, without the engine or HTTP: one sequence,
 //! then 16 sequences batched, each at contexts growing from 100 tokens.
-//! `cargo bench --bench decode [-- MODEL.gguf [STEPS [CACHE_DTYPE]]]` (default: SmolLM2-135M
-//! Q4_1, 128 steps, an f16 KV cache as the daemon uses on the CPU; `f32` for the other).
+//! `cargo bench --bench decode [-- MODEL [STEPS [CACHE_DTYPE [QUANTIZE]]]]` (default:
+//! SmolLM2-135M Q4_1, 128 steps, an f16 KV cache as the daemon uses on the CPU; `f32` for the
+//! other; QUANTIZE as `--quantize` for a Hugging Face directory).
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use inferd::models::{load_model, CacheSpec, ForwardBatch, KvCache};
+use inferd::models::quantize::LoadQuant;
+use inferd::models::{load_model_with, CacheSpec, ForwardBatch, KvCache, LoadOptions};
 
 fn main() {
     // Match the daemon: candle's compute threads park soon instead of spinning.
@@ -27,7 +29,12 @@ fn main() {
         Some("f32") => DType::F32,
         _ => DType::F16,
     };
-    let m = load_model(&path, &Device::Cpu, Some(4096))
+    let opts = LoadOptions {
+        max_positions: Some(4096),
+        dtype: None,
+        quantize: args.get(3).and_then(|q| LoadQuant::parse(q)),
+    };
+    let m = load_model_with(&path, &Device::Cpu, &opts)
         .unwrap_or_else(|e| {
             panic!(
                 "{}: {e} (scripts/fetch-models.sh fetches it)",
@@ -62,8 +69,9 @@ fn main() {
         }
         let ms = t0.elapsed().as_secs_f64() * 1000.0 / steps as f64;
         println!(
-            "{} ({dtype:?} cache): {seqs:>2} sequence(s), {steps} decode steps from context {}: {ms:.2} ms/step, {:.1} tok/s",
+            "{}{} ({dtype:?} cache): {seqs:>2} sequence(s), {steps} decode steps from context {}: {ms:.2} ms/step, {:.1} tok/s",
             path.display(),
+            opts.quantize.map_or(String::new(), |q| format!(" --quantize {}", q.name())),
             prompt.len(),
             seqs as f64 * 1000.0 / ms
         );

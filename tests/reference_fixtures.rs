@@ -687,3 +687,48 @@ fn quantized_at_load_stays_close_to_the_reference() {
         );
     }
 }
+
+/// A copy of fixture `name` with its tensors stored as `dtype` (after rounding to bf16 when
+/// `round_bf16`), in a fresh directory.
+fn retyped_fixture(name: &str, tag: &str, dtype: DType, round_bf16: bool) -> PathBuf {
+    let src = fixture(name);
+    let dir = std::env::temp_dir().join(format!("inferd-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let st = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let st: std::collections::HashMap<String, Tensor> = st
+        .into_iter()
+        .map(|(k, t)| {
+            let t = if round_bf16 {
+                t.to_dtype(DType::BF16).unwrap()
+            } else {
+                t
+            };
+            (k, t.to_dtype(dtype).unwrap())
+        })
+        .collect();
+    candle_core::safetensors::save(&st, dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+/// A bf16 checkpoint on the CPU keeps its matrices in bf16 (inferd's bf16 kernel, f32
+/// activations) instead of an f32 copy twice its size: its logits are those of an f32
+/// checkpoint holding the same bf16-rounded values (to f32 summation order), and near the
+/// f32 reference — tied (Qwen2) and untied (Llama, DeepSeek) heads alike.
+#[test]
+fn bf16_checkpoints_run_as_bf16_with_f32_activations() {
+    for name in ["qwen2-tied-hub", "llama3-hub", "deepseek-v2-lite-hub"] {
+        let g = golden(&fixture(name));
+        let bf16 = retyped_fixture(name, &format!("bf16-{name}"), DType::BF16, true);
+        let rounded = retyped_fixture(name, &format!("bf16r-{name}"), DType::F32, true);
+        let opts = with_quantize(None);
+        let a = prefill_logits(&bf16, &opts, &g.ids);
+        let b = prefill_logits(&rounded, &opts, &g.ids);
+        std::fs::remove_dir_all(&bf16).ok();
+        std::fs::remove_dir_all(&rounded).ok();
+        let (same, vs_ref) = (worst(&a, &b), worst(&a, &g.logits));
+        eprintln!("{name}: bf16 checkpoint vs its f32 copy {same:.2e}, vs reference {vs_ref:.3}");
+        assert!(same < 1e-4, "{name}: {same}");
+        assert!(vs_ref < 0.1, "{name}: {vs_ref}");
+    }
+}

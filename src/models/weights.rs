@@ -196,10 +196,13 @@ pub struct RowRange {
 /// Maps a Hugging Face tensor name to where the checkpoint keeps it.
 pub type Rename = Box<dyn Fn(&str) -> Renamed + Send + Sync>;
 
-/// A weight matrix as the checkpoint stores it: dense (in the load dtype) or GGUF-quantized.
-/// `Linear` decides which kernel runs it.
+/// A weight matrix as the checkpoint stores it: dense (in the load dtype), bf16 under f32
+/// activations, or quantized. `Linear` decides which kernel runs it.
 pub enum Matrix {
     Dense(Tensor),
+    /// A bf16 checkpoint's matrix kept in bf16 for a model computing in f32 on the CPU (half
+    /// the memory of an f32 copy; `layers::bf16` multiplies it).
+    Bf16(Tensor),
     Quantized(QTensor),
 }
 
@@ -383,6 +386,7 @@ impl Weights {
     pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
         match self.matrix_any(name, &shape.into(), false)? {
             Matrix::Dense(t) => Ok(t),
+            Matrix::Bf16(t) => Ok(t.to_dtype(self.dtype())?),
             Matrix::Quantized(q) => Ok(q.dequantize(self.device())?),
         }
     }
@@ -465,12 +469,22 @@ impl Weights {
                     let part = &values[offset * cols..(offset + len) * cols];
                     Matrix::Quantized(quantize_rows(part, (len, cols), qt, device)?)
                 } else {
-                    let mut t = checkpoint.read(&name, *dtype, device)?;
+                    // A bf16 matrix stays bf16 under f32 activations on the CPU.
+                    let keep_bf16 = quantizable
+                        && device.is_cpu()
+                        && *dtype == DType::F32
+                        && checkpoint.stored_dtype(&name) == Some(DType::BF16);
+                    let load = if keep_bf16 { DType::BF16 } else { *dtype };
+                    let mut t = checkpoint.read(&name, load, device)?;
                     check_shape(&name, t.shape(), &stored)?;
                     if rows.is_some() {
                         t = t.narrow(0, offset, len)?.contiguous()?;
                     }
-                    Matrix::Dense(t)
+                    if keep_bf16 {
+                        Matrix::Bf16(t)
+                    } else {
+                        Matrix::Dense(t)
+                    }
                 }
             }
             Source::Synthetic {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Module, Tensor};
 
+use super::bf16::Bf16Matrix;
 use super::qtiles::TiledMatrix;
 use crate::models::gguf_cpu::{gguf_linear, pad_q8_0_rows, repack_for_cpu, tiled};
 use crate::models::weights::{Matrix, Weights};
@@ -19,6 +20,8 @@ enum Weight {
     Candle(QMatMul),
     /// inferd's CPU kernel for 32-element block types (`qtiles`).
     Tiled(Arc<TiledMatrix>),
+    /// bf16 weights on the CPU, f32 activations (`bf16`).
+    Bf16(Arc<Bf16Matrix>),
 }
 
 /// `y = x W^T + b`, with W dense (`QMatMul::Tensor`), quantized (`QMatMul::QTensor`), or in
@@ -53,8 +56,16 @@ impl Linear {
     }
 
     pub fn tiled(weight: Arc<TiledMatrix>, bias: Option<Tensor>) -> Self {
+        Self::with_weight(Weight::Tiled(weight), bias)
+    }
+
+    pub fn bf16(weight: Arc<Bf16Matrix>, bias: Option<Tensor>) -> Self {
+        Self::with_weight(Weight::Bf16(weight), bias)
+    }
+
+    fn with_weight(weight: Weight, bias: Option<Tensor>) -> Self {
         Self {
-            weight: Weight::Tiled(weight),
+            weight,
             bias,
             pad_single_row: false,
             k_pad: 0,
@@ -68,10 +79,11 @@ impl Linear {
         Self::from_matrix(m, b)
     }
 
-    /// The kernel for a stored matrix: candle's dense matmul, or for GGUF the CPU kernel
-    /// `gguf_cpu` picks.
+    /// The kernel for a stored matrix: candle's dense matmul, inferd's bf16 kernel, or for
+    /// GGUF the CPU kernel `gguf_cpu` picks.
     pub fn from_matrix(m: Matrix, bias: Option<Tensor>) -> Result<Self> {
         match m {
+            Matrix::Bf16(t) => Ok(Self::bf16(Arc::new(Bf16Matrix::from_tensor(&t)?), bias)),
             Matrix::Dense(t) => Ok(Self::new(QMatMul::Tensor(t), bias)),
             Matrix::Quantized(q) => gguf_linear(q, bias),
         }
@@ -86,6 +98,7 @@ impl Linear {
         };
         let y = match &self.weight {
             Weight::Tiled(w) => x.apply_op1_no_bwd(w.as_ref())?,
+            Weight::Bf16(w) => w.forward(&x)?,
             Weight::Candle(q) if self.pad_single_row && x.dim(0)? == 1 => {
                 let two = Tensor::cat(&[&x, &x], 0)?;
                 q.forward(&two)?.narrow(0, 0, 1)?
@@ -169,26 +182,32 @@ impl Projections {
     }
 }
 
-/// Matrices of one input width stacked by rows, when they are all dense or all quantized in
-/// one type; `None` otherwise.
+/// Matrices of one input width stacked by rows, when they are all dense, all bf16 or all
+/// quantized in one type; `None` otherwise.
 fn concat_rows(mats: &[Matrix]) -> Result<Option<Matrix>> {
-    let dense: Option<Vec<&Tensor>> = mats
-        .iter()
-        .map(|m| match m {
-            Matrix::Dense(t) => Some(t),
-            Matrix::Quantized(_) => None,
-        })
-        .collect();
-    if let Some(ts) = dense {
+    /// Each matrix's `pick`, when every one has it.
+    fn every<'a, T>(
+        mats: &'a [Matrix],
+        pick: fn(&'a Matrix) -> Option<&'a T>,
+    ) -> Option<Vec<&'a T>> {
+        mats.iter().map(pick).collect()
+    }
+    if let Some(ts) = every(mats, |m| match m {
+        Matrix::Dense(t) => Some(t),
+        _ => None,
+    }) {
         return Ok(Some(Matrix::Dense(Tensor::cat(&ts, 0)?)));
     }
-    let quantized: Option<Vec<&QTensor>> = mats
-        .iter()
-        .map(|m| match m {
-            Matrix::Quantized(q) => Some(q),
-            Matrix::Dense(_) => None,
-        })
-        .collect();
+    if let Some(ts) = every(mats, |m| match m {
+        Matrix::Bf16(t) => Some(t),
+        _ => None,
+    }) {
+        return Ok(Some(Matrix::Bf16(Tensor::cat(&ts, 0)?)));
+    }
+    let quantized = every(mats, |m| match m {
+        Matrix::Quantized(q) => Some(q),
+        _ => None,
+    });
     let Some(qs) = quantized else {
         return Ok(None);
     };
@@ -225,6 +244,8 @@ pub enum Embedding {
     },
     /// A table in inferd's CPU tiles (shared with a tied output head).
     Tiled(Arc<TiledMatrix>),
+    /// A bf16 table on the CPU (shared with a tied output head); rows come out f32.
+    Bf16(Arc<Bf16Matrix>),
 }
 
 impl Embedding {
@@ -258,6 +279,11 @@ impl Embedding {
                 };
                 Ok((emb, head))
             }
+            Matrix::Bf16(t) => {
+                let table = Arc::new(Bf16Matrix::from_tensor(&t)?);
+                let head = tied.then(|| Linear::bf16(table.clone(), None));
+                Ok((Self::Bf16(table), head))
+            }
             Matrix::Dense(t) => {
                 let head = tied.then(|| Linear::new(QMatMul::Tensor(t.clone()), None));
                 Ok((Self::Dense(t), head))
@@ -277,25 +303,37 @@ impl Embedding {
                     rows.narrow(1, 0, *hidden)?.contiguous()?
                 }
             }
-            Self::Tiled(table) => {
-                let hidden = table.cols();
-                let device = ids.device().clone();
-                let ids = ids.to_vec1::<u32>()?;
-                let mut out = vec![0f32; ids.len() * hidden];
-                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(hidden)) {
-                    let id = id as usize;
-                    if id >= table.rows() {
-                        return Err(ModelError::Batch(format!(
-                            "token id {id} outside the vocabulary of {}",
-                            table.rows()
-                        )));
-                    }
-                    table.dequantize_row(id, row);
-                }
-                Tensor::from_vec(out, (ids.len(), hidden), &device)?
-            }
+            Self::Tiled(table) => gather_rows(ids, table.rows(), table.cols(), |id, row| {
+                table.dequantize_row(id, row)
+            })?,
+            Self::Bf16(table) => gather_rows(ids, table.rows(), table.cols(), |id, row| {
+                table.widen_row(id, row)
+            })?,
         })
     }
+}
+
+/// The rows `ids` (`[tokens]` u32) of a `rows × cols` table, each written by `row_of`, as a
+/// `[tokens, cols]` f32 tensor; an id past the table is an error.
+fn gather_rows(
+    ids: &Tensor,
+    rows: usize,
+    cols: usize,
+    row_of: impl Fn(usize, &mut [f32]),
+) -> Result<Tensor> {
+    let device = ids.device().clone();
+    let ids = ids.to_vec1::<u32>()?;
+    let mut out = vec![0f32; ids.len() * cols];
+    for (&id, row) in ids.iter().zip(out.chunks_exact_mut(cols)) {
+        let id = id as usize;
+        if id >= rows {
+            return Err(ModelError::Batch(format!(
+                "token id {id} outside the vocabulary of {rows}"
+            )));
+        }
+        row_of(id, row);
+    }
+    Ok(Tensor::from_vec(out, (ids.len(), cols), &device)?)
 }
 
 #[derive(Debug, Clone)]

@@ -1,9 +1,10 @@
 //! Building blocks shared by the model families: linear layers that are dense or quantized,
 //! embeddings, RMSNorm, the gated MLP, mixture of experts, rotary embeddings and paged attention
 //! (a CPU kernel over host blocks, and a tensor path for device caches), and inferd's CPU
-//! kernels for quantized weights (`qtiles`).
+//! kernels for quantized weights (`qtiles`) and bf16 weights (`bf16`).
 
 pub mod attention;
+pub mod bf16;
 pub mod linear;
 pub mod mlp;
 pub mod moe;
