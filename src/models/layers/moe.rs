@@ -17,6 +17,11 @@ pub enum TopkMethod {
     Greedy,
     /// Only experts in the `topk_group` groups whose best expert scores highest compete.
     GroupLimitedGreedy,
+    /// Groups ranked by the sum of their two best scores instead (DeepSeek-V3's group rule,
+    /// which llama.cpp applies to every model with expert groups, DeepSeek-V2's included). No
+    /// checkpoint asks for it; it reproduces llama.cpp's reading of a file.
+    #[serde(skip)]
+    GroupTopTwoSum,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -42,11 +47,14 @@ fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
 /// One token's experts and weights from its routing probabilities.
 pub fn route(scores: &[f32], r: &Routing) -> Vec<(usize, f32)> {
     let mut s = scores.to_vec();
-    if r.method == TopkMethod::GroupLimitedGreedy && r.n_group > 1 {
+    if r.method != TopkMethod::Greedy && r.n_group > 1 {
         let per = s.len() / r.n_group;
         let best: Vec<f32> = s
             .chunks(per)
-            .map(|g| g.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+            .map(|g| match r.method {
+                TopkMethod::GroupTopTwoSum => top_indices(g, 2).iter().map(|&i| g[i]).sum(),
+                _ => g.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            })
             .collect();
         let keep = top_indices(&best, r.topk_group);
         for (g, chunk) in s.chunks_mut(per).enumerate() {
@@ -168,6 +176,15 @@ mod tests {
         assert_eq!(greedy, vec![(0, 0.6), (2, 0.4), (4, 0.39)]);
         let grouped = route(&s, &routing(TopkMethod::GroupLimitedGreedy));
         assert_eq!(grouped, vec![(0, 0.6), (2, 0.4), (3, 0.38)]);
+        // Top-two sums: 0.31, 0.39, 0.195, 0.055 -> groups 1 and 0.
+        let top_two = route(&s, &routing(TopkMethod::GroupTopTwoSum));
+        assert_eq!(top_two, grouped);
+        let s2 = [0.30, 0.0, 0.20, 0.0, 0.18, 0.17, 0.05, 0.005];
+        // Best: groups 0 and 1; top-two sums 0.30, 0.20, 0.35: groups 2 and 0.
+        let best = route(&s2, &routing(TopkMethod::GroupLimitedGreedy));
+        assert_eq!(best.iter().map(|c| c.0).collect::<Vec<_>>(), vec![0, 2, 1]);
+        let sums = route(&s2, &routing(TopkMethod::GroupTopTwoSum));
+        assert_eq!(sums.iter().map(|c| c.0).collect::<Vec<_>>(), vec![0, 4, 5]);
     }
 
     #[test]
