@@ -833,3 +833,71 @@ fn llama_cpp_reads_the_q8_0_files_as_inferd_does() {
         assert!(d < d_max, "{name}: {d}");
     }
 }
+
+/// Context-extension scaling past the original window (`make_reference_fixtures.py long`: 48
+/// tokens, `original_max_position_embeddings` 16): Qwen2's YaRN in the hub's form, Llama
+/// 3.1's llama3, GLM-4's `rope_ratio` (THUDM layout, 500 as in glm-4-9b-chat-1m) and
+/// DeepSeek-V2's YaRN with mscale — prefill of every position, token-by-token decode through
+/// the paged cache, and a chunk at an offset past the window, each within 1e-4 of transformers.
+#[test]
+fn rope_scaling_matches_the_reference_past_the_original_window() {
+    for name in [
+        "qwen2-yarn-long",
+        "llama3-long",
+        "glm4-thudm-rope-ratio-long",
+        "deepseek-v2-yarn-long",
+    ] {
+        let dir = fixture(name);
+        let g = golden(&dir);
+        assert_eq!(g.ids.len(), 48);
+        let m = load_model(&dir, &Device::Cpu, Some(64)).unwrap().model;
+        let table: Vec<u32> = (0..12).rev().collect();
+        let mut kv = KvCache::new(m.cache_spec(), BLOCKS, BS);
+        let rows = run(m.as_ref(), &mut kv, &[(&g.ids, 0, table.clone())], true);
+        let prefill = worst(&rows, &g.logits);
+        let mut kv = KvCache::new(m.cache_spec(), BLOCKS, BS);
+        let mut decode = 0f32;
+        for i in 0..g.ids.len() {
+            let rows = run(
+                m.as_ref(),
+                &mut kv,
+                &[(&g.ids[i..=i], i, table.clone())],
+                false,
+            );
+            decode = decode.max(worst(&rows, &g.logits[i..=i]));
+        }
+        let mut kv = KvCache::new(m.cache_spec(), BLOCKS, BS);
+        run(
+            m.as_ref(),
+            &mut kv,
+            &[(&g.ids[..20], 0, table.clone())],
+            false,
+        );
+        let rows = run(
+            m.as_ref(),
+            &mut kv,
+            &[(&g.ids[20..], 20, table.clone())],
+            true,
+        );
+        let chunk = worst(&rows, &g.logits[20..]);
+        eprintln!("{name}: prefill {prefill:.1e}, decode {decode:.1e}, chunk {chunk:.1e}");
+        assert!(prefill < TOL && decode < TOL && chunk < TOL, "{name}");
+    }
+    // Without the scaling the same weights are far from the reference: the fixtures test it.
+    for (name, unscaled) in [
+        ("qwen2-yarn-long", serde_json::json!({"rope_scaling": null})),
+        (
+            "glm4-thudm-rope-ratio-long",
+            serde_json::json!({"rope_ratio": 1}),
+        ),
+    ] {
+        let g = golden(&fixture(name));
+        let dir = altered_fixture(name, "unscaled", unscaled);
+        let m = load_model(&dir, &Device::Cpu, Some(64)).unwrap().model;
+        std::fs::remove_dir_all(&dir).ok();
+        let mut kv = KvCache::new(m.cache_spec(), BLOCKS, BS);
+        let rows = run(m.as_ref(), &mut kv, &[(&g.ids, 0, (0..12).collect())], true);
+        let d = worst(&rows, &g.logits);
+        assert!(d > 1e-2, "{name} unscaled: {d}");
+    }
+}
