@@ -98,6 +98,14 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<(ServedModel, EngineThread
         dtype: cache_dtype,
         ..model.cache_spec()
     };
+    if cache_dtype == models::kv_cache::KV_Q8_0 {
+        if !device.is_cpu() {
+            bail!("--kv-cache-dtype q8_0 is for the CPU (its host cache); use f16 or bf16 on CUDA");
+        }
+        if let Some(why) = spec.q8_0_unsupported() {
+            bail!("--kv-cache-dtype q8_0: {why}");
+        }
+    }
     let block_bytes = (spec.bytes_per_token() * e.block_size) as u64;
     let kv_bytes = kv_budget(e, &device)?;
     let num_blocks = (kv_bytes / block_bytes) as usize;

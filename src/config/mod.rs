@@ -386,7 +386,7 @@ mod tests {
         let err = Config::resolve(&args, FileConfig::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "kv_cache_dtype: expected `auto`, `f32`, `f16` or `bf16`, got `fp8`"
+            "kv_cache_dtype: expected `auto`, `f32`, `f16`, `bf16` or `q8_0`, got `fp8`"
         );
     }
 

@@ -10,6 +10,8 @@ pub enum KvCacheDtype {
     F32,
     F16,
     Bf16,
+    /// int8 values with an f16 scale per 32 (llama.cpp's `q8_0`), on the CPU.
+    Q8_0,
 }
 
 impl KvCacheDtype {
@@ -19,9 +21,10 @@ impl KvCacheDtype {
             "f32" | "float32" => Ok(Self::F32),
             "f16" | "fp16" | "float16" | "half" => Ok(Self::F16),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "q8_0" => Ok(Self::Q8_0),
             _ => Err(ConfigError::Invalid {
                 field: "kv_cache_dtype",
-                message: format!("expected `auto`, `f32`, `f16` or `bf16`, got `{s}`"),
+                message: format!("expected `auto`, `f32`, `f16`, `bf16` or `q8_0`, got `{s}`"),
             }),
         }
     }
@@ -35,6 +38,7 @@ impl KvCacheDtype {
             Self::F32 => DType::F32,
             Self::F16 => DType::F16,
             Self::Bf16 => DType::BF16,
+            Self::Q8_0 => crate::models::kv_cache::KV_Q8_0,
         }
     }
 }

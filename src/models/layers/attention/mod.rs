@@ -3,8 +3,9 @@
 //! KV head `h / (num_heads / num_kv_heads)`; the query heads of one KV head are computed together
 //! so each K/V row is read once for all of them. Two passes per work item (scores and softmax,
 //! then the weighted sum of values), each item on its own data, so a token's result never
-//! depends on what else is in the batch. K/V are stored f32 or f16 (`LayerKv`); the items run
-//! on candle's compute pool (`layers::pool`); the x86 vector lanes live in `x86`.
+//! depends on what else is in the batch. K/V are stored f32, f16 or Q8_0 (`LayerKv`), read
+//! through [`Store`]; the items run on candle's compute pool (`layers::pool`); the x86 vector
+//! lanes live in `x86`.
 
 use half::f16;
 
@@ -13,7 +14,7 @@ mod x86;
 
 #[cfg(target_arch = "x86_64")]
 use self::x86::{item_avx2, item_avx512};
-use crate::models::kv_cache::{HostKv, KvElem, LayerKv};
+use crate::models::kv_cache::{HostKv, HostQ8, KvElem, LayerKv, Q8_GROUP};
 use crate::models::layers::pool::{self, SyncPtr};
 use crate::models::ForwardBatch;
 
@@ -89,14 +90,37 @@ fn attend_in_chunks(
     chunk: usize,
 ) -> Vec<f32> {
     match cache {
-        LayerKv::F32(c) => attend_typed(q, c, batch, d, token_seq, chunk),
-        LayerKv::F16(c) => attend_typed(q, c, batch, d, token_seq, chunk),
+        LayerKv::F32(c) => attend_typed(q, float_rows(c, d), batch, d, token_seq, chunk),
+        LayerKv::F16(c) => attend_typed(q, float_rows(c, d), batch, d, token_seq, chunk),
+        LayerKv::Q8(c) => attend_typed(q, q8_rows(c, d), batch, d, token_seq, chunk),
     }
 }
 
-fn attend_typed<E: Elem>(
+/// The K and V stores of float host storage (V is K for MLA).
+fn float_rows<E: Elem>(c: &HostKv<E>, d: AttnDims) -> (&[E], &[E]) {
+    (&c.k, if d.values_in_keys { &c.k } else { &c.v })
+}
+
+/// The K and V stores of Q8_0 host storage (V is K for MLA).
+fn q8_rows(c: &HostQ8, d: AttnDims) -> (Q8Rows<'_>, Q8Rows<'_>) {
+    let k = Q8Rows {
+        qs: &c.k,
+        scales: &c.k_scales,
+    };
+    let v = if d.values_in_keys {
+        k
+    } else {
+        Q8Rows {
+            qs: &c.v,
+            scales: &c.v_scales,
+        }
+    };
+    (k, v)
+}
+
+fn attend_typed<S: Store>(
     q: &[f32],
-    cache: &HostKv<E>,
+    (keys, values): (S, S),
     batch: &ForwardBatch,
     d: AttnDims,
     token_seq: &[(usize, usize)],
@@ -104,8 +128,8 @@ fn attend_typed<E: Elem>(
 ) -> Vec<f32> {
     let it = Item {
         q,
-        keys: &cache.k,
-        values: if d.values_in_keys { &cache.k } else { &cache.v },
+        keys,
+        values,
         batch,
         d,
         token_seq,
@@ -190,15 +214,99 @@ struct Scratch {
 }
 
 /// Everything a work item reads.
-struct Item<'a, E> {
+struct Item<'a, S> {
     q: &'a [f32],
-    keys: &'a [E],
+    keys: S,
     /// V storage, or the K storage for MLA.
-    values: &'a [E],
+    values: S,
     batch: &'a ForwardBatch,
     d: AttnDims,
     token_seq: &'a [(usize, usize)],
     chunk: usize,
+}
+
+/// K or V storage as the kernels read it, indexed by value (a row of one KV head starts at
+/// `slot * slot_width + head * head_dim`): f32 or f16 slices, or Q8_0 rows.
+trait Store: Copy + Send + Sync {
+    /// Values `off..off + len` as f32: in place, or converted into `buf`.
+    fn row<'a>(self, off: usize, len: usize, buf: &'a mut [f32]) -> &'a [f32]
+    where
+        Self: 'a;
+
+    /// Values `index..index + 16` (lanes `mask`), widened to f32.
+    /// SAFETY: AVX-512 F/BW/VL; the masked values exist; for Q8_0, the 16 lanes lie in one
+    /// group of 32 (`index` a multiple of 16).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(self, index: usize, mask: u16) -> std::arch::x86_64::__m512;
+
+    /// Prefetch values `index..index + len` into L1.
+    /// SAFETY: the values exist.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn prefetch(self, index: usize, len: usize);
+}
+
+impl<E: Elem> Store for &[E] {
+    #[inline(always)]
+    fn row<'a>(self, off: usize, len: usize, buf: &'a mut [f32]) -> &'a [f32]
+    where
+        Self: 'a,
+    {
+        E::row(&self[off..off + len], buf)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(self, index: usize, mask: u16) -> std::arch::x86_64::__m512 {
+        E::load16(self.as_ptr().add(index), mask)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn prefetch(self, index: usize, len: usize) {
+        x86::prefetch_bytes(
+            self.as_ptr().add(index) as *const u8,
+            len * std::mem::size_of::<E>(),
+        );
+    }
+}
+
+/// Q8_0 storage: int8 values and an f16 scale per 32. A value is `q * scale` in f32, the same
+/// product whichever lanes compute it.
+#[derive(Clone, Copy)]
+struct Q8Rows<'a> {
+    qs: &'a [i8],
+    scales: &'a [f16],
+}
+
+impl Store for Q8Rows<'_> {
+    #[inline(always)]
+    fn row<'a>(self, off: usize, len: usize, buf: &'a mut [f32]) -> &'a [f32]
+    where
+        Self: 'a,
+    {
+        let buf = &mut buf[..len];
+        for (i, b) in buf.iter_mut().enumerate() {
+            let at = off + i;
+            *b = f32::from(self.qs[at]) * self.scales[at / Q8_GROUP].to_f32();
+        }
+        buf
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(self, index: usize, mask: u16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let q = _mm_maskz_loadu_epi8(mask, self.qs.as_ptr().add(index));
+        let f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+        let d = self.scales.get_unchecked(index / Q8_GROUP).to_f32();
+        _mm512_mul_ps(f, _mm512_set1_ps(d))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn prefetch(self, index: usize, len: usize) {
+        x86::prefetch_bytes(self.qs.as_ptr().add(index) as *const u8, len);
+    }
 }
 
 /// A host K/V element as the kernels read it.
@@ -248,10 +356,10 @@ impl Elem for f16 {
 /// `chunk` rows of `n = k_offs.len()`.
 trait Lanes {
     /// `scores[c * n + j] = scale * dot(q_c, key_j)`.
-    fn scores<E: Elem>(
+    fn scores<S: Store>(
         q: &[f32],
         hd: usize,
-        keys: &[E],
+        keys: S,
         k_offs: &[usize],
         scale: f32,
         scores: &mut [f32],
@@ -261,11 +369,11 @@ trait Lanes {
     fn softmax_numerators(row: &mut [f32]) -> f32;
 
     /// `o[c] = inv[c] * Σ_j p[c * n + j] * value_j` for each of the `inv.len()` heads.
-    fn weighted_values<E: Elem>(
+    fn weighted_values<S: Store>(
         o: &mut [f32],
         vd: usize,
         p: &[f32],
-        values: &[E],
+        values: S,
         v_offs: &[usize],
         inv: &[f32],
     );
@@ -281,10 +389,10 @@ trait RowLanes {
 
 impl<L: RowLanes> Lanes for L {
     #[inline(always)]
-    fn scores<E: Elem>(
+    fn scores<S: Store>(
         q: &[f32],
         hd: usize,
-        keys: &[E],
+        keys: S,
         k_offs: &[usize],
         scale: f32,
         scores: &mut [f32],
@@ -292,7 +400,7 @@ impl<L: RowLanes> Lanes for L {
         let n = k_offs.len();
         let mut buf = vec![0f32; hd];
         for (j, &off) in k_offs.iter().enumerate() {
-            let krow = E::row(&keys[off..off + hd], &mut buf);
+            let krow = keys.row(off, hd, &mut buf);
             for (c, qrow) in q.chunks_exact(hd).enumerate() {
                 scores[c * n + j] = Self::dot(qrow, krow) * scale;
             }
@@ -311,11 +419,11 @@ impl<L: RowLanes> Lanes for L {
     }
 
     #[inline(always)]
-    fn weighted_values<E: Elem>(
+    fn weighted_values<S: Store>(
         o: &mut [f32],
         vd: usize,
         p: &[f32],
-        values: &[E],
+        values: S,
         v_offs: &[usize],
         inv: &[f32],
     ) {
@@ -323,7 +431,7 @@ impl<L: RowLanes> Lanes for L {
         let mut buf = vec![0f32; vd];
         o.fill(0.0);
         for (j, &off) in v_offs.iter().enumerate() {
-            let vrow = E::row(&values[off..off + vd], &mut buf);
+            let vrow = values.row(off, vd, &mut buf);
             for c in 0..inv.len() {
                 Self::axpy(&mut o[c * vd..(c + 1) * vd], p[c * n + j], vrow);
             }
@@ -334,7 +442,7 @@ impl<L: RowLanes> Lanes for L {
     }
 }
 
-impl<E: Elem> Item<'_, E> {
+impl<S: Store> Item<'_, S> {
     /// Work item `idx`: one token, `chunk` query heads of one KV head; writes `o`.
     #[inline(always)]
     fn run<L: Lanes>(&self, idx: usize, o: &mut [f32], scratch: &mut Scratch) {
@@ -426,7 +534,7 @@ impl RowLanes for Portable {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::models::kv_cache::{CacheSpec, KvCache};
+    use crate::models::kv_cache::{quantize_q8, CacheSpec, KvCache, KV_Q8_0};
 
     /// Naive causal attention over contiguous K/V for one sequence, for comparison.
     fn reference(q: &[f32], k: &[f32], v: &[f32], n: usize, d: AttnDims, first: usize) -> Vec<f32> {
@@ -482,6 +590,14 @@ pub(crate) mod tests {
         check_paged(candle_core::DType::F16, 8);
     }
 
+    /// The Q8_0 cache likewise, on the quantized values (heads of 32 and 64: one and two
+    /// groups of 32 per row); every lane set reads the same products.
+    #[test]
+    fn q8_0_cache_matches_the_reference_on_quantized_values() {
+        check_paged(KV_Q8_0, 32);
+        check_paged(KV_Q8_0, 64);
+    }
+
     fn check_paged(dtype: candle_core::DType, hd: usize) {
         let d = AttnDims {
             scale: 0.35,
@@ -510,6 +626,15 @@ pub(crate) mod tests {
         let stored = |x: &[f32]| -> Vec<f32> {
             match dtype {
                 candle_core::DType::F16 => x.iter().map(|&a| f16::from_f32(a).to_f32()).collect(),
+                KV_Q8_0 => {
+                    let mut qs = vec![0i8; x.len()];
+                    let mut sc = vec![f16::ZERO; x.len() / Q8_GROUP];
+                    quantize_q8(&mut qs, &mut sc, x);
+                    qs.iter()
+                        .enumerate()
+                        .map(|(i, &v)| f32::from(v) * sc[i / Q8_GROUP].to_f32())
+                        .collect()
+                }
                 _ => x.to_vec(),
             }
         };
@@ -537,16 +662,17 @@ pub(crate) mod tests {
         let chunked = attend_in_chunks(q, layer, &batch, d, &token_seq, 2);
         assert_eq!(chunked, got);
         match layer {
-            LayerKv::F32(c) => other_lanes_agree(q, c, &batch, d, &token_seq, &want),
-            LayerKv::F16(c) => other_lanes_agree(q, c, &batch, d, &token_seq, &want),
+            LayerKv::F32(c) => other_lanes_agree(q, float_rows(c, d), &batch, d, &token_seq, &want),
+            LayerKv::F16(c) => other_lanes_agree(q, float_rows(c, d), &batch, d, &token_seq, &want),
+            LayerKv::Q8(c) => other_lanes_agree(q, q8_rows(c, d), &batch, d, &token_seq, &want),
         }
     }
 
     /// The portable lanes (machines without AVX2), and the AVX2 lanes on a machine that picks
     /// AVX-512, agree with the reference too.
-    fn other_lanes_agree<E: Elem>(
+    fn other_lanes_agree<S: Store>(
         q: &[f32],
-        c: &HostKv<E>,
+        (keys, values): (S, S),
         batch: &ForwardBatch,
         d: AttnDims,
         token_seq: &[(usize, usize)],
@@ -554,8 +680,8 @@ pub(crate) mod tests {
     ) {
         let it = Item {
             q,
-            keys: &c.k,
-            values: &c.v,
+            keys,
+            values,
             batch,
             d,
             token_seq,

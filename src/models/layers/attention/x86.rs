@@ -2,7 +2,7 @@
 //! row loaded once for all heads of a chunk, a vectorised exp, the values summed in registers
 //! 16 output dimensions at a time, K/V rows prefetched a few keys ahead).
 
-use super::{Elem, Item, Lanes, RowLanes, Scratch};
+use super::{Item, Lanes, RowLanes, Scratch, Store};
 
 /// 8-lane AVX2 FMA; only reached through [`item_avx2`].
 struct Avx2;
@@ -22,8 +22,8 @@ impl RowLanes for Avx2 {
 }
 
 #[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn item_avx2<E: Elem>(
-    it: &Item<E>,
+pub(super) unsafe fn item_avx2<S: Store>(
+    it: &Item<S>,
     idx: usize,
     o: &mut [f32],
     scratch: &mut Scratch,
@@ -36,8 +36,8 @@ pub(super) unsafe fn item_avx2<E: Elem>(
 struct Avx512;
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-pub(super) unsafe fn item_avx512<E: Elem>(
-    it: &Item<E>,
+pub(super) unsafe fn item_avx512<S: Store>(
+    it: &Item<S>,
     idx: usize,
     o: &mut [f32],
     scratch: &mut Scratch,
@@ -47,10 +47,10 @@ pub(super) unsafe fn item_avx512<E: Elem>(
 
 impl Lanes for Avx512 {
     #[inline(always)]
-    fn scores<E: Elem>(
+    fn scores<S: Store>(
         q: &[f32],
         hd: usize,
-        keys: &[E],
+        keys: S,
         k_offs: &[usize],
         scale: f32,
         scores: &mut [f32],
@@ -67,25 +67,25 @@ impl Lanes for Avx512 {
     }
 
     #[inline(always)]
-    fn weighted_values<E: Elem>(
+    fn weighted_values<S: Store>(
         o: &mut [f32],
         vd: usize,
         p: &[f32],
-        values: &[E],
+        values: S,
         v_offs: &[usize],
         inv: &[f32],
     ) {
         // SAFETY: as above; every V row `v_offs[j]..+vd` is inside `values`.
         unsafe {
             match inv.len() {
-                1 => weighted_values_avx512::<E, 1>(o, vd, p, values, v_offs, inv),
-                2 => weighted_values_avx512::<E, 2>(o, vd, p, values, v_offs, inv),
-                3 => weighted_values_avx512::<E, 3>(o, vd, p, values, v_offs, inv),
-                4 => weighted_values_avx512::<E, 4>(o, vd, p, values, v_offs, inv),
-                5 => weighted_values_avx512::<E, 5>(o, vd, p, values, v_offs, inv),
-                6 => weighted_values_avx512::<E, 6>(o, vd, p, values, v_offs, inv),
-                7 => weighted_values_avx512::<E, 7>(o, vd, p, values, v_offs, inv),
-                _ => weighted_values_avx512::<E, 8>(o, vd, p, values, v_offs, inv),
+                1 => weighted_values_avx512::<S, 1>(o, vd, p, values, v_offs, inv),
+                2 => weighted_values_avx512::<S, 2>(o, vd, p, values, v_offs, inv),
+                3 => weighted_values_avx512::<S, 3>(o, vd, p, values, v_offs, inv),
+                4 => weighted_values_avx512::<S, 4>(o, vd, p, values, v_offs, inv),
+                5 => weighted_values_avx512::<S, 5>(o, vd, p, values, v_offs, inv),
+                6 => weighted_values_avx512::<S, 6>(o, vd, p, values, v_offs, inv),
+                7 => weighted_values_avx512::<S, 7>(o, vd, p, values, v_offs, inv),
+                _ => weighted_values_avx512::<S, 8>(o, vd, p, values, v_offs, inv),
             }
         }
     }
@@ -94,11 +94,10 @@ impl Lanes for Avx512 {
 /// How many keys ahead the AVX-512 loops prefetch K/V rows.
 const PREFETCH_AHEAD: usize = 4;
 
-/// Prefetch the cache lines of `len` floats from `p` into L1.
+/// Prefetch the cache lines of `bytes` bytes from `p` into L1.
 #[inline(always)]
-unsafe fn prefetch_row<E>(p: *const E, len: usize) {
+pub(super) unsafe fn prefetch_bytes(p: *const u8, bytes: usize) {
     use std::arch::x86_64::*;
-    let bytes = len * std::mem::size_of::<E>();
     let mut i = 0;
     while i < bytes {
         _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(i));
@@ -118,10 +117,10 @@ fn lane_mask(len: usize) -> u16 {
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 #[inline]
-unsafe fn scores_avx512<E: Elem>(
+unsafe fn scores_avx512<S: Store>(
     q: &[f32],
     hd: usize,
-    keys: &[E],
+    keys: S,
     k_offs: &[usize],
     scale: f32,
     scores: &mut [f32],
@@ -130,17 +129,15 @@ unsafe fn scores_avx512<E: Elem>(
     let n = k_offs.len();
     let chunk = q.len() / hd;
     for (j, &off) in k_offs.iter().enumerate() {
-        debug_assert!(off + hd <= keys.len());
-        let krow = keys.as_ptr().add(off);
         // rows of one KV head are strided across slots: fetch a few keys ahead
         if let Some(&ahead) = k_offs.get(j + PREFETCH_AHEAD) {
-            prefetch_row(keys.as_ptr().add(ahead), hd);
+            keys.prefetch(ahead, hd);
         }
         let mut acc = [_mm512_setzero_ps(); 8];
         let mut i = 0;
         while i < hd {
             let m = lane_mask(hd - i);
-            let k = E::load16(krow.add(i), m);
+            let k = keys.load16(off + i, m);
             for (c, a) in acc.iter_mut().enumerate().take(chunk) {
                 let qv = _mm512_maskz_loadu_ps(m, q.as_ptr().add(c * hd + i));
                 *a = _mm512_fmadd_ps(qv, k, *a);
@@ -209,11 +206,11 @@ unsafe fn softmax_numerators_avx512(row: &mut [f32]) -> f32 {
 /// Sixteen output dimensions at a time, the `C` heads' sums kept in registers over all keys.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 #[inline]
-unsafe fn weighted_values_avx512<E: Elem, const C: usize>(
+unsafe fn weighted_values_avx512<S: Store, const C: usize>(
     o: &mut [f32],
     vd: usize,
     p: &[f32],
-    values: &[E],
+    values: S,
     v_offs: &[usize],
     inv: &[f32],
 ) {
@@ -224,11 +221,10 @@ unsafe fn weighted_values_avx512<E: Elem, const C: usize>(
         let m = lane_mask(vd - i);
         let mut acc = [_mm512_setzero_ps(); C];
         for (j, &off) in v_offs.iter().enumerate() {
-            debug_assert!(off + vd <= values.len());
             if let Some(&ahead) = v_offs.get(j + PREFETCH_AHEAD) {
-                prefetch_row(values.as_ptr().add(ahead + i), 16.min(vd - i));
+                values.prefetch(ahead + i, 16.min(vd - i));
             }
-            let v = E::load16(values.as_ptr().add(off + i), m);
+            let v = values.load16(off + i, m);
             for (c, a) in acc.iter_mut().enumerate() {
                 *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.get_unchecked(c * n + j)), v, *a);
             }
