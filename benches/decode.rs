@@ -3,27 +3,16 @@
 //! `cargo bench --bench decode [-- MODEL [STEPS [CACHE_DTYPE [QUANTIZE]]]]` (default:
 //! SmolLM2-135M Q4_1, 128 steps, an f16 KV cache as the daemon uses on the CPU; `f32` for the
 //! other; QUANTIZE as `--quantize` for a Hugging Face directory).
-use std::path::PathBuf;
 use std::time::Instant;
+
+mod common;
 
 use candle_core::{DType, Device};
 use inferd::models::quantize::LoadQuant;
 use inferd::models::{load_model_with, CacheSpec, ForwardBatch, KvCache, LoadOptions};
 
 fn main() {
-    // Match the daemon: candle's compute threads park soon instead of spinning.
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
-    }
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let path = PathBuf::from(
-        args.first()
-            .cloned()
-            .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into()),
-    );
+    let (args, path) = common::setup("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let steps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(128);
     let dtype = match args.get(2).map(String::as_str) {
         Some("f32") => DType::F32,
