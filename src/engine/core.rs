@@ -236,6 +236,10 @@ impl Engine {
         if let Some(label) = outcome.label() {
             telemetry::request_finished(&self.name, label);
         }
+        // Publish before the client hears of the end: whoever has seen a request finish then
+        // reads counters that include all of its tokens (the step's own publication comes
+        // after every sequence of the step has advanced).
+        self.publish_stats();
         match outcome {
             Outcome::Finished(reason) => {
                 let usage = Usage {
