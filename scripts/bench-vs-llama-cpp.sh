@@ -8,7 +8,11 @@
 #
 # Environment: MODEL (default: SmolLM2-135M Q4_1), THREADS (default: nproc), CONCURRENCIES
 # ("1 4 16"), PROMPT_TOKENS (100), MAX_TOKENS (128), NUM_REQUESTS (per concurrency: 4 x c, at
-# least 8), ROUNDS (alternations per concurrency, 2).
+# least 8), ROUNDS (alternations per concurrency, 2), CPU (`native`, the default: llama.cpp
+# built for this CPU and inferd's widest kernel path; `avx2`: llama.cpp built for AVX2 alone —
+# -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON, AVX-512 off, its own build
+# directory — against inferd with INFERD_CPU_KERNELS=avx2, so an AVX-512 machine measures the
+# AVX2-only comparison).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -19,8 +23,16 @@ CONCURRENCIES="${CONCURRENCIES:-1 4 16}"
 PROMPT_TOKENS="${PROMPT_TOKENS:-100}"
 MAX_TOKENS="${MAX_TOKENS:-128}"
 ROUNDS="${ROUNDS:-2}"
+CPU="${CPU:-native}"
 cache="${INFERD_CACHE:-$HOME/.cache/inferd}/llama.cpp"
-server="$cache/build/bin/llama-server"
+case "$CPU" in
+  native) build="$cache/build"; kernels=""; cpu_flags=(-DGGML_NATIVE=ON) ;;
+  avx2) build="$cache/build-avx2"; kernels="avx2"
+    cpu_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+               -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF) ;;
+  *) echo "CPU must be native or avx2, not $CPU" >&2; exit 2 ;;
+esac
+server="$build/bin/llama-server"
 
 bash scripts/fetch-models.sh >/dev/null
 if [ ! -x "$server" ]; then
@@ -32,9 +44,9 @@ if [ ! -x "$server" ]; then
     tar -xzf "$cache"/sdist/llama_cpp_python-0.3.36.tar.gz -C "$cache/sdist"
     mv "$cache/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp" "$cache/src"
   fi
-  cmake -S "$cache/src" -B "$cache/build" -DCMAKE_BUILD_TYPE=Release \
-    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON
-  cmake --build "$cache/build" --target llama-server -j "$THREADS"
+  cmake -S "$cache/src" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+    -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF "${cpu_flags[@]}"
+  cmake --build "$build" --target llama-server -j "$THREADS"
 fi
 cargo build --release --bin inferd
 inferd="$root/target/release/inferd"
@@ -51,8 +63,8 @@ mkdir -p "$logs"
 "$server" -m "$MODEL" --host 127.0.0.1 --port $lport -t "$THREADS" -np "$max_c" -c "$ctx" \
   --poll 0 >"$logs/llama-server.log" 2>&1 &
 lpid=$!
-RAYON_NUM_THREADS="$THREADS" CANDLE_NUM_THREADS="$THREADS" "$inferd" serve --model "$MODEL" \
-  --port $iport --max-num-seqs "$max_c" >"$logs/inferd.log" 2>&1 &
+env ${kernels:+INFERD_CPU_KERNELS=$kernels} RAYON_NUM_THREADS="$THREADS" CANDLE_NUM_THREADS="$THREADS" \
+  "$inferd" serve --model "$MODEL" --port $iport --max-num-seqs "$max_c" >"$logs/inferd.log" 2>&1 &
 ipid=$!
 trap 'kill $lpid $ipid 2>/dev/null || true' EXIT
 
@@ -84,10 +96,10 @@ for c in $CONCURRENCIES; do
   done
 done
 
-python3 - "$results" "$MODEL" "$THREADS" <<'PY'
+python3 - "$results" "$MODEL" "$THREADS" "$CPU" <<'PY'
 import json, sys, statistics as st
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print(f"model {sys.argv[2]}, {sys.argv[3]} threads; medians over rounds")
+print(f"model {sys.argv[2]}, {sys.argv[3]} threads, CPU={sys.argv[4]}; medians over rounds")
 print(f"{'conc':>4} {'server':>10} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12}")
 by = {}
 for r in rows:
