@@ -136,10 +136,7 @@ impl DeepseekV2Config {
             }
         }
         let groups = opt_u("expert_group_count").unwrap_or(1);
-        let vocab = match u("vocab_size") {
-            Ok(v) => v,
-            Err(_) => md.array_len("tokenizer.ggml.tokens")?,
-        };
+        let vocab = md.vocab_size()?;
         let mut cfg = json!({
             "vocab_size": vocab,
             "hidden_size": u("embedding_length")?,

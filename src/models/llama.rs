@@ -127,10 +127,7 @@ impl LlamaConfig {
             .arch_usize("attention.key_length")
             .unwrap_or(hidden / heads.max(1));
         let rotary = md.arch_usize("rope.dimension_count").unwrap_or(head_dim);
-        let vocab = match md.arch_usize("vocab_size") {
-            Ok(v) => v,
-            Err(_) => md.array_len("tokenizer.ggml.tokens")?,
-        };
+        let vocab = md.vocab_size()?;
         let mut cfg = Self {
             hidden_size: hidden,
             intermediate_size: md.arch_usize("feed_forward_length")?,

@@ -267,4 +267,12 @@ impl<'a> GgufMeta<'a> {
     pub fn array_len(&self, key: &str) -> Result<usize> {
         Ok(self.get(key)?.to_vec()?.len())
     }
+
+    /// `{arch}.vocab_size`, else the length of the token list.
+    pub fn vocab_size(&self) -> Result<usize> {
+        match self.arch_usize("vocab_size") {
+            Ok(v) => Ok(v),
+            Err(_) => self.array_len("tokenizer.ggml.tokens"),
+        }
+    }
 }

@@ -8,6 +8,7 @@ pub mod deepseek2;
 pub mod device;
 pub mod family;
 pub mod gguf_cpu;
+pub mod gguf_names;
 pub mod glm4;
 pub mod kv_cache;
 pub mod layers;

@@ -223,7 +223,7 @@ fn dot4_lanes<const FMA: bool, const L: usize>(x: &[f32], w: &[u16]) -> [f32; 4]
     for (wc, ((c0, c1), (c2, c3))) in w.chunks_exact(L).zip(rows) {
         let mut wv = [0f32; L];
         for (v, &b) in wv.iter_mut().zip(wc) {
-            *v = f32::from_bits(u32::from(b) << 16);
+            *v = widen1(b);
         }
         for (a, xs) in acc.iter_mut().zip([c0, c1, c2, c3]) {
             for ((a, &xv), &wv) in a.iter_mut().zip(xs).zip(&wv) {
@@ -241,7 +241,7 @@ fn dot4_lanes<const FMA: bool, const L: usize>(x: &[f32], w: &[u16]) -> [f32; 4]
         let tail: f32 = xr[done..]
             .iter()
             .zip(&w[done..])
-            .map(|(&xv, &b)| xv * f32::from_bits(u32::from(b) << 16))
+            .map(|(&xv, &b)| xv * widen1(b))
             .sum();
         *o = a.iter().sum::<f32>() + tail;
     }
@@ -271,7 +271,7 @@ fn dot_lanes<const FMA: bool>(x: &[f32], w: &[u16]) -> f32 {
     let (xt, wt) = (xc.remainder(), wc.remainder());
     for (xs, ws) in xc.zip(wc) {
         for l in 0..LANES {
-            let wv = f32::from_bits(u32::from(ws[l]) << 16);
+            let wv = widen1(ws[l]);
             acc[l] = if FMA {
                 xs[l].mul_add(wv, acc[l])
             } else {
@@ -280,7 +280,7 @@ fn dot_lanes<const FMA: bool>(x: &[f32], w: &[u16]) -> f32 {
         }
     }
     for (l, (&xv, &wb)) in xt.iter().zip(wt).enumerate() {
-        acc[l] += xv * f32::from_bits(u32::from(wb) << 16);
+        acc[l] += xv * widen1(wb);
     }
     acc.iter().sum()
 }
@@ -288,8 +288,14 @@ fn dot_lanes<const FMA: bool>(x: &[f32], w: &[u16]) -> f32 {
 /// bf16 bit patterns to f32 (exact).
 fn widen(bits: &[u16], out: &mut [f32]) {
     for (o, &b) in out.iter_mut().zip(bits) {
-        *o = f32::from_bits(u32::from(b) << 16);
+        *o = widen1(b);
     }
+}
+
+/// One bf16 bit pattern as f32 (the top half of its bits).
+#[inline(always)]
+fn widen1(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
 }
 
 #[cfg(test)]
