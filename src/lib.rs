@@ -236,7 +236,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     opts: ServeOptions,
 ) -> anyhow::Result<()> {
-    serve_loading(async { Ok(state) }, listener, shutdown, opts).await
+    serve_from(
+        Some(state),
+        std::future::pending(),
+        listener,
+        shutdown,
+        opts,
+    )
+    .await
 }
 
 /// Serve on `listener` from the start: while `load` runs, liveness answers and everything else
@@ -252,26 +259,50 @@ pub async fn serve_loading(
     shutdown: impl Future<Output = ()> + Send + 'static,
     opts: ServeOptions,
 ) -> anyhow::Result<()> {
-    let (routes, routed) = tokio::sync::watch::channel(api::loading_router());
+    serve_from(None, load, listener, shutdown, opts).await
+}
+
+/// [`serve`] when `loaded` is given (the API answers from the first connection: no loading
+/// phase for an early request to race into), else [`serve_loading`] of `load`.
+async fn serve_from(
+    loaded: Option<AppState>,
+    load: impl Future<Output = anyhow::Result<AppState>>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    opts: ServeOptions,
+) -> anyhow::Result<()> {
+    let first = match &loaded {
+        Some(state) => api::router(state.clone()),
+        None => api::loading_router(),
+    };
+    let (routes, routed) = tokio::sync::watch::channel(first);
     let (stop_accepting, accepting) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::run(listener, routed, opts.limits, async move {
         let _ = accepting.await;
     }));
     let mut shutdown = std::pin::pin!(shutdown);
-    let loaded = tokio::select! {
-        loaded = load => loaded,
-        () = &mut shutdown => {
-            tracing::info!("shutting down before the models finished loading");
-            let _ = stop_accepting.send(());
-            return Ok(server.await??);
-        }
-    };
     let state = match loaded {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = stop_accepting.send(());
-            let _ = server.await;
-            return Err(e);
+        Some(state) => state,
+        None => {
+            let loaded = tokio::select! {
+                loaded = load => loaded,
+                () = &mut shutdown => {
+                    tracing::info!("shutting down before the models finished loading");
+                    let _ = stop_accepting.send(());
+                    return Ok(server.await??);
+                }
+            };
+            match loaded {
+                Ok(state) => {
+                    let _ = routes.send_replace(api::router(state.clone()));
+                    state
+                }
+                Err(e) => {
+                    let _ = stop_accepting.send(());
+                    let _ = server.await;
+                    return Err(e);
+                }
+            }
         }
     };
     let engines = state
@@ -281,7 +312,7 @@ pub async fn serve_loading(
         .unwrap_or_default();
     let stop = state.stop.clone();
     let draining = state.draining.clone();
-    let _ = routes.send_replace(api::router(state));
+    drop(state);
     tracing::info!("ready: serving the API");
 
     shutdown.await;
