@@ -3,7 +3,8 @@
 //! then 32 greedy steps decoded from the f32 run's tokens. Q8_0 rounds each stored K/V value
 //! to one of 255 steps of its group's largest magnitude, so logits move more than with f16
 //! (Qwen2.5's keys carry large bias channels, which set their groups' scale); the test states
-//! how much and that greedy choices hold.
+//! how much, and that greedy choices hold wherever the f32 run's best logit leads by 0.5 or more
+//! (near ties may flip: at most one step in eight for q8_0).
 
 mod common;
 
@@ -37,6 +38,22 @@ fn log_softmax(v: &[f32]) -> Vec<f32> {
     let mx = v.iter().copied().fold(f32::MIN, f32::max);
     let z = v.iter().map(|x| (x - mx).exp()).sum::<f32>().ln() + mx;
     v.iter().map(|x| x - z).collect()
+}
+
+/// A lead of the f32 cache's best logit over its second that no cache type may flip.
+const CLEAR_MARGIN: f32 = 0.5;
+
+/// How far the best logit leads the second.
+fn top_margin(v: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::MIN, f32::MIN);
+    for &x in v {
+        if x > a {
+            (a, b) = (x, a);
+        } else if x > b {
+            b = x;
+        }
+    }
+    a - b
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -88,8 +105,17 @@ fn q8_0_cache_keeps_greedy_choices_near_the_f16_cache() {
         for step in 0..STEPS {
             let next = argmax(&rows[0]);
             let reference = log_softmax(&rows[0]);
+            let margin = top_margin(&rows[0]);
             for (c, r) in rows.iter().enumerate() {
                 agree[c] += usize::from(argmax(r) == next);
+                if argmax(r) != next {
+                    eprintln!(
+                        "{file} {}: step {step} differs; f32 margin {margin:.3}",
+                        names[c]
+                    );
+                    // only a near tie may flip
+                    assert!(margin < CLEAR_MARGIN, "{file} {}: step {step}", names[c]);
+                }
                 let lp = log_softmax(r);
                 worst_lp[c] = worst_lp[c].max((lp[next as usize] - reference[next as usize]).abs());
                 worst_logit[c] = worst_logit[c].max(max_abs_diff(r, &rows[0]));
@@ -106,7 +132,7 @@ fn q8_0_cache_keeps_greedy_choices_near_the_f16_cache() {
             );
         }
         assert!(
-            agree[1] + 1 >= STEPS && agree[2] + 2 >= STEPS,
+            agree[1] + 1 >= STEPS && agree[2] + STEPS / 8 >= STEPS,
             "{file}: {agree:?}"
         );
         assert!(worst_lp[2] < 1.0, "{file}: {worst_lp:?}");

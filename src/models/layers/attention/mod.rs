@@ -1,22 +1,44 @@
 //! Paged attention on the CPU: each query token attends, causally, over its sequence's K/V read
 //! in place from the cache blocks — no gather into a contiguous copy. GQA maps query head `h` to
-//! KV head `h / (num_heads / num_kv_heads)`; the query heads of one KV head are computed together
-//! so each K/V row is read once for all of them. Two passes per work item (scores and softmax,
-//! then the weighted sum of values), each item on its own data, so a token's result never
-//! depends on what else is in the batch. K/V are stored f32, f16 or Q8_0 (`LayerKv`), read
-//! through [`Store`]; the items run on candle's compute pool (`layers::pool`); the x86 vector
+//! KV head `h / (num_heads / num_kv_heads)`. K/V are stored f32, f16 or Q8_0 (`LayerKv`), read
+//! through [`Store`]; the work runs on candle's compute pool (`layers::pool`); the x86 vector
 //! lanes live in `x86`.
+//!
+//! The arithmetic is fixed per (token, head), whatever the batch, the work split or the
+//! machine's vector width:
+//! - keys are taken in segments of [`SEGMENT`]; in each, a score is `scale` times a chain of
+//!   FMAs over the dimensions in order, the segment's softmax numerators are `exp(s - max)`
+//!   (one polynomial, [`exp_poly`]), their sum is kept in 16 lanes (key `j` in lane `j % 16`)
+//!   added in a fixed tree, and the weighted values are FMA chains over the keys in order;
+//! - the segments' partial results `(max, sum, values)` are folded left to right in key order
+//!   (flash attention's rescaling), then divided by the sum.
+//!
+//! So the portable, AVX2 and AVX-512 lanes give the same bits (tested), and the work can be
+//! split any way without changing a result: query rows are tiled (several tokens and the query
+//! heads of one KV head per tile, so a K block is transposed once for all of them and scored
+//! 16 keys per vector with no horizontal sums), and when tiles are fewer than the threads —
+//! one long decode — each segment is its own work item whose partial result is folded
+//! afterwards in the same order (flash-decoding).
 
 use half::f16;
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-#[cfg(target_arch = "x86_64")]
-use self::x86::{item_avx2, item_avx512};
 use crate::models::kv_cache::{HostKv, HostQ8, KvElem, LayerKv, Q8_GROUP};
 use crate::models::layers::pool::{self, SyncPtr};
 use crate::models::ForwardBatch;
+
+/// Keys per softmax segment: the unit of the fold, and of the split of one long sequence
+/// over the threads. A multiple of [`KEY_BLOCK`].
+pub const SEGMENT: usize = 256;
+
+/// Keys scored per block: K rows transposed so each vector holds one dimension of 16 keys.
+const KEY_BLOCK: usize = 16;
+
+/// Query rows (tokens × heads) a tile aims for: enough to share each transposed K block, few
+/// enough that their scores stay in L1/L2.
+const TILE_ROWS: usize = 32;
 
 #[derive(Debug, Clone, Copy)]
 pub struct AttnDims {
@@ -49,50 +71,114 @@ impl AttnDims {
 /// v_head_dim]`.
 /// The batch's K/V must already be written into `cache`.
 pub fn paged_attention(q: &[f32], cache: &LayerKv, batch: &ForwardBatch, d: AttnDims) -> Vec<f32> {
-    let group = d.num_heads / d.num_kv_heads;
+    let plan = Plan::new(batch, d, pool::threads());
+    attend(q, cache, batch, d, &plan, Simd::active())
+}
 
-    // Token -> (sequence, number of keys it sees). A token at query offset i of a sequence
-    // whose context after this step is L (with n new tokens) sees keys 0..=L-n+i.
-    let mut token_seq = Vec::with_capacity(batch.num_tokens());
-    for s in 0..batch.num_seqs() {
-        let (lo, hi) = (batch.cu_seqlens_q[s], batch.cu_seqlens_q[s + 1]);
-        let first = batch.seq_lens[s] - (hi - lo);
-        for i in 0..hi - lo {
-            token_seq.push((s, first + i + 1));
+/// Query rows attended together: `tokens` consecutive tokens of one sequence (flat batch
+/// indices from `t0`) × `chunk` query heads from `h0` (all of one KV head). Row `r` is token
+/// `t0 + r / chunk`, head `h0 + r % chunk`, and sees keys `0..first_keys + r / chunk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tile {
+    t0: usize,
+    tokens: usize,
+    h0: usize,
+    seq: usize,
+    first_keys: usize,
+}
+
+impl Tile {
+    /// Keys its last token sees (the most of any row).
+    fn keys(&self) -> usize {
+        self.first_keys + self.tokens - 1
+    }
+
+    fn segments(&self) -> usize {
+        self.keys().div_ceil(SEGMENT)
+    }
+}
+
+/// How one call's work is cut: the tiles, and whether each (tile, segment) is its own work
+/// item (partial results folded afterwards) or each tile one item.
+#[derive(Debug)]
+struct Plan {
+    chunk: usize,
+    tiles: Vec<Tile>,
+    split: bool,
+}
+
+impl Plan {
+    /// Tiles of all the query heads of a KV head (at most 8) and about [`TILE_ROWS`] rows;
+    /// split into segments when that leaves fewer than four tiles per thread; one head per
+    /// tile when even the segments are too few (short contexts).
+    fn new(batch: &ForwardBatch, d: AttnDims, threads: usize) -> Self {
+        let group = d.num_heads / d.num_kv_heads;
+        let chunk = (1..=group.min(8))
+            .rev()
+            .find(|c| group.is_multiple_of(*c))
+            .unwrap_or(1);
+        let plan = Self::build(batch, d, chunk, (TILE_ROWS / chunk).max(1), false);
+        if plan.tiles.len() >= 4 * threads {
+            return plan;
+        }
+        let segments: usize = plan.tiles.iter().map(Tile::segments).sum();
+        if segments >= 2 * threads {
+            return Self {
+                split: true,
+                ..plan
+            };
+        }
+        Self::build(batch, d, 1, 1, true)
+    }
+
+    /// Tiles of `chunk` heads (a divisor of the group size) and up to `tokens` tokens.
+    fn build(batch: &ForwardBatch, d: AttnDims, chunk: usize, tokens: usize, split: bool) -> Self {
+        let mut tiles = Vec::new();
+        for s in 0..batch.num_seqs() {
+            let (lo, hi) = (batch.cu_seqlens_q[s], batch.cu_seqlens_q[s + 1]);
+            // The token at offset i of a sequence whose context after this step is L (n new
+            // tokens) sees keys 0..=L-n+i.
+            let first = batch.seq_lens[s] - (hi - lo);
+            let mut t0 = lo;
+            while t0 < hi {
+                let n = tokens.min(hi - t0);
+                for h0 in (0..d.num_heads).step_by(chunk) {
+                    tiles.push(Tile {
+                        t0,
+                        tokens: n,
+                        h0,
+                        seq: s,
+                        first_keys: first + (t0 - lo) + 1,
+                    });
+                }
+                t0 += n;
+            }
+        }
+        Self {
+            chunk,
+            tiles,
+            split,
         }
     }
 
-    // One work item per (token, KV head, chunk of that KV head's query heads): the chunk's
-    // heads share each K and V row read. With few tokens, one head per item keeps both cores
-    // busy. Chunking only groups heads; each head's arithmetic is the same either way, so a
-    // token's result never depends on the batch. (Measured on SmolLM2, 2 cores, contexts of
-    // 100-228: one head per item is 7% faster for a single decode; chunks of 3 heads made no
-    // difference at 16 decodes — K/V reuse pays only once contexts are long.)
-    let items_per_head = batch.num_tokens() * d.num_kv_heads;
-    let chunk = if items_per_head >= 4 * pool::threads() {
-        (1..=group.min(8))
-            .rev()
-            .find(|c| group.is_multiple_of(*c))
-            .unwrap_or(1)
-    } else {
-        1
-    };
-    attend_in_chunks(q, cache, batch, d, &token_seq, chunk)
+    fn rows(&self, tile: &Tile) -> usize {
+        tile.tokens * self.chunk
+    }
 }
 
-/// [`paged_attention`] with `chunk` query heads (a divisor of the group size) per work item.
-fn attend_in_chunks(
+/// Attention of every tile of `plan` with the `simd` lanes.
+fn attend(
     q: &[f32],
     cache: &LayerKv,
     batch: &ForwardBatch,
     d: AttnDims,
-    token_seq: &[(usize, usize)],
-    chunk: usize,
+    plan: &Plan,
+    simd: Simd,
 ) -> Vec<f32> {
     match cache {
-        LayerKv::F32(c) => attend_typed(q, float_rows(c, d), batch, d, token_seq, chunk),
-        LayerKv::F16(c) => attend_typed(q, float_rows(c, d), batch, d, token_seq, chunk),
-        LayerKv::Q8(c) => attend_typed(q, q8_rows(c, d), batch, d, token_seq, chunk),
+        LayerKv::F32(c) => attend_typed(q, float_rows(c, d), batch, d, plan, simd),
+        LayerKv::F16(c) => attend_typed(q, float_rows(c, d), batch, d, plan, simd),
+        LayerKv::Q8(c) => attend_typed(q, q8_rows(c, d), batch, d, plan, simd),
     }
 }
 
@@ -123,8 +209,8 @@ fn attend_typed<S: Store>(
     (keys, values): (S, S),
     batch: &ForwardBatch,
     d: AttnDims,
-    token_seq: &[(usize, usize)],
-    chunk: usize,
+    plan: &Plan,
+    simd: Simd,
 ) -> Vec<f32> {
     let it = Item {
         q,
@@ -132,35 +218,125 @@ fn attend_typed<S: Store>(
         values,
         batch,
         d,
-        token_seq,
-        chunk,
+        chunk: plan.chunk,
     };
-    let simd = Simd::active();
     let mut out = vec![0f32; q.len() / d.head_dim * d.v_head_dim];
-    let width = chunk * d.v_head_dim;
     let dst = SyncPtr(out.as_mut_ptr());
-    pool::for_each_range(out.len() / width, |range| {
-        SCRATCH.with_borrow_mut(|scratch| {
-            for idx in range {
-                // SAFETY: item `idx` alone writes `out[idx * width..(idx + 1) * width]`.
-                let o =
-                    unsafe { std::slice::from_raw_parts_mut(dst.get().add(idx * width), width) };
-                #[cfg(target_arch = "x86_64")]
-                match simd {
-                    // SAFETY: the CPU has the features (detected above).
-                    Simd::Avx512 => unsafe { item_avx512(&it, idx, o, scratch) },
-                    Simd::Avx2 => unsafe { item_avx2(&it, idx, o, scratch) },
-                    Simd::None => it.run::<Portable>(idx, o, scratch),
+    let part_w = d.v_head_dim + 2;
+    if !plan.split {
+        pool::for_each_range(plan.tiles.len(), |range| {
+            SCRATCH.with_borrow_mut(|sc| {
+                for tile in &plan.tiles[range] {
+                    let rows = plan.rows(tile);
+                    sc.state.clear();
+                    sc.state.resize(rows * part_w, 0.0);
+                    sc.state
+                        .chunks_mut(part_w)
+                        .for_each(|s| s[0] = f32::NEG_INFINITY);
+                    for g in 0..tile.segments() {
+                        let mut part = std::mem::take(&mut sc.part);
+                        part.resize(rows * part_w, 0.0);
+                        run_segment(simd, &it, tile, g, &mut part, sc);
+                        for (st, p) in sc.state.chunks_mut(part_w).zip(part.chunks(part_w)) {
+                            fold(st, p);
+                        }
+                        sc.part = part;
+                    }
+                    // SAFETY: each tile alone writes its rows of `out`.
+                    unsafe { it.write_rows(tile, &sc.state, dst) };
                 }
-                #[cfg(not(target_arch = "x86_64"))]
-                {
-                    let _ = simd;
-                    it.run::<Portable>(idx, o, scratch);
+            })
+        });
+        return out;
+    }
+    // Flash-decoding: (tile, segment) items write partial results, folded per tile after.
+    let mut items = Vec::new();
+    let mut at = Vec::with_capacity(plan.tiles.len() + 1);
+    let mut len = 0;
+    for (i, tile) in plan.tiles.iter().enumerate() {
+        at.push(len);
+        for g in 0..tile.segments() {
+            items.push((i, g, len));
+            len += plan.rows(tile) * part_w;
+        }
+    }
+    at.push(len);
+    let mut parts = vec![0f32; len];
+    let pdst = SyncPtr(parts.as_mut_ptr());
+    pool::for_each_range(items.len(), |range| {
+        SCRATCH.with_borrow_mut(|sc| {
+            for &(i, g, off) in &items[range] {
+                let tile = &plan.tiles[i];
+                let n = plan.rows(tile) * part_w;
+                // SAFETY: item (i, g) alone writes `parts[off..off + n]`.
+                let part = unsafe { std::slice::from_raw_parts_mut(pdst.get().add(off), n) };
+                run_segment(simd, &it, tile, g, part, sc);
+            }
+        })
+    });
+    pool::for_each_range(plan.tiles.len(), |range| {
+        SCRATCH.with_borrow_mut(|sc| {
+            for i in range {
+                let tile = &plan.tiles[i];
+                let rows = plan.rows(tile);
+                sc.state.clear();
+                sc.state.resize(rows * part_w, 0.0);
+                sc.state
+                    .chunks_mut(part_w)
+                    .for_each(|s| s[0] = f32::NEG_INFINITY);
+                for part in parts[at[i]..at[i + 1]].chunks(rows * part_w) {
+                    for (st, p) in sc.state.chunks_mut(part_w).zip(part.chunks(part_w)) {
+                        fold(st, p);
+                    }
                 }
+                // SAFETY: each tile alone writes its rows of `out`.
+                unsafe { it.write_rows(tile, &sc.state, dst) };
             }
         })
     });
     out
+}
+
+/// One segment of one tile with the `simd` lanes.
+fn run_segment<S: Store>(
+    simd: Simd,
+    it: &Item<S>,
+    tile: &Tile,
+    g: usize,
+    part: &mut [f32],
+    sc: &mut Scratch,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match simd {
+        // SAFETY: the CPU has the features (`Simd::detect`).
+        Simd::Avx512 => unsafe { x86::segment_avx512(it, tile, g, part, sc) },
+        Simd::Avx2 => unsafe { x86::segment_avx2(it, tile, g, part, sc) },
+        Simd::None => it.segment::<Portable>(tile, g, part, sc),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = simd;
+        it.segment::<Portable>(tile, g, part, sc);
+    }
+}
+
+/// Fold a segment's partial row `p` (`[max, sum, values...]`; max `-inf`: it saw no key)
+/// into the running row `st`: both rescaled to the larger maximum (flash attention).
+fn fold(st: &mut [f32], p: &[f32]) {
+    let (mb, ma) = (p[0], st[0]);
+    if mb == f32::NEG_INFINITY {
+        return;
+    }
+    if ma == f32::NEG_INFINITY {
+        st.copy_from_slice(p);
+        return;
+    }
+    let m = ma.max(mb);
+    let (a, b) = ((ma - m).exp(), (mb - m).exp());
+    st[0] = m;
+    for (x, &y) in st[1..].iter_mut().zip(&p[1..]) {
+        *x = x.mul_add(a, y * b);
+    }
 }
 
 thread_local! {
@@ -192,10 +368,11 @@ impl Simd {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("fma") {
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl") {
                 return Self::Avx512;
             }
-            if has!("avx2") && has!("fma") {
+            if avx2 {
                 return Self::Avx2;
             }
         }
@@ -206,11 +383,21 @@ impl Simd {
 /// Per-thread buffers reused across work items.
 #[derive(Default)]
 struct Scratch {
+    /// The tile's query rows, contiguous.
+    q: Vec<f32>,
+    /// `rows × SEGMENT` scores, then softmax numerators.
     scores: Vec<f32>,
+    /// A transposed K block: dimension `i` of key `j` at `i * KEY_BLOCK + j`.
+    kt: Vec<f32>,
     /// Where each key's K row starts in the layer's K storage.
     k_offs: Vec<usize>,
     /// Where each key's V row starts (in V storage, or in K storage for MLA).
     v_offs: Vec<usize>,
+    /// Keys of the segment each row sees.
+    vis: Vec<usize>,
+    /// A segment's partial rows, and the running fold (`[max, sum, values...]` per row).
+    part: Vec<f32>,
+    state: Vec<f32>,
 }
 
 /// Everything a work item reads.
@@ -221,8 +408,230 @@ struct Item<'a, S> {
     values: S,
     batch: &'a ForwardBatch,
     d: AttnDims,
-    token_seq: &'a [(usize, usize)],
     chunk: usize,
+}
+
+impl<S: Store> Item<'_, S> {
+    /// Segment `g` of `tile`: per row, `[max, sum, Σ numerator × value]` into `part`
+    /// (max `-inf` for a row that sees none of its keys).
+    #[inline(always)]
+    fn segment<L: Lanes>(&self, tile: &Tile, g: usize, part: &mut [f32], sc: &mut Scratch) {
+        let d = self.d;
+        let (hd, vd) = (d.head_dim, d.v_head_dim);
+        let group = d.num_heads / d.num_kv_heads;
+        let (slot_w, v_slot_w) = (d.num_kv_heads * hd, d.num_kv_heads * vd);
+        let bs = self.batch.block_size;
+        let table = &self.batch.block_tables[tile.seq];
+        let kvh = tile.h0 / group;
+        let (kv_off, v_off) = (kvh * hd, kvh * vd);
+        let rows = tile.tokens * self.chunk;
+        let k0 = g * SEGMENT;
+        let k1 = (k0 + SEGMENT).min(tile.keys());
+        let slot = |j: usize| table[j / bs] as usize * bs + j % bs;
+        sc.k_offs.clear();
+        sc.k_offs
+            .extend((k0..k1).map(|j| slot(j) * slot_w + kv_off));
+        let v_offs = if d.values_in_keys {
+            &sc.k_offs
+        } else {
+            sc.v_offs.clear();
+            sc.v_offs
+                .extend((k0..k1).map(|j| slot(j) * v_slot_w + v_off));
+            &sc.v_offs
+        };
+        sc.vis.clear();
+        sc.vis.extend((0..rows).map(|r| {
+            let lim = tile.first_keys + r / self.chunk;
+            lim.min(k1).saturating_sub(k0)
+        }));
+        sc.q.clear();
+        for t in tile.t0..tile.t0 + tile.tokens {
+            let at = (t * d.num_heads + tile.h0) * hd;
+            sc.q.extend_from_slice(&self.q[at..at + self.chunk * hd]);
+        }
+        sc.scores.resize(rows * SEGMENT, 0.0);
+        sc.kt
+            .resize(hd.next_multiple_of(KEY_BLOCK) * KEY_BLOCK, 0.0);
+        L::scores(
+            &sc.q,
+            hd,
+            self.keys,
+            &sc.k_offs,
+            d.scale,
+            &mut sc.scores,
+            &mut sc.kt,
+        );
+        let w = vd + 2;
+        for (r, p) in part.chunks_mut(w).enumerate().take(rows) {
+            let n = sc.vis[r];
+            if n == 0 {
+                p[0] = f32::NEG_INFINITY;
+                continue;
+            }
+            let (m, l) = L::softmax(&mut sc.scores[r * SEGMENT..r * SEGMENT + n]);
+            p[0] = m;
+            p[1] = l;
+        }
+        L::weighted_values(part, w, vd, &sc.scores, self.values, v_offs, &sc.vis);
+    }
+
+    /// Divide each folded row of `tile` by its sum into the output.
+    /// SAFETY: `dst` is the output buffer; no other item writes these rows.
+    unsafe fn write_rows(&self, tile: &Tile, state: &[f32], dst: SyncPtr<f32>) {
+        let d = self.d;
+        let vd = d.v_head_dim;
+        for (r, st) in state.chunks(vd + 2).enumerate() {
+            let (t, h) = (tile.t0 + r / self.chunk, tile.h0 + r % self.chunk);
+            let o = std::slice::from_raw_parts_mut(dst.get().add((t * d.num_heads + h) * vd), vd);
+            let inv = 1.0 / st[1];
+            for (o, &x) in o.iter_mut().zip(&st[2..]) {
+                *o = x * inv;
+            }
+        }
+    }
+}
+
+/// `exp(x)` for `x <= 0` (scores minus their maximum): Cephes' polynomial on the reduced
+/// argument, scaled by `2^n`; within 2 ulp of `f32::exp`, `exp(-87)` below -87. The vector
+/// lanes compute exactly these operations, so every path has the same numerators.
+#[inline(always)]
+pub(crate) fn exp_poly(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (-n).mul_add(EXP_LN2_HI, x);
+    let r = (-n).mul_add(EXP_LN2_LO, r);
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = p.mul_add(r, c);
+    }
+    let e = p.mul_add(r * r, r) + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// ln 2 split in two for the argument reduction.
+const EXP_LN2_HI: f32 = 0.693_359_4;
+const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// The polynomial's coefficients, highest degree first.
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// The sum of 16 lanes in the kernels' fixed tree: lane `i` plus lane `i + 8`, then `+ 4`,
+/// `+ 2`, `+ 1` (what the vector lanes' halving reductions do).
+#[inline(always)]
+fn lane_tree(mut l: [f32; 16]) -> f32 {
+    for w in [8, 4, 2, 1] {
+        for i in 0..w {
+            l[i] += l[i + w];
+        }
+    }
+    l[0]
+}
+
+/// The vector operations of a segment; one implementation is chosen per machine, and all
+/// give the same bits. `q` holds the tile's rows of `hd`; key and value `j` start at
+/// `keys[k_offs[j]]` and `values[v_offs[j]]` (`j < SEGMENT`).
+trait Lanes {
+    /// `scores[r * SEGMENT + j] = scale * Σ_i q_r[i] key_j[i]`, an FMA chain over `i` in order
+    /// (entries up to the next multiple of 16 keys may be written too). `kt`: room for a
+    /// transposed K block.
+    fn scores<S: Store>(
+        q: &[f32],
+        hd: usize,
+        keys: S,
+        k_offs: &[usize],
+        scale: f32,
+        scores: &mut [f32],
+        kt: &mut [f32],
+    );
+
+    /// `row[j] = exp_poly(row[j] - m)` for the maximum `m` of `row`; returns `m` and the sum
+    /// of the numerators (in 16 lanes, then [`lane_tree`]).
+    fn softmax(row: &mut [f32]) -> (f32, f32);
+
+    /// For each row `r` with `vis[r] > 0`: `o[r * os + 2 + i] = Σ_{j < vis[r]} p[r * SEGMENT
+    /// + j] * value_j[i]`, an FMA chain over `j` in order.
+    fn weighted_values<S: Store>(
+        o: &mut [f32],
+        os: usize,
+        vd: usize,
+        p: &[f32],
+        values: S,
+        v_offs: &[usize],
+        vis: &[usize],
+    );
+}
+
+/// Plain loops, the reference of the arithmetic above.
+struct Portable;
+
+impl Lanes for Portable {
+    #[inline(always)]
+    fn scores<S: Store>(
+        q: &[f32],
+        hd: usize,
+        keys: S,
+        k_offs: &[usize],
+        scale: f32,
+        scores: &mut [f32],
+        kt: &mut [f32],
+    ) {
+        for (j, &off) in k_offs.iter().enumerate() {
+            let krow = keys.row(off, hd, kt);
+            for (r, qrow) in q.chunks_exact(hd).enumerate() {
+                let mut s = 0f32;
+                for (a, b) in qrow.iter().zip(krow) {
+                    s = a.mul_add(*b, s);
+                }
+                scores[r * SEGMENT + j] = s * scale;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn softmax(row: &mut [f32]) -> (f32, f32) {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut lanes = [0f32; 16];
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = exp_poly(*x - m);
+            lanes[j % 16] += *x;
+        }
+        (m, lane_tree(lanes))
+    }
+
+    #[inline(always)]
+    fn weighted_values<S: Store>(
+        o: &mut [f32],
+        os: usize,
+        vd: usize,
+        p: &[f32],
+        values: S,
+        v_offs: &[usize],
+        vis: &[usize],
+    ) {
+        let mut buf = vec![0f32; vd];
+        for (r, &n) in vis.iter().enumerate() {
+            if n > 0 {
+                o[r * os + 2..r * os + 2 + vd].fill(0.0);
+            }
+        }
+        for (j, &off) in v_offs.iter().enumerate() {
+            let vrow = values.row(off, vd, &mut buf);
+            for (r, &n) in vis.iter().enumerate() {
+                if j < n {
+                    let e = p[r * SEGMENT + j];
+                    for (a, &x) in o[r * os + 2..r * os + 2 + vd].iter_mut().zip(vrow) {
+                        *a = e.mul_add(x, *a);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// K or V storage as the kernels read it, indexed by value (a row of one KV head starts at
@@ -239,10 +648,26 @@ trait Store: Copy + Send + Sync {
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(self, index: usize, mask: u16) -> std::arch::x86_64::__m512;
 
+    /// Values `index..index + len` (`len <= 8`) widened to f32, zeros past `len`.
+    /// SAFETY: AVX2, FMA and F16C; the values exist; for Q8_0, the 8 lanes lie in one group
+    /// of 32 (`index` a multiple of 8).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(self, index: usize, len: usize) -> std::arch::x86_64::__m256;
+
     /// Prefetch values `index..index + len` into L1.
     /// SAFETY: the values exist.
     #[cfg(target_arch = "x86_64")]
     unsafe fn prefetch(self, index: usize, len: usize);
+}
+
+/// Lanes `0..len` of 8 values read one at a time (a row's last, partial block).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load8_tail<S: Store>(s: S, index: usize, len: usize) -> std::arch::x86_64::__m256 {
+    let mut buf = [0f32; 8];
+    let mut tmp = [0f32; 8];
+    buf[..len].copy_from_slice(s.row(index, len, &mut tmp));
+    std::arch::x86_64::_mm256_loadu_ps(buf.as_ptr())
 }
 
 impl<E: Elem> Store for &[E] {
@@ -258,6 +683,15 @@ impl<E: Elem> Store for &[E] {
     #[inline(always)]
     unsafe fn load16(self, index: usize, mask: u16) -> std::arch::x86_64::__m512 {
         E::load16(self.as_ptr().add(index), mask)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(self, index: usize, len: usize) -> std::arch::x86_64::__m256 {
+        if len < 8 {
+            return load8_tail(self, index, len);
+        }
+        E::load8(self.as_ptr().add(index))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -304,6 +738,19 @@ impl Store for Q8Rows<'_> {
 
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
+    unsafe fn load8(self, index: usize, len: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        if len < 8 {
+            return load8_tail(self, index, len);
+        }
+        let q = _mm_loadl_epi64(self.qs.as_ptr().add(index) as *const __m128i);
+        let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+        let d = self.scales.get_unchecked(index / Q8_GROUP).to_f32();
+        _mm256_mul_ps(f, _mm256_set1_ps(d))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
     unsafe fn prefetch(self, index: usize, len: usize) {
         x86::prefetch_bytes(self.qs.as_ptr().add(index) as *const u8, len);
     }
@@ -318,6 +765,11 @@ trait Elem: KvElem {
     /// SAFETY: AVX-512 F/BW/VL; the masked lanes readable.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load16(p: *const Self, mask: u16) -> std::arch::x86_64::__m512;
+
+    /// 8 values from `p`, widened to f32.
+    /// SAFETY: AVX2 and F16C; 8 values readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
 impl Elem for f32 {
@@ -330,6 +782,12 @@ impl Elem for f32 {
     #[inline(always)]
     unsafe fn load16(p: *const Self, mask: u16) -> std::arch::x86_64::__m512 {
         std::arch::x86_64::_mm512_maskz_loadu_ps(mask, p)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
     }
 }
 
@@ -348,186 +806,12 @@ impl Elem for f16 {
         use std::arch::x86_64::*;
         _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
     }
-}
 
-/// The vector operations of the kernel; one implementation is chosen per machine, so a
-/// token's arithmetic never depends on the batch. `q` holds `chunk` query rows of `hd`; key
-/// and value `j` start at `keys[k_offs[j]]` and `values[v_offs[j]]`; `p` and `scores` are
-/// `chunk` rows of `n = k_offs.len()`.
-trait Lanes {
-    /// `scores[c * n + j] = scale * dot(q_c, key_j)`.
-    fn scores<S: Store>(
-        q: &[f32],
-        hd: usize,
-        keys: S,
-        k_offs: &[usize],
-        scale: f32,
-        scores: &mut [f32],
-    );
-
-    /// `row[j] = exp(row[j] - max(row))` in place; returns their sum.
-    fn softmax_numerators(row: &mut [f32]) -> f32;
-
-    /// `o[c] = inv[c] * Σ_j p[c * n + j] * value_j` for each of the `inv.len()` heads.
-    fn weighted_values<S: Store>(
-        o: &mut [f32],
-        vd: usize,
-        p: &[f32],
-        values: S,
-        v_offs: &[usize],
-        inv: &[f32],
-    );
-}
-
-/// Lanes built from two row operations, a key or value row at a time (the portable and AVX2
-/// lanes).
-trait RowLanes {
-    fn dot(a: &[f32], b: &[f32]) -> f32;
-    /// `o += p * v`.
-    fn axpy(o: &mut [f32], p: f32, v: &[f32]);
-}
-
-impl<L: RowLanes> Lanes for L {
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    fn scores<S: Store>(
-        q: &[f32],
-        hd: usize,
-        keys: S,
-        k_offs: &[usize],
-        scale: f32,
-        scores: &mut [f32],
-    ) {
-        let n = k_offs.len();
-        let mut buf = vec![0f32; hd];
-        for (j, &off) in k_offs.iter().enumerate() {
-            let krow = keys.row(off, hd, &mut buf);
-            for (c, qrow) in q.chunks_exact(hd).enumerate() {
-                scores[c * n + j] = Self::dot(qrow, krow) * scale;
-            }
-        }
-    }
-
-    #[inline(always)]
-    fn softmax_numerators(row: &mut [f32]) -> f32 {
-        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for x in row.iter_mut() {
-            *x = (*x - m).exp();
-            sum += *x;
-        }
-        sum
-    }
-
-    #[inline(always)]
-    fn weighted_values<S: Store>(
-        o: &mut [f32],
-        vd: usize,
-        p: &[f32],
-        values: S,
-        v_offs: &[usize],
-        inv: &[f32],
-    ) {
-        let n = v_offs.len();
-        let mut buf = vec![0f32; vd];
-        o.fill(0.0);
-        for (j, &off) in v_offs.iter().enumerate() {
-            let vrow = values.row(off, vd, &mut buf);
-            for c in 0..inv.len() {
-                Self::axpy(&mut o[c * vd..(c + 1) * vd], p[c * n + j], vrow);
-            }
-        }
-        for (c, &w) in inv.iter().enumerate() {
-            o[c * vd..(c + 1) * vd].iter_mut().for_each(|a| *a *= w);
-        }
-    }
-}
-
-impl<S: Store> Item<'_, S> {
-    /// Work item `idx`: one token, `chunk` query heads of one KV head; writes `o`.
-    #[inline(always)]
-    fn run<L: Lanes>(&self, idx: usize, o: &mut [f32], scratch: &mut Scratch) {
-        let (d, chunk) = (self.d, self.chunk);
-        let (hd, vd) = (d.head_dim, d.v_head_dim);
-        let group = d.num_heads / d.num_kv_heads;
-        let (slot_w, v_slot_w) = (d.num_kv_heads * hd, d.num_kv_heads * vd);
-        let bs = self.batch.block_size;
-        let chunks_per_token = d.num_heads / chunk;
-        let t = idx / chunks_per_token;
-        let h0 = (idx % chunks_per_token) * chunk;
-        let (s, n) = self.token_seq[t];
-        let table = &self.batch.block_tables[s];
-        let kvh = h0 / group;
-        let (kv_off, v_off) = (kvh * hd, kvh * vd);
-        let slot = |j: usize| table[j / bs] as usize * bs + j % bs;
-        let Scratch {
-            scores,
-            k_offs,
-            v_offs,
-        } = scratch;
-        k_offs.clear();
-        k_offs.extend((0..n).map(|j| slot(j) * slot_w + kv_off));
-        let v_offs = if d.values_in_keys {
-            &*k_offs
-        } else {
-            v_offs.clear();
-            v_offs.extend((0..n).map(|j| slot(j) * v_slot_w + v_off));
-            &*v_offs
-        };
-
-        // Scores of every key for each head of the chunk: scores[c * n + j].
-        scores.clear();
-        scores.resize(chunk * n, 0.0);
-        let q = &self.q[(t * d.num_heads + h0) * hd..][..chunk * hd];
-        L::scores(q, hd, self.keys, k_offs, d.scale, scores);
-        // Softmax numerators in place; the normalisation is applied with the values.
-        let mut inv = [0f32; 8];
-        for c in 0..chunk {
-            inv[c] = 1.0 / L::softmax_numerators(&mut scores[c * n..(c + 1) * n]);
-        }
-        L::weighted_values(o, vd, scores, self.values, v_offs, &inv[..chunk]);
-    }
-}
-
-/// Plain loops, in the AVX2 lanes' exact order: two 8-lane FMA accumulators over blocks of 16
-/// (a last block of 8 into the first), added lane by lane, reduced 8 → 4 → 2 → 1 as the AVX2
-/// horizontal sum does, the tail by FMA; `axpy` by FMA. So the portable and AVX2 kernels give
-/// the same bits (tested), and the `avx2`/`avxvnni` kernel paths the portable path's tokens.
-struct Portable;
-
-impl RowLanes for Portable {
-    #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (mut acc0, mut acc1) = ([0f32; 8], [0f32; 8]);
-        let mut i = 0;
-        while i + 16 <= n {
-            for l in 0..8 {
-                acc0[l] = a[i + l].mul_add(b[i + l], acc0[l]);
-                acc1[l] = a[i + 8 + l].mul_add(b[i + 8 + l], acc1[l]);
-            }
-            i += 16;
-        }
-        if i + 8 <= n {
-            for l in 0..8 {
-                acc0[l] = a[i + l].mul_add(b[i + l], acc0[l]);
-            }
-            i += 8;
-        }
-        let acc: [f32; 8] = std::array::from_fn(|l| acc0[l] + acc1[l]);
-        let half: [f32; 4] = std::array::from_fn(|l| acc[l] + acc[l + 4]);
-        let mut s = (half[0] + half[2]) + (half[1] + half[3]);
-        while i < n {
-            s = a[i].mul_add(b[i], s);
-            i += 1;
-        }
-        s
-    }
-
-    #[inline(always)]
-    fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
-        for (a, &x) in o.iter_mut().zip(v) {
-            *a = p.mul_add(x, *a);
-        }
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 }
 
@@ -536,29 +820,35 @@ pub(crate) mod tests {
     use super::*;
     use crate::models::kv_cache::{quantize_q8, CacheSpec, KvCache, KV_Q8_0};
 
-    /// Naive causal attention over contiguous K/V for one sequence, for comparison.
+    /// Naive causal attention of the last `n` of a sequence's tokens over contiguous K/V (values
+    /// the first `v_head_dim` of each K row for MLA), for comparison.
     fn reference(q: &[f32], k: &[f32], v: &[f32], n: usize, d: AttnDims, first: usize) -> Vec<f32> {
-        let hd = d.head_dim;
+        let (hd, vd) = (d.head_dim, d.v_head_dim);
         let group = d.num_heads / d.num_kv_heads;
-        let mut out = vec![0f32; q.len()];
+        let mut out = vec![0f32; n * d.num_heads * vd];
         for t in 0..n {
             for h in 0..d.num_heads {
                 let qr = &q[(t * d.num_heads + h) * hd..][..hd];
                 let kvh = h / group;
                 let keys = first + t + 1;
-                let scores: Vec<f32> = (0..keys)
+                let scores: Vec<f64> = (0..keys)
                     .map(|j| {
                         let kr = &k[(j * d.num_kv_heads + kvh) * hd..][..hd];
-                        qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * d.scale
+                        let dot: f64 = qr.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        dot * d.scale as f64
                     })
                     .collect();
-                let mx = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = scores.iter().map(|s| (s - mx).exp()).collect();
-                let z: f32 = e.iter().sum();
+                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
                 for (j, w) in e.iter().enumerate() {
-                    let vr = &v[(j * d.num_kv_heads + kvh) * hd..][..hd];
-                    for i in 0..hd {
-                        out[(t * d.num_heads + h) * hd + i] += w / z * vr[i];
+                    let vr = if d.values_in_keys {
+                        &k[(j * d.num_kv_heads + kvh) * hd..][..vd]
+                    } else {
+                        &v[(j * d.num_kv_heads + kvh) * vd..][..vd]
+                    };
+                    for i in 0..vd {
+                        out[(t * d.num_heads + h) * vd + i] += (w / z * vr[i] as f64) as f32;
                     }
                 }
             }
@@ -576,160 +866,275 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// What the cache returns for `x` stored as `dtype`.
+    fn stored(dtype: candle_core::DType, x: &[f32]) -> Vec<f32> {
+        match dtype {
+            candle_core::DType::F16 => x.iter().map(|&a| f16::from_f32(a).to_f32()).collect(),
+            KV_Q8_0 => {
+                let mut qs = vec![0i8; x.len()];
+                let mut sc = vec![f16::ZERO; x.len() / Q8_GROUP];
+                quantize_q8(&mut qs, &mut sc, x);
+                qs.iter()
+                    .enumerate()
+                    .map(|(i, &v)| f32::from(v) * sc[i / Q8_GROUP].to_f32())
+                    .collect()
+            }
+            _ => x.to_vec(),
+        }
+    }
+
+    /// Sequences as (context after the step, new tokens): a prefill chunk whose tokens
+    /// straddle a segment boundary, a decode past two segments, a short decode.
+    const SEQS: [(usize, usize); 3] = [(530, 40), (300, 1), (9, 1)];
+
+    /// The cache and batch of [`SEQS`] in scattered blocks of 16, with the queries and
+    /// each sequence's contiguous (stored-precision) K and V (values seeded by the context
+    /// length, so a sequence is the same in any batch).
+    struct Case {
+        cache: KvCache,
+        batch: ForwardBatch,
+        q: Vec<f32>,
+        kv: Vec<(Vec<f32>, Vec<f32>)>,
+    }
+
+    fn case(dtype: candle_core::DType, d: AttnDims, seqs: &[(usize, usize)]) -> Case {
+        let bs = 16;
+        let blocks: usize = seqs.iter().map(|s| s.0.div_ceil(bs)).sum();
+        let spec = CacheSpec {
+            num_layers: 1,
+            num_kv_heads: d.num_kv_heads,
+            head_dim: d.head_dim,
+            dtype,
+            values_in_keys: d.values_in_keys.then_some(d.v_head_dim),
+        };
+        let mut cache = KvCache::new(spec, blocks, bs);
+        // block ids handed out in a scattered order
+        let mut free: Vec<u32> = (0..blocks as u32)
+            .map(|b| (b * 7) % blocks as u32)
+            .collect();
+        let mut batch = ForwardBatch::new(bs);
+        let (kw, vw) = (d.num_kv_heads * d.head_dim, d.num_kv_heads * d.v_head_dim);
+        let mut kv = Vec::new();
+        let mut q = Vec::new();
+        for &(n_ctx, new) in seqs {
+            let table: Vec<u32> = free.drain(..n_ctx.div_ceil(bs)).collect();
+            let k = pseudo(n_ctx * kw, 10 + n_ctx as u32);
+            let v = pseudo(n_ctx * vw, 20 + n_ctx as u32);
+            let slots: Vec<usize> = (0..n_ctx)
+                .map(|p| table[p / bs] as usize * bs + p % bs)
+                .collect();
+            cache.write(0, &k, &v, &slots);
+            let ids = vec![0u32; new];
+            batch.push_sequence(&ids, n_ctx - new, &table);
+            q.extend(pseudo(new * d.num_heads * d.head_dim, 30 + n_ctx as u32));
+            kv.push((stored(dtype, &k), stored(dtype, &v)));
+        }
+        batch.validate(cache.num_slots()).unwrap();
+        Case {
+            cache,
+            batch,
+            q,
+            kv,
+        }
+    }
+
+    /// Every lane set this machine runs, the portable one first.
+    fn lane_sets() -> Vec<Simd> {
+        let mut sets = vec![Simd::None];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Simd::detect() != Simd::None {
+                sets.push(Simd::Avx2);
+            }
+            if Simd::detect() == Simd::Avx512 {
+                sets.push(Simd::Avx512);
+            }
+        }
+        sets
+    }
+
+    /// Against the f64 reference on the stored values, and the same bits from every lane set
+    /// and every cut of the work: tiles of 1 or 3 tokens and 1, 2 or all heads, whole or
+    /// split into segments, and each sequence alone.
+    fn check(dtype: candle_core::DType, d: AttnDims) {
+        let c = case(dtype, d, &SEQS);
+        let layer = c.cache.host_layer(0).unwrap();
+        let got = paged_attention(&c.q, layer, &c.batch, d);
+        let (qw, ow) = (d.num_heads * d.head_dim, d.num_heads * d.v_head_dim);
+        let mut t = 0;
+        for (s, &(n_ctx, new)) in SEQS.iter().enumerate() {
+            let (k, v) = &c.kv[s];
+            let want = reference(&c.q[t * qw..(t + new) * qw], k, v, new, d, n_ctx - new);
+            for (a, b) in got[t * ow..(t + new) * ow].iter().zip(&want) {
+                assert!((a - b).abs() < 2e-5, "sequence {s}: {a} vs {b}");
+            }
+            t += new;
+        }
+        let group = d.num_heads / d.num_kv_heads;
+        for simd in lane_sets() {
+            for chunk in [1, 2, group] {
+                for tokens in [1, 3] {
+                    for split in [false, true] {
+                        if !group.is_multiple_of(chunk) {
+                            continue;
+                        }
+                        let plan = Plan::build(&c.batch, d, chunk, tokens, split);
+                        let other = attend(&c.q, layer, &c.batch, d, &plan, simd);
+                        assert!(
+                            other == got,
+                            "{simd:?}, {chunk} heads × {tokens} tokens, split {split}"
+                        );
+                    }
+                }
+            }
+        }
+        // The short decode alone: its bits do not depend on the rest of the batch.
+        let alone = case(dtype, d, &SEQS[2..]);
+        let a = paged_attention(
+            &alone.q,
+            alone.cache.host_layer(0).unwrap(),
+            &alone.batch,
+            d,
+        );
+        assert_eq!(a[..], got[got.len() - ow..]);
+    }
+
+    fn gqa(hd: usize) -> AttnDims {
+        AttnDims {
+            scale: 0.35,
+            ..AttnDims::mha(4, 2, hd)
+        }
+    }
+
     #[test]
-    fn paged_matches_contiguous_with_scattered_blocks_and_gqa() {
-        check_paged(candle_core::DType::F32, 8);
-        // A head of 28: a block of 16, one of 8 and a tail of 4 in the lanes' dot products.
-        check_paged(candle_core::DType::F32, 28);
+    fn f32_cache_matches_the_reference_with_scattered_blocks_and_gqa() {
+        check(candle_core::DType::F32, gqa(8));
+        // A head of 28: a partial last vector in every lane set.
+        check(candle_core::DType::F32, gqa(28));
+        check(candle_core::DType::F32, gqa(64));
     }
 
     /// The f16 cache against the reference on the f16-rounded K/V: the kernels add no error
     /// of their own beyond the storage's rounding.
     #[test]
     fn f16_cache_matches_the_reference_on_rounded_values() {
-        check_paged(candle_core::DType::F16, 8);
+        check(candle_core::DType::F16, gqa(64));
+        // Qwen2.5-0.5B's shape: 7 query heads per KV head.
+        check(
+            candle_core::DType::F16,
+            AttnDims {
+                scale: 0.3,
+                ..AttnDims::mha(14, 2, 64)
+            },
+        );
     }
 
     /// The Q8_0 cache likewise, on the quantized values (heads of 32 and 64: one and two
-    /// groups of 32 per row); every lane set reads the same products.
+    /// groups of 32 per row).
     #[test]
     fn q8_0_cache_matches_the_reference_on_quantized_values() {
-        check_paged(KV_Q8_0, 32);
-        check_paged(KV_Q8_0, 64);
+        check(KV_Q8_0, gqa(32));
+        check(KV_Q8_0, gqa(64));
     }
 
-    fn check_paged(dtype: candle_core::DType, hd: usize) {
+    /// MLA: one KV head whose rows hold the values in their first dimensions.
+    #[test]
+    fn values_read_from_the_keys_for_mla() {
         let d = AttnDims {
-            scale: 0.35,
-            ..AttnDims::mha(4, 2, hd)
+            num_heads: 8,
+            num_kv_heads: 1,
+            head_dim: 48,
+            v_head_dim: 32,
+            values_in_keys: true,
+            scale: 0.2,
         };
-        let spec = CacheSpec {
-            num_layers: 1,
-            num_kv_heads: 2,
-            head_dim: hd,
-            dtype,
-            values_in_keys: None,
-        };
-        let bs = 2;
-        let mut cache = KvCache::new(spec, 8, bs);
-        assert_eq!(cache.spec().dtype, dtype);
-        // One sequence of 7 tokens in scattered blocks [5, 1, 6, 3]; the last 3 tokens are the
-        // new ones (a chunk at an offset), the first 4 were cached by an earlier step.
-        let table = vec![5u32, 1, 6, 3];
-        let n_ctx = 7;
-        let k = pseudo(n_ctx * 2 * hd, 1);
-        let v = pseudo(n_ctx * 2 * hd, 2);
-        let slots: Vec<usize> = (0..n_ctx)
-            .map(|p| table[p / bs] as usize * bs + p % bs)
-            .collect();
-        cache.write(0, &k, &v, &slots);
-        let stored = |x: &[f32]| -> Vec<f32> {
-            match dtype {
-                candle_core::DType::F16 => x.iter().map(|&a| f16::from_f32(a).to_f32()).collect(),
-                KV_Q8_0 => {
-                    let mut qs = vec![0i8; x.len()];
-                    let mut sc = vec![f16::ZERO; x.len() / Q8_GROUP];
-                    quantize_q8(&mut qs, &mut sc, x);
-                    qs.iter()
-                        .enumerate()
-                        .map(|(i, &v)| f32::from(v) * sc[i / Q8_GROUP].to_f32())
-                        .collect()
-                }
-                _ => x.to_vec(),
-            }
-        };
-        let q_all = pseudo(n_ctx * 4 * hd, 3);
-        let q = &q_all[4 * 4 * hd..];
-        let batch = ForwardBatch {
-            input_ids: vec![0; 3],
-            positions: vec![4, 5, 6],
-            cu_seqlens_q: vec![0, 3],
-            seq_lens: vec![7],
-            block_tables: vec![table],
-            slot_mapping: slots[4..].to_vec(),
-            logits_indices: vec![2],
-            block_size: bs,
-        };
-        batch.validate(cache.num_slots()).unwrap();
-        let layer = cache.host_layer(0).unwrap();
-        let got = paged_attention(q, layer, &batch, d);
-        let want = reference(q, &stored(&k), &stored(&v), 3, d, 4);
-        for (a, b) in got.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        }
-        // Two query heads per work item (what larger batches use) computes the same bits.
-        let token_seq = [(0, 5), (0, 6), (0, 7)];
-        let chunked = attend_in_chunks(q, layer, &batch, d, &token_seq, 2);
-        assert_eq!(chunked, got);
-        match layer {
-            LayerKv::F32(c) => other_lanes_agree(q, float_rows(c, d), &batch, d, &token_seq, &want),
-            LayerKv::F16(c) => other_lanes_agree(q, float_rows(c, d), &batch, d, &token_seq, &want),
-            LayerKv::Q8(c) => other_lanes_agree(q, q8_rows(c, d), &batch, d, &token_seq, &want),
-        }
+        check(candle_core::DType::F32, d);
+        check(candle_core::DType::F16, d);
     }
 
-    /// The portable lanes (machines without AVX2), and the AVX2 lanes on a machine that picks
-    /// AVX-512, agree with the reference too.
-    fn other_lanes_agree<S: Store>(
-        q: &[f32],
-        (keys, values): (S, S),
-        batch: &ForwardBatch,
-        d: AttnDims,
-        token_seq: &[(usize, usize)],
-        want: &[f32],
-    ) {
-        let it = Item {
-            q,
-            keys,
-            values,
-            batch,
-            d,
-            token_seq,
-            chunk: 1,
-        };
-        let mut portable = vec![0f32; want.len()];
-        let mut scratch = Scratch::default();
-        for (idx, o) in portable.chunks_mut(d.v_head_dim).enumerate() {
-            it.run::<Portable>(idx, o, &mut scratch);
-        }
-        for (a, b) in portable.iter().zip(want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-        }
-        #[cfg(target_arch = "x86_64")]
-        if Simd::detect() != Simd::None {
-            let mut avx2 = vec![0f32; want.len()];
-            for (idx, o) in avx2.chunks_mut(d.v_head_dim).enumerate() {
-                // SAFETY: AVX2 and FMA are present (every detected level has them).
-                unsafe { item_avx2(&it, idx, o, &mut scratch) };
-            }
-            assert_eq!(avx2, portable, "the AVX2 lanes give the portable bits");
-        }
+    /// One long decode is split over the threads; a big prefill is not.
+    #[test]
+    fn plans_split_a_lone_long_decode_and_keep_prefill_tiles_whole() {
+        let d = AttnDims::mha(14, 2, 64);
+        let mut decode = ForwardBatch::new(16);
+        decode.push_sequence(&[0], 4095, &vec![0; 256]);
+        let p = Plan::new(&decode, d, 2);
+        assert!(p.split);
+        assert_eq!((p.chunk, p.tiles.len()), (7, 2));
+        let mut prefill = ForwardBatch::new(16);
+        prefill.push_sequence(&[0; 512], 3584, &vec![0; 256]);
+        let p = Plan::new(&prefill, d, 2);
+        assert!(!p.split);
+        // 4 tokens × 7 heads per tile
+        assert_eq!((p.chunk, p.tiles.len()), (7, 128 * 2));
+        assert_eq!(p.tiles[2].t0, 4);
+        assert_eq!(p.tiles[2].first_keys, 3589);
+        // a short decode: one head per tile, split (one segment each)
+        let mut short = ForwardBatch::new(16);
+        short.push_sequence(&[0], 20, &[0, 1]);
+        let p = Plan::new(&short, d, 2);
+        assert_eq!((p.chunk, p.tiles.len(), p.split), (1, 14, true));
     }
 
+    #[test]
+    fn exp_polynomial_is_within_two_ulp() {
+        for i in 0..16 * 700 {
+            let x = -(i as f32) * 0.0125;
+            let (g, want) = (exp_poly(x), x.exp());
+            let ulp = (want.to_bits() as i64 - g.to_bits() as i64).abs();
+            assert!(
+                ulp <= 2 || (want < 1e-37 && g < 1e-37),
+                "exp({x}) = {g}, want {want}"
+            );
+        }
+        assert_eq!(exp_poly(0.0), 1.0);
+    }
+
+    /// The vector exps are the scalar polynomial, bit for bit.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn vector_exp_is_within_two_ulp() {
-        if Simd::detect() != Simd::Avx512 {
-            return;
-        }
-        use super::x86::exp_avx512;
+    fn vector_exps_equal_the_scalar_polynomial() {
         use std::arch::x86_64::*;
-        let xs: Vec<f32> = (0..16 * 700).map(|i| -(i as f32) * 0.0125).collect();
-        for block in xs.chunks_exact(16) {
-            let mut got = [0f32; 16];
-            // SAFETY: AVX-512F and FMA detected above.
-            unsafe {
-                let e = exp_avx512(_mm512_loadu_ps(block.as_ptr()));
-                _mm512_storeu_ps(got.as_mut_ptr(), e);
+        let xs: Vec<f32> = (0..16 * 800)
+            .map(|i| -(i as f32) * 0.0113 - (i % 7) as f32 * 1e-3)
+            .chain(
+                [
+                    0.0,
+                    -87.0,
+                    -87.5,
+                    -90.0,
+                    -1e-30,
+                    -1e-3,
+                    -0.5,
+                    f32::NEG_INFINITY,
+                ]
+                .repeat(2),
+            )
+            .collect();
+        let want: Vec<f32> = xs.iter().map(|&x| exp_poly(x)).collect();
+        fn agree<const N: usize>(xs: &[f32], want: &[f32], f: impl Fn(&[f32]) -> [f32; N]) {
+            for (block, w) in xs.chunks_exact(N).zip(want.chunks_exact(N)) {
+                assert_eq!(f(block)[..], w[..], "{block:?}");
             }
-            for (&x, &g) in block.iter().zip(&got) {
-                let want = x.exp();
-                let ulp = (want.to_bits() as i64 - g.to_bits() as i64).abs();
-                assert!(
-                    ulp <= 2 || (want < 1e-37 && g < 1e-37),
-                    "exp({x}) = {g}, want {want}"
+        }
+        if Simd::detect() != Simd::None {
+            // SAFETY: AVX2 and FMA detected.
+            agree::<8>(&xs, &want, |b| unsafe {
+                let mut got = [0f32; 8];
+                _mm256_storeu_ps(got.as_mut_ptr(), x86::exp_avx2(_mm256_loadu_ps(b.as_ptr())));
+                got
+            });
+        }
+        if Simd::detect() == Simd::Avx512 {
+            // SAFETY: AVX-512F and FMA detected.
+            agree::<16>(&xs, &want, |b| unsafe {
+                let mut got = [0f32; 16];
+                _mm512_storeu_ps(
+                    got.as_mut_ptr(),
+                    x86::exp_avx512(_mm512_loadu_ps(b.as_ptr())),
                 );
-            }
+                got
+            });
         }
     }
 }

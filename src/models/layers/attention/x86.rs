@@ -1,103 +1,23 @@
-//! The x86 lanes of the paged-attention kernel: AVX2 (8 lanes), and AVX-512 (16 lanes: the K
-//! row loaded once for all heads of a chunk, a vectorised exp, the values summed in registers
-//! 16 output dimensions at a time, K/V rows prefetched a few keys ahead).
+//! The x86 lanes of the paged-attention kernel: AVX2 (8 lanes, a 16-key block as two halves)
+//! and AVX-512 (16 lanes). Both transpose each block of 16 K rows in registers so one vector
+//! holds one dimension of 16 keys, score a tile's rows against it with FMA chains (no
+//! horizontal sums), compute the numerators with the shared exp polynomial, and sum the values
+//! 8 or 16 output dimensions at a time for up to 8 rows in registers — the portable lanes'
+//! exact operations, so the same bits.
 
-use super::{Item, Lanes, RowLanes, Scratch, Store};
+use std::arch::x86_64::*;
 
-/// 8-lane AVX2 FMA; only reached through [`item_avx2`].
-struct Avx2;
+use super::{
+    lane_tree, Item, Lanes, Scratch, Store, Tile, EXP_LN2_HI, EXP_LN2_LO, EXP_POLY, KEY_BLOCK,
+    SEGMENT,
+};
 
-impl RowLanes for Avx2 {
-    #[inline(always)]
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        // SAFETY: only called from `item_avx2`, which requires AVX2 and FMA.
-        unsafe { dot_avx2(a, b) }
-    }
-
-    #[inline(always)]
-    fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
-        // SAFETY: as above.
-        unsafe { axpy_avx2(o, p, v) }
-    }
-}
-
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn item_avx2<S: Store>(
-    it: &Item<S>,
-    idx: usize,
-    o: &mut [f32],
-    scratch: &mut Scratch,
-) {
-    it.run::<Avx2>(idx, o, scratch);
-}
-
-/// 16-lane AVX-512: scores with the K row loaded once for all heads of the chunk, a
-/// vectorised exp, and the values summed in registers 16 output dimensions at a time.
-struct Avx512;
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-pub(super) unsafe fn item_avx512<S: Store>(
-    it: &Item<S>,
-    idx: usize,
-    o: &mut [f32],
-    scratch: &mut Scratch,
-) {
-    it.run::<Avx512>(idx, o, scratch);
-}
-
-impl Lanes for Avx512 {
-    #[inline(always)]
-    fn scores<S: Store>(
-        q: &[f32],
-        hd: usize,
-        keys: S,
-        k_offs: &[usize],
-        scale: f32,
-        scores: &mut [f32],
-    ) {
-        // SAFETY: only called from `item_avx512`, which requires AVX-512 F/BW/VL and FMA; every
-        // K row `k_offs[j]..+hd` is inside `keys` (slots of the cache).
-        unsafe { scores_avx512(q, hd, keys, k_offs, scale, scores) }
-    }
-
-    #[inline(always)]
-    fn softmax_numerators(row: &mut [f32]) -> f32 {
-        // SAFETY: as above.
-        unsafe { softmax_numerators_avx512(row) }
-    }
-
-    #[inline(always)]
-    fn weighted_values<S: Store>(
-        o: &mut [f32],
-        vd: usize,
-        p: &[f32],
-        values: S,
-        v_offs: &[usize],
-        inv: &[f32],
-    ) {
-        // SAFETY: as above; every V row `v_offs[j]..+vd` is inside `values`.
-        unsafe {
-            match inv.len() {
-                1 => weighted_values_avx512::<S, 1>(o, vd, p, values, v_offs, inv),
-                2 => weighted_values_avx512::<S, 2>(o, vd, p, values, v_offs, inv),
-                3 => weighted_values_avx512::<S, 3>(o, vd, p, values, v_offs, inv),
-                4 => weighted_values_avx512::<S, 4>(o, vd, p, values, v_offs, inv),
-                5 => weighted_values_avx512::<S, 5>(o, vd, p, values, v_offs, inv),
-                6 => weighted_values_avx512::<S, 6>(o, vd, p, values, v_offs, inv),
-                7 => weighted_values_avx512::<S, 7>(o, vd, p, values, v_offs, inv),
-                _ => weighted_values_avx512::<S, 8>(o, vd, p, values, v_offs, inv),
-            }
-        }
-    }
-}
-
-/// How many keys ahead the AVX-512 loops prefetch K/V rows.
+/// How many keys ahead the loops prefetch K/V rows.
 const PREFETCH_AHEAD: usize = 4;
 
 /// Prefetch the cache lines of `bytes` bytes from `p` into L1.
 #[inline(always)]
 pub(super) unsafe fn prefetch_bytes(p: *const u8, bytes: usize) {
-    use std::arch::x86_64::*;
     let mut i = 0;
     while i < bytes {
         _mm_prefetch::<_MM_HINT_T0>((p as *const i8).add(i));
@@ -115,7 +35,140 @@ fn lane_mask(len: usize) -> u16 {
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+/// Run `$f::<R>($args)` for `R = $n` (1..=8 rows).
+macro_rules! by_rows {
+    ($n:expr, $f:ident::<$s:ty>($($arg:expr),*)) => {
+        match $n {
+            1 => $f::<$s, 1>($($arg),*),
+            2 => $f::<$s, 2>($($arg),*),
+            3 => $f::<$s, 3>($($arg),*),
+            4 => $f::<$s, 4>($($arg),*),
+            5 => $f::<$s, 5>($($arg),*),
+            6 => $f::<$s, 6>($($arg),*),
+            7 => $f::<$s, 7>($($arg),*),
+            _ => $f::<$s, 8>($($arg),*),
+        }
+    };
+    ($n:expr, $f:ident($($arg:expr),*)) => {
+        match $n {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            _ => $f::<8>($($arg),*),
+        }
+    };
+}
+
+/// `f(o, p, vis)` for the rows of `vis` in groups of up to 8, `o` and `p` at the group's first
+/// row (`os` and `SEGMENT` values per row).
+#[inline(always)]
+fn row_groups(
+    o: &mut [f32],
+    os: usize,
+    p: &[f32],
+    vis: &[usize],
+    mut f: impl FnMut(*mut f32, *const f32, &[usize]),
+) {
+    for (g, vis) in vis.chunks(8).enumerate() {
+        let r0 = g * 8;
+        f(o[r0 * os..].as_mut_ptr(), p[r0 * SEGMENT..].as_ptr(), vis);
+    }
+}
+
+// ---------------------------------------------------------------- AVX-512
+
+struct Avx512;
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn segment_avx512<S: Store>(
+    it: &Item<S>,
+    tile: &Tile,
+    g: usize,
+    part: &mut [f32],
+    sc: &mut Scratch,
+) {
+    it.segment::<Avx512>(tile, g, part, sc);
+}
+
+impl Lanes for Avx512 {
+    #[inline(always)]
+    fn scores<S: Store>(
+        q: &[f32],
+        hd: usize,
+        keys: S,
+        k_offs: &[usize],
+        scale: f32,
+        scores: &mut [f32],
+        kt: &mut [f32],
+    ) {
+        // SAFETY: only reached through `segment_avx512` (AVX-512 F/BW/VL, FMA); every K row
+        // `k_offs[j]..+hd` is in `keys`; `kt` holds `hd` rounded up to 16 rows of 16;
+        // `scores` holds `SEGMENT` per row.
+        unsafe { scores_avx512(q, hd, keys, k_offs, scale, scores, kt) }
+    }
+
+    #[inline(always)]
+    fn softmax(row: &mut [f32]) -> (f32, f32) {
+        // SAFETY: as above.
+        unsafe { softmax_avx512(row) }
+    }
+
+    #[inline(always)]
+    fn weighted_values<S: Store>(
+        o: &mut [f32],
+        os: usize,
+        vd: usize,
+        p: &[f32],
+        values: S,
+        v_offs: &[usize],
+        vis: &[usize],
+    ) {
+        // SAFETY: only reached through `segment_avx512`; every V row `v_offs[j]..+vd` is in
+        // `values`, `o` holds `os` per row, `p` `SEGMENT` per row.
+        row_groups(o, os, p, vis, |o, p, vis| unsafe {
+            by_rows!(
+                vis.len(),
+                values_avx512::<S>(o, os, vd, p, values, v_offs, vis)
+            )
+        });
+    }
+}
+
+/// A 16 × 16 transpose in registers: `r[i]` lane `j` becomes `r[j]` lane `i`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn transpose16(r: &mut [__m512; 16]) {
+    let z = _mm512_setzero_ps();
+    let (mut t, mut u, mut v) = ([z; 16], [z; 16], [z; 16]);
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4g + c]: 128-bit chunk k holds column 4k + c of rows 4g..4g + 4.
+    for g in 0..4 {
+        let b = 4 * g;
+        u[b] = _mm512_shuffle_ps::<0x44>(t[b], t[b + 2]);
+        u[b + 1] = _mm512_shuffle_ps::<0xEE>(t[b], t[b + 2]);
+        u[b + 2] = _mm512_shuffle_ps::<0x44>(t[b + 1], t[b + 3]);
+        u[b + 3] = _mm512_shuffle_ps::<0xEE>(t[b + 1], t[b + 3]);
+    }
+    for c in 0..4 {
+        v[c] = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+        v[4 + c] = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+        v[8 + c] = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+        v[12 + c] = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+    }
+    for a in 0..8 {
+        r[a] = _mm512_shuffle_f32x4::<0x88>(v[a], v[a + 8]);
+        r[a + 8] = _mm512_shuffle_f32x4::<0xDD>(v[a], v[a + 8]);
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 #[inline]
 unsafe fn scores_avx512<S: Store>(
     q: &[f32],
@@ -124,63 +177,106 @@ unsafe fn scores_avx512<S: Store>(
     k_offs: &[usize],
     scale: f32,
     scores: &mut [f32],
+    kt: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
+    let rows = q.len() / hd;
     let n = k_offs.len();
-    let chunk = q.len() / hd;
-    for (j, &off) in k_offs.iter().enumerate() {
-        // rows of one KV head are strided across slots: fetch a few keys ahead
-        if let Some(&ahead) = k_offs.get(j + PREFETCH_AHEAD) {
+    let ktp = kt.as_mut_ptr();
+    let mut b = 0;
+    while b < n {
+        let kb = (n - b).min(KEY_BLOCK);
+        for &ahead in k_offs.iter().skip(b + KEY_BLOCK).take(KEY_BLOCK) {
             keys.prefetch(ahead, hd);
         }
-        let mut acc = [_mm512_setzero_ps(); 8];
-        let mut i = 0;
-        while i < hd {
-            let m = lane_mask(hd - i);
-            let k = keys.load16(off + i, m);
-            for (c, a) in acc.iter_mut().enumerate().take(chunk) {
-                let qv = _mm512_maskz_loadu_ps(m, q.as_ptr().add(c * hd + i));
-                *a = _mm512_fmadd_ps(qv, k, *a);
+        let mut d0 = 0;
+        while d0 < hd {
+            let m = lane_mask(hd - d0);
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (j, rj) in r.iter_mut().enumerate().take(kb) {
+                *rj = keys.load16(*k_offs.get_unchecked(b + j) + d0, m);
             }
-            i += 16;
+            transpose16(&mut r);
+            for (i, ri) in r.iter().enumerate() {
+                _mm512_storeu_ps(ktp.add((d0 + i) * KEY_BLOCK), *ri);
+            }
+            d0 += 16;
         }
-        for (c, a) in acc.iter().enumerate().take(chunk) {
-            *scores.get_unchecked_mut(c * n + j) = _mm512_reduce_add_ps(*a) * scale;
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(8);
+            let (qp, out) = (
+                q.as_ptr().add(r0 * hd),
+                scores.as_mut_ptr().add(r0 * SEGMENT + b),
+            );
+            by_rows!(nr, score_rows_avx512(qp, hd, ktp, scale, out));
+            r0 += nr;
         }
+        b += KEY_BLOCK;
     }
 }
 
-/// `exp(x)` for 16 lanes with `x <= 0` (scores minus their maximum): Cephes' polynomial on the
-/// reduced argument, scaled by `2^n`; within 2 ulp of `f32::exp`, 0 below -87.
+/// `R` rows' scores against one transposed block: one FMA chain per row over the dimensions.
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
-pub(super) unsafe fn exp_avx512(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
+unsafe fn score_rows_avx512<const R: usize>(
+    q: *const f32,
+    hd: usize,
+    kt: *const f32,
+    scale: f32,
+    out: *mut f32,
+) {
+    let mut acc = [_mm512_setzero_ps(); R];
+    for i in 0..hd {
+        let k = _mm512_loadu_ps(kt.add(i * KEY_BLOCK));
+        for (r, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(r * hd + i)), k, *a);
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(
+            out.add(r * SEGMENT),
+            _mm512_mul_ps(*a, _mm512_set1_ps(scale)),
+        );
+    }
+}
+
+/// [`super::exp_poly`] on 16 lanes, operation for operation.
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+pub(super) unsafe fn exp_avx512(x: __m512) -> __m512 {
     let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
     );
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_HI), x);
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(EXP_LN2_LO), r);
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     }
-    let r2 = _mm512_mul_ps(r, r);
-    let e = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
-    _mm512_scalef_ps(e, n)
+    let e = _mm512_add_ps(
+        _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+        _mm512_set1_ps(1.0),
+    );
+    let pow = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_cvtps_epi32(n),
+        _mm512_set1_epi32(127),
+    ));
+    _mm512_mul_ps(e, _mm512_castsi512_ps(pow))
 }
 
-#[target_feature(enable = "avx512f,fma")]
+/// Lane `i` of the 8-lane sum tree of [`lane_tree`] from its halving steps.
+#[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn softmax_numerators_avx512(row: &mut [f32]) -> f32 {
-    use std::arch::x86_64::*;
+unsafe fn tree8(s8: __m256) -> f32 {
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2)))
+}
+
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[inline]
+unsafe fn softmax_avx512(row: &mut [f32]) -> (f32, f32) {
     let n = row.len();
     let p = row.as_mut_ptr();
     let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -190,110 +286,320 @@ unsafe fn softmax_numerators_avx512(row: &mut [f32]) -> f32 {
         mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, p.add(i)));
         i += 16;
     }
-    let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    let m = _mm512_reduce_max_ps(mx);
+    let mv = _mm512_set1_ps(m);
     let mut sum = _mm512_setzero_ps();
     let mut i = 0;
     while i < n {
-        let m = lane_mask(n - i);
-        let e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), mx));
-        _mm512_mask_storeu_ps(p.add(i), m, e);
-        sum = _mm512_mask_add_ps(sum, m, sum, e);
+        let k = lane_mask(n - i);
+        let e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), mv));
+        _mm512_mask_storeu_ps(p.add(i), k, e);
+        sum = _mm512_mask_add_ps(sum, k, sum, e);
         i += 16;
     }
-    _mm512_reduce_add_ps(sum)
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sum)));
+    (m, tree8(_mm256_add_ps(_mm512_castps512_ps256(sum), hi)))
 }
 
-/// Sixteen output dimensions at a time, the `C` heads' sums kept in registers over all keys.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+/// `R` rows' weighted values, 16 output dimensions at a time summed in registers.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 #[inline]
-unsafe fn weighted_values_avx512<S: Store, const C: usize>(
-    o: &mut [f32],
+unsafe fn values_avx512<S: Store, const R: usize>(
+    o: *mut f32,
+    os: usize,
     vd: usize,
-    p: &[f32],
+    p: *const f32,
     values: S,
     v_offs: &[usize],
-    inv: &[f32],
+    vis: &[usize],
 ) {
-    use std::arch::x86_64::*;
-    let n = v_offs.len();
+    let lo = vis.iter().copied().min().unwrap_or(0);
+    let hi = vis.iter().copied().max().unwrap_or(0);
     let mut i = 0;
     while i < vd {
         let m = lane_mask(vd - i);
-        let mut acc = [_mm512_setzero_ps(); C];
-        for (j, &off) in v_offs.iter().enumerate() {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for j in 0..hi {
             if let Some(&ahead) = v_offs.get(j + PREFETCH_AHEAD) {
                 values.prefetch(ahead + i, 16.min(vd - i));
             }
-            let v = values.load16(off + i, m);
-            for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.get_unchecked(c * n + j)), v, *a);
+            let v = values.load16(*v_offs.get_unchecked(j) + i, m);
+            for (r, a) in acc.iter_mut().enumerate() {
+                if j < lo || j < *vis.get_unchecked(r) {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(r * SEGMENT + j)), v, *a);
+                }
             }
         }
-        for (c, a) in acc.iter().enumerate() {
-            let r = _mm512_mul_ps(*a, _mm512_set1_ps(inv[c]));
-            _mm512_mask_storeu_ps(o.as_mut_ptr().add(c * vd + i), m, r);
+        for (r, a) in acc.iter().enumerate() {
+            if vis[r] > 0 {
+                _mm512_mask_storeu_ps(o.add(r * os + 2 + i), m, *a);
+            }
         }
         i += 16;
     }
 }
 
+// ---------------------------------------------------------------- AVX2
+
+struct Avx2;
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn segment_avx2<S: Store>(
+    it: &Item<S>,
+    tile: &Tile,
+    g: usize,
+    part: &mut [f32],
+    sc: &mut Scratch,
+) {
+    it.segment::<Avx2>(tile, g, part, sc);
+}
+
+impl Lanes for Avx2 {
+    #[inline(always)]
+    fn scores<S: Store>(
+        q: &[f32],
+        hd: usize,
+        keys: S,
+        k_offs: &[usize],
+        scale: f32,
+        scores: &mut [f32],
+        kt: &mut [f32],
+    ) {
+        // SAFETY: only reached through `segment_avx2` (AVX2, FMA, F16C); bounds as for AVX-512.
+        unsafe { scores_avx2(q, hd, keys, k_offs, scale, scores, kt) }
+    }
+
+    #[inline(always)]
+    fn softmax(row: &mut [f32]) -> (f32, f32) {
+        // SAFETY: as above.
+        unsafe { softmax_avx2(row) }
+    }
+
+    #[inline(always)]
+    fn weighted_values<S: Store>(
+        o: &mut [f32],
+        os: usize,
+        vd: usize,
+        p: &[f32],
+        values: S,
+        v_offs: &[usize],
+        vis: &[usize],
+    ) {
+        // SAFETY: only reached through `segment_avx2`; every V row `v_offs[j]..+vd` is in
+        // `values`, `o` holds `os` per row, `p` `SEGMENT` per row.
+        row_groups(o, os, p, vis, |o, p, vis| unsafe {
+            by_rows!(
+                vis.len(),
+                values_avx2::<S>(o, os, vd, p, values, v_offs, vis)
+            )
+        });
+    }
+}
+
+/// An 8 × 8 transpose in registers.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn transpose8(r: &mut [__m256; 8]) {
+    let z = _mm256_setzero_ps();
+    let (mut t, mut u) = ([z; 8], [z; 8]);
+    for i in 0..4 {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for g in 0..2 {
+        let b = 4 * g;
+        u[b] = _mm256_shuffle_ps::<0x44>(t[b], t[b + 2]);
+        u[b + 1] = _mm256_shuffle_ps::<0xEE>(t[b], t[b + 2]);
+        u[b + 2] = _mm256_shuffle_ps::<0x44>(t[b + 1], t[b + 3]);
+        u[b + 3] = _mm256_shuffle_ps::<0xEE>(t[b + 1], t[b + 3]);
+    }
+    for c in 0..4 {
+        r[c] = _mm256_permute2f128_ps::<0x20>(u[c], u[4 + c]);
+        r[4 + c] = _mm256_permute2f128_ps::<0x31>(u[c], u[4 + c]);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scores_avx2<S: Store>(
+    q: &[f32],
+    hd: usize,
+    keys: S,
+    k_offs: &[usize],
+    scale: f32,
+    scores: &mut [f32],
+    kt: &mut [f32],
+) {
+    let rows = q.len() / hd;
+    let n = k_offs.len();
+    let ktp = kt.as_mut_ptr();
+    let mut b = 0;
+    while b < n {
+        for &ahead in k_offs.iter().skip(b + KEY_BLOCK).take(KEY_BLOCK) {
+            keys.prefetch(ahead, hd);
+        }
+        let mut d0 = 0;
+        while d0 < hd {
+            let len = (hd - d0).min(8);
+            for half in 0..2 {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (j, rj) in r.iter_mut().enumerate() {
+                    if let Some(&off) = k_offs.get(b + half * 8 + j) {
+                        *rj = keys.load8(off + d0, len);
+                    }
+                }
+                transpose8(&mut r);
+                for (i, ri) in r.iter().enumerate() {
+                    _mm256_storeu_ps(ktp.add((d0 + i) * KEY_BLOCK + half * 8), *ri);
+                }
+            }
+            d0 += 8;
+        }
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(4);
+            let (qp, out) = (
+                q.as_ptr().add(r0 * hd),
+                scores.as_mut_ptr().add(r0 * SEGMENT + b),
+            );
+            by_rows!(nr, score_rows_avx2(qp, hd, ktp, scale, out));
+            r0 += nr;
+        }
+        b += KEY_BLOCK;
+    }
+}
+
+/// `R` (≤ 4) rows' scores against one transposed block, its two halves of 8 keys.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i + 16 <= n {
-        acc0 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i)),
-            _mm256_loadu_ps(b.as_ptr().add(i)),
-            acc0,
-        );
-        acc1 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-            _mm256_loadu_ps(b.as_ptr().add(i + 8)),
-            acc1,
-        );
-        i += 16;
+unsafe fn score_rows_avx2<const R: usize>(
+    q: *const f32,
+    hd: usize,
+    kt: *const f32,
+    scale: f32,
+    out: *mut f32,
+) {
+    let mut lo = [_mm256_setzero_ps(); R];
+    let mut hi = [_mm256_setzero_ps(); R];
+    for i in 0..hd {
+        let kl = _mm256_loadu_ps(kt.add(i * KEY_BLOCK));
+        let kh = _mm256_loadu_ps(kt.add(i * KEY_BLOCK + 8));
+        for r in 0..R {
+            let qv = _mm256_set1_ps(*q.add(r * hd + i));
+            lo[r] = _mm256_fmadd_ps(qv, kl, lo[r]);
+            hi[r] = _mm256_fmadd_ps(qv, kh, hi[r]);
+        }
     }
-    if i + 8 <= n {
-        acc0 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i)),
-            _mm256_loadu_ps(b.as_ptr().add(i)),
-            acc0,
-        );
-        i += 8;
+    let s = _mm256_set1_ps(scale);
+    for r in 0..R {
+        _mm256_storeu_ps(out.add(r * SEGMENT), _mm256_mul_ps(lo[r], s));
+        _mm256_storeu_ps(out.add(r * SEGMENT + 8), _mm256_mul_ps(hi[r], s));
     }
-    let acc = _mm256_add_ps(acc0, acc1);
-    let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    let mut s = _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
-    while i < n {
-        s = a[i].mul_add(b[i], s);
-        i += 1;
+}
+
+/// [`super::exp_poly`] on 8 lanes, operation for operation.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(super) unsafe fn exp_avx2(x: __m256) -> __m256 {
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_HI), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2_LO), r);
+    let mut p = _mm256_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
     }
-    s
+    let e = _mm256_add_ps(
+        _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+        _mm256_set1_ps(1.0),
+    );
+    let pow = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(e, _mm256_castsi256_ps(pow))
 }
 
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn axpy_avx2(o: &mut [f32], p: f32, v: &[f32]) {
-    use std::arch::x86_64::*;
-    let n = o.len().min(v.len());
-    let pv = _mm256_set1_ps(p);
+unsafe fn softmax_avx2(row: &mut [f32]) -> (f32, f32) {
+    let n = row.len();
+    let whole = n / 16 * 16;
+    let p = row.as_mut_ptr();
+    let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
     let mut i = 0;
-    while i + 8 <= n {
-        let r = _mm256_fmadd_ps(
-            pv,
-            _mm256_loadu_ps(v.as_ptr().add(i)),
-            _mm256_loadu_ps(o.as_ptr().add(i)),
-        );
-        _mm256_storeu_ps(o.as_mut_ptr().add(i), r);
-        i += 8;
+    while i < whole {
+        mx = _mm256_max_ps(mx, _mm256_loadu_ps(p.add(i)));
+        mx = _mm256_max_ps(mx, _mm256_loadu_ps(p.add(i + 8)));
+        i += 16;
     }
-    while i < n {
-        o[i] = p.mul_add(v[i], o[i]);
-        i += 1;
+    let mut lanes = [0f32; 16];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), mx);
+    let m = lanes[..8]
+        .iter()
+        .chain(&row[whole..])
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mv = _mm256_set1_ps(m);
+    let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut i = 0;
+    while i < whole {
+        let el = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mv));
+        let eh = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p.add(i + 8)), mv));
+        _mm256_storeu_ps(p.add(i), el);
+        _mm256_storeu_ps(p.add(i + 8), eh);
+        lo = _mm256_add_ps(lo, el);
+        hi = _mm256_add_ps(hi, eh);
+        i += 16;
+    }
+    _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+    for (l, x) in lanes.iter_mut().zip(&mut row[whole..]) {
+        *x = super::exp_poly(*x - m);
+        *l += *x;
+    }
+    (m, lane_tree(lanes))
+}
+
+/// `R` rows' weighted values, 8 output dimensions at a time summed in registers.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn values_avx2<S: Store, const R: usize>(
+    o: *mut f32,
+    os: usize,
+    vd: usize,
+    p: *const f32,
+    values: S,
+    v_offs: &[usize],
+    vis: &[usize],
+) {
+    let lo = vis.iter().copied().min().unwrap_or(0);
+    let hi = vis.iter().copied().max().unwrap_or(0);
+    let mut i = 0;
+    while i < vd {
+        let len = (vd - i).min(8);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for j in 0..hi {
+            if let Some(&ahead) = v_offs.get(j + PREFETCH_AHEAD) {
+                values.prefetch(ahead + i, len);
+            }
+            let v = values.load8(*v_offs.get_unchecked(j) + i, len);
+            for (r, a) in acc.iter_mut().enumerate() {
+                if j < lo || j < *vis.get_unchecked(r) {
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(*p.add(r * SEGMENT + j)), v, *a);
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            if vis[r] > 0 {
+                let mut buf = [0f32; 8];
+                _mm256_storeu_ps(buf.as_mut_ptr(), *a);
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), o.add(r * os + 2 + i), len);
+            }
+        }
+        i += 8;
     }
 }
