@@ -233,15 +233,13 @@ fn attend_typed<S: Store>(
                     sc.state
                         .chunks_mut(part_w)
                         .for_each(|s| s[0] = f32::NEG_INFINITY);
+                    let (mut part, mut state) =
+                        (std::mem::take(&mut sc.part), std::mem::take(&mut sc.state));
+                    part.resize(rows * part_w, 0.0);
                     for g in 0..tile.segments() {
-                        let mut part = std::mem::take(&mut sc.part);
-                        part.resize(rows * part_w, 0.0);
-                        run_segment(simd, &it, tile, g, &mut part, sc);
-                        for (st, p) in sc.state.chunks_mut(part_w).zip(part.chunks(part_w)) {
-                            fold(st, p);
-                        }
-                        sc.part = part;
+                        run_segment(simd, &it, tile, g, &mut part, sc, Some(&mut state));
                     }
+                    (sc.part, sc.state) = (part, state);
                     // SAFETY: each tile alone writes its rows of `out`.
                     unsafe { it.write_rows(tile, &sc.state, dst) };
                 }
@@ -270,7 +268,7 @@ fn attend_typed<S: Store>(
                 let n = plan.rows(tile) * part_w;
                 // SAFETY: item (i, g) alone writes `parts[off..off + n]`.
                 let part = unsafe { std::slice::from_raw_parts_mut(pdst.get().add(off), n) };
-                run_segment(simd, &it, tile, g, part, sc);
+                run_segment(simd, &it, tile, g, part, sc, None);
             }
         })
     });
@@ -297,7 +295,7 @@ fn attend_typed<S: Store>(
     out
 }
 
-/// One segment of one tile with the `simd` lanes.
+/// One segment of one tile with the `simd` lanes; folded into `state` when given.
 fn run_segment<S: Store>(
     simd: Simd,
     it: &Item<S>,
@@ -305,23 +303,25 @@ fn run_segment<S: Store>(
     g: usize,
     part: &mut [f32],
     sc: &mut Scratch,
+    state: Option<&mut [f32]>,
 ) {
     #[cfg(target_arch = "x86_64")]
     match simd {
         // SAFETY: the CPU has the features (`Simd::detect`).
-        Simd::Avx512 => unsafe { x86::segment_avx512(it, tile, g, part, sc) },
-        Simd::Avx2 => unsafe { x86::segment_avx2(it, tile, g, part, sc) },
-        Simd::None => it.segment::<Portable>(tile, g, part, sc),
+        Simd::Avx512 => unsafe { x86::segment_avx512(it, tile, g, part, sc, state) },
+        Simd::Avx2 => unsafe { x86::segment_avx2(it, tile, g, part, sc, state) },
+        Simd::None => it.segment::<Portable>(tile, g, part, sc, state),
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = simd;
-        it.segment::<Portable>(tile, g, part, sc);
+        it.segment::<Portable>(tile, g, part, sc, state);
     }
 }
 
 /// Fold a segment's partial row `p` (`[max, sum, values...]`; max `-inf`: it saw no key)
 /// into the running row `st`: both rescaled to the larger maximum (flash attention).
+#[inline(always)]
 fn fold(st: &mut [f32], p: &[f32]) {
     let (mb, ma) = (p[0], st[0]);
     if mb == f32::NEG_INFINITY {
@@ -387,7 +387,9 @@ struct Scratch {
     q: Vec<f32>,
     /// `rows × SEGMENT` scores, then softmax numerators.
     scores: Vec<f32>,
-    /// A transposed K block: dimension `i` of key `j` at `i * KEY_BLOCK + j`.
+    /// A transposed K block (dimension `i` of key `j` at `i * KEY_BLOCK + j`), then the
+    /// tile's query rows in groups of 8, dimension-major (row `8g + r`, dimension `i` at
+    /// `8g * hd + 8i + r`).
     kt: Vec<f32>,
     /// Where each key's K row starts in the layer's K storage.
     k_offs: Vec<usize>,
@@ -413,9 +415,16 @@ struct Item<'a, S> {
 
 impl<S: Store> Item<'_, S> {
     /// Segment `g` of `tile`: per row, `[max, sum, Σ numerator × value]` into `part`
-    /// (max `-inf` for a row that sees none of its keys).
+    /// (max `-inf` for a row that sees none of its keys), then folded into `state` if given.
     #[inline(always)]
-    fn segment<L: Lanes>(&self, tile: &Tile, g: usize, part: &mut [f32], sc: &mut Scratch) {
+    fn segment<L: Lanes>(
+        &self,
+        tile: &Tile,
+        g: usize,
+        part: &mut [f32],
+        sc: &mut Scratch,
+        state: Option<&mut [f32]>,
+    ) {
         let d = self.d;
         let (hd, vd) = (d.head_dim, d.v_head_dim);
         let group = d.num_heads / d.num_kv_heads;
@@ -450,8 +459,10 @@ impl<S: Store> Item<'_, S> {
             sc.q.extend_from_slice(&self.q[at..at + self.chunk * hd]);
         }
         sc.scores.resize(rows * SEGMENT, 0.0);
-        sc.kt
-            .resize(hd.next_multiple_of(KEY_BLOCK) * KEY_BLOCK, 0.0);
+        sc.kt.resize(
+            hd.next_multiple_of(KEY_BLOCK) * KEY_BLOCK + rows.next_multiple_of(8) * hd,
+            0.0,
+        );
         L::scores(
             &sc.q,
             hd,
@@ -473,6 +484,11 @@ impl<S: Store> Item<'_, S> {
             p[1] = l;
         }
         L::weighted_values(part, w, vd, &sc.scores, self.values, v_offs, &sc.vis);
+        if let Some(state) = state {
+            for (st, p) in state.chunks_mut(w).zip(part.chunks(w)) {
+                fold(st, p);
+            }
+        }
     }
 
     /// Divide each folded row of `tile` by its sum into the output.
@@ -539,7 +555,8 @@ fn lane_tree(mut l: [f32; 16]) -> f32 {
 trait Lanes {
     /// `scores[r * SEGMENT + j] = scale * Σ_i q_r[i] key_j[i]`, an FMA chain over `i` in order
     /// (entries up to the next multiple of 16 keys may be written too). `kt`: room for a
-    /// transposed K block.
+    /// transposed K block (`hd` rounded up to 16, × 16) and the rows of `q` transposed in
+    /// groups of 8 (rounded up to 8, × `hd`).
     fn scores<S: Store>(
         q: &[f32],
         hd: usize,

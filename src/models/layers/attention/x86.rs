@@ -12,8 +12,17 @@ use super::{
     SEGMENT,
 };
 
-/// How many keys ahead the loops prefetch K/V rows.
-const PREFETCH_AHEAD: usize = 4;
+/// `q`'s rows of `hd` in groups of 8, dimension-major: row `8g + r`, dimension `i` to
+/// `qt[8g * hd + 8i + r]`, so a row group's values of one dimension are adjacent.
+#[inline(always)]
+fn transpose_rows(q: &[f32], hd: usize, qt: &mut [f32]) {
+    for (r, row) in q.chunks_exact(hd).enumerate() {
+        let base = r / 8 * 8 * hd + r % 8;
+        for (i, &x) in row.iter().enumerate() {
+            qt[base + 8 * i] = x;
+        }
+    }
+}
 
 /// Prefetch the cache lines of `bytes` bytes from `p` into L1.
 #[inline(always)]
@@ -71,10 +80,11 @@ fn row_groups(
     os: usize,
     p: &[f32],
     vis: &[usize],
+    size: usize,
     mut f: impl FnMut(*mut f32, *const f32, &[usize]),
 ) {
-    for (g, vis) in vis.chunks(8).enumerate() {
-        let r0 = g * 8;
+    for (g, vis) in vis.chunks(size).enumerate() {
+        let r0 = g * size;
         f(o[r0 * os..].as_mut_ptr(), p[r0 * SEGMENT..].as_ptr(), vis);
     }
 }
@@ -90,8 +100,9 @@ pub(super) unsafe fn segment_avx512<S: Store>(
     g: usize,
     part: &mut [f32],
     sc: &mut Scratch,
+    state: Option<&mut [f32]>,
 ) {
-    it.segment::<Avx512>(tile, g, part, sc);
+    it.segment::<Avx512>(tile, g, part, sc, state);
 }
 
 impl Lanes for Avx512 {
@@ -129,7 +140,7 @@ impl Lanes for Avx512 {
     ) {
         // SAFETY: only reached through `segment_avx512`; every V row `v_offs[j]..+vd` is in
         // `values`, `o` holds `os` per row, `p` `SEGMENT` per row.
-        row_groups(o, os, p, vis, |o, p, vis| unsafe {
+        row_groups(o, os, p, vis, 4, |o, p, vis| unsafe {
             by_rows!(
                 vis.len(),
                 values_avx512::<S>(o, os, vd, p, values, v_offs, vis)
@@ -181,6 +192,8 @@ unsafe fn scores_avx512<S: Store>(
 ) {
     let rows = q.len() / hd;
     let n = k_offs.len();
+    let (kt, qt) = kt.split_at_mut(hd.next_multiple_of(KEY_BLOCK) * KEY_BLOCK);
+    transpose_rows(q, hd, qt);
     let ktp = kt.as_mut_ptr();
     let mut b = 0;
     while b < n {
@@ -205,7 +218,7 @@ unsafe fn scores_avx512<S: Store>(
         while r0 < rows {
             let nr = (rows - r0).min(8);
             let (qp, out) = (
-                q.as_ptr().add(r0 * hd),
+                qt.as_ptr().add(r0 / 8 * 8 * hd + r0 % 8),
                 scores.as_mut_ptr().add(r0 * SEGMENT + b),
             );
             by_rows!(nr, score_rows_avx512(qp, hd, ktp, scale, out));
@@ -215,7 +228,8 @@ unsafe fn scores_avx512<S: Store>(
     }
 }
 
-/// `R` rows' scores against one transposed block: one FMA chain per row over the dimensions.
+/// `R` rows' scores against one transposed block: one FMA chain per row over the dimensions
+/// (`q`: the rows transposed by [`transpose_rows`], at the group's first).
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
 unsafe fn score_rows_avx512<const R: usize>(
@@ -229,7 +243,7 @@ unsafe fn score_rows_avx512<const R: usize>(
     for i in 0..hd {
         let k = _mm512_loadu_ps(kt.add(i * KEY_BLOCK));
         for (r, a) in acc.iter_mut().enumerate() {
-            *a = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(r * hd + i)), k, *a);
+            *a = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(i * 8 + r)), k, *a);
         }
     }
     for (r, a) in acc.iter().enumerate() {
@@ -301,7 +315,8 @@ unsafe fn softmax_avx512(row: &mut [f32]) -> (f32, f32) {
     (m, tree8(_mm256_add_ps(_mm512_castps512_ps256(sum), hi)))
 }
 
-/// `R` rows' weighted values, 16 output dimensions at a time summed in registers.
+/// `R` (≤ 4) rows' weighted values, 64 output dimensions (4 vectors) at a time summed in
+/// registers: each V row is read once per 4 rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,f16c")]
 #[inline]
 unsafe fn values_avx512<S: Store, const R: usize>(
@@ -317,25 +332,32 @@ unsafe fn values_avx512<S: Store, const R: usize>(
     let hi = vis.iter().copied().max().unwrap_or(0);
     let mut i = 0;
     while i < vd {
-        let m = lane_mask(vd - i);
-        let mut acc = [_mm512_setzero_ps(); R];
+        let m: [u16; 4] = std::array::from_fn(|c| lane_mask((vd - i).saturating_sub(16 * c)));
+        let nc = (vd - i).div_ceil(16).min(4);
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
         for j in 0..hi {
-            if let Some(&ahead) = v_offs.get(j + PREFETCH_AHEAD) {
-                values.prefetch(ahead + i, 16.min(vd - i));
+            let off = *v_offs.get_unchecked(j) + i;
+            let mut v = [_mm512_setzero_ps(); 4];
+            for c in 0..nc {
+                v[c] = values.load16(off + 16 * c, m[c]);
             }
-            let v = values.load16(*v_offs.get_unchecked(j) + i, m);
             for (r, a) in acc.iter_mut().enumerate() {
                 if j < lo || j < *vis.get_unchecked(r) {
-                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*p.add(r * SEGMENT + j)), v, *a);
+                    let e = _mm512_set1_ps(*p.add(r * SEGMENT + j));
+                    for c in 0..4 {
+                        a[c] = _mm512_fmadd_ps(e, v[c], a[c]);
+                    }
                 }
             }
         }
         for (r, a) in acc.iter().enumerate() {
             if vis[r] > 0 {
-                _mm512_mask_storeu_ps(o.add(r * os + 2 + i), m, *a);
+                for c in 0..nc {
+                    _mm512_mask_storeu_ps(o.add(r * os + 2 + i + 16 * c), m[c], a[c]);
+                }
             }
         }
-        i += 16;
+        i += 64;
     }
 }
 
@@ -350,8 +372,9 @@ pub(super) unsafe fn segment_avx2<S: Store>(
     g: usize,
     part: &mut [f32],
     sc: &mut Scratch,
+    state: Option<&mut [f32]>,
 ) {
-    it.segment::<Avx2>(tile, g, part, sc);
+    it.segment::<Avx2>(tile, g, part, sc, state);
 }
 
 impl Lanes for Avx2 {
@@ -387,7 +410,7 @@ impl Lanes for Avx2 {
     ) {
         // SAFETY: only reached through `segment_avx2`; every V row `v_offs[j]..+vd` is in
         // `values`, `o` holds `os` per row, `p` `SEGMENT` per row.
-        row_groups(o, os, p, vis, |o, p, vis| unsafe {
+        row_groups(o, os, p, vis, 8, |o, p, vis| unsafe {
             by_rows!(
                 vis.len(),
                 values_avx2::<S>(o, os, vd, p, values, v_offs, vis)
@@ -432,6 +455,8 @@ unsafe fn scores_avx2<S: Store>(
 ) {
     let rows = q.len() / hd;
     let n = k_offs.len();
+    let (kt, qt) = kt.split_at_mut(hd.next_multiple_of(KEY_BLOCK) * KEY_BLOCK);
+    transpose_rows(q, hd, qt);
     let ktp = kt.as_mut_ptr();
     let mut b = 0;
     while b < n {
@@ -459,7 +484,7 @@ unsafe fn scores_avx2<S: Store>(
         while r0 < rows {
             let nr = (rows - r0).min(4);
             let (qp, out) = (
-                q.as_ptr().add(r0 * hd),
+                qt.as_ptr().add(r0 / 8 * 8 * hd + r0 % 8),
                 scores.as_mut_ptr().add(r0 * SEGMENT + b),
             );
             by_rows!(nr, score_rows_avx2(qp, hd, ktp, scale, out));
@@ -485,7 +510,7 @@ unsafe fn score_rows_avx2<const R: usize>(
         let kl = _mm256_loadu_ps(kt.add(i * KEY_BLOCK));
         let kh = _mm256_loadu_ps(kt.add(i * KEY_BLOCK + 8));
         for r in 0..R {
-            let qv = _mm256_set1_ps(*q.add(r * hd + i));
+            let qv = _mm256_set1_ps(*q.add(i * 8 + r));
             lo[r] = _mm256_fmadd_ps(qv, kl, lo[r]);
             hi[r] = _mm256_fmadd_ps(qv, kh, hi[r]);
         }
@@ -583,9 +608,6 @@ unsafe fn values_avx2<S: Store, const R: usize>(
         let len = (vd - i).min(8);
         let mut acc = [_mm256_setzero_ps(); R];
         for j in 0..hi {
-            if let Some(&ahead) = v_offs.get(j + PREFETCH_AHEAD) {
-                values.prefetch(ahead + i, len);
-            }
             let v = values.load8(*v_offs.get_unchecked(j) + i, len);
             for (r, a) in acc.iter_mut().enumerate() {
                 if j < lo || j < *vis.get_unchecked(r) {
