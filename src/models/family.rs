@@ -38,6 +38,7 @@ pub const FAMILIES: &[Family] = &[
     qwen2::FAMILY,
     glm4::FAMILY,
     glm4::THUDM_FAMILY,
+    glm4::GLM4_0414_FAMILY,
     deepseek2::FAMILY,
 ];
 

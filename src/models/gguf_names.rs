@@ -25,8 +25,11 @@ const GGUF_NAMES: &[(&str, &str)] = &[
     ("mlp.gate_proj", "ffn_gate"),
     ("mlp.up_proj", "ffn_up"),
     ("mlp.down_proj", "ffn_down"),
-    // GLM-4 (`chatglm`): the fused gate/up projection, gate rows first.
+    // GLM-4 (`chatglm`, `glm4`): the fused gate/up projection, gate rows first; GLM-4-0414's
+    // sandwich norms.
     ("mlp.gate_up_proj", "ffn_up"),
+    ("post_self_attn_layernorm", "post_attention_norm"),
+    ("post_mlp_layernorm", "post_ffw_norm"),
     // DeepSeek-V2 (`deepseek2`): MLA and the experts' router and shared experts. Routed
     // experts are rows of stacked tensors (see `gguf_locate`).
     ("self_attn.q_a_proj", "attn_q_a"),

@@ -1,8 +1,9 @@
 //! GLM-4 (glm-4-9b-chat) in both layouts users have: Hugging Face's `GlmForCausalLM`
-//! (glm-4-9b-chat-hf) and THUDM's original `ChatGLMModel`. Both are the Llama decoder with q/k/v
-//! biases, a fused `gate_up` MLP (gate first), and rotary embeddings on the first half of each
-//! head's dimensions with interleaved pairs — so this file only reads the two config formats and
-//! maps THUDM's tensor names (and its fused `query_key_value`) onto the Hugging Face ones.
+//! (glm-4-9b-chat-hf) and THUDM's original `ChatGLMModel`; and GLM-4-0414 (`Glm4ForCausalLM`).
+//! All are the Llama decoder with q/k/v biases, a fused `gate_up` MLP (gate first), and rotary
+//! embeddings on the first half of each head's dimensions with interleaved pairs (0414 adds
+//! sandwich norms) — so this file only reads the config formats and maps THUDM's tensor names
+//! (and its fused `query_key_value`) onto the Hugging Face ones.
 
 use serde::Deserialize;
 
@@ -64,6 +65,29 @@ pub const FAMILY: Family = Family {
     gguf: None,
 };
 
+/// GLM-4-0414 (GLM-4-9B-0414, GLM-4-32B-0414): `Glm4ForCausalLM` and GGUF `glm4` — GLM-4's
+/// decoder with the attention and MLP outputs normed again before each residual add; in GGUF
+/// the Llama names plus `post_attention_norm` / `post_ffw_norm` for those norms and `ffn_up`
+/// for the fused gate/up.
+pub const GLM4_0414_FAMILY: Family = Family {
+    name: "glm4-0414",
+    hf_architectures: &["Glm4ForCausalLM"],
+    from_hf: |v| {
+        Ok(Box::new(LlamaConfig {
+            sandwich_norms: true,
+            ..hf_config(v)?
+        }))
+    },
+    gguf: Some((&["glm4"], |md, w| {
+        let cfg = LlamaConfig {
+            gate_up: GateUpLayout::Fused,
+            sandwich_norms: true,
+            ..LlamaConfig::from_gguf(md, w, true, RopeStyle::Interleaved)?
+        };
+        Ok(Box::new(cfg))
+    })),
+};
+
 /// GLM-4 in THUDM's original layout (glm-4-9b-chat), and GGUF `chatglm` — what llama.cpp's
 /// converter makes of either layout: the Llama tensor names plus `ffn_up` for the fused
 /// gate/up and, from THUDM's layout, a fused `attn_qkv` (both located by
@@ -117,6 +141,7 @@ fn hf_config(v: serde_json::Value) -> Result<LlamaConfig> {
         partial_rotary_factor: c.rope.partial_rotary_factor(0.5),
         rope_freq_factors: None,
         gate_up: GateUpLayout::Fused,
+        sandwich_norms: false,
     })
 }
 
@@ -149,6 +174,7 @@ fn thudm_config(v: serde_json::Value) -> Result<LlamaConfig> {
         partial_rotary_factor: 0.5,
         rope_freq_factors: None,
         gate_up: GateUpLayout::Fused,
+        sandwich_norms: false,
     })
 }
 

@@ -39,6 +39,9 @@ pub struct LlamaConfig {
     /// as llama.cpp converts it), applied after `rope_scaling`.
     pub rope_freq_factors: Option<Vec<f64>>,
     pub gate_up: GateUpLayout,
+    /// GLM-4-0414: each sublayer's output is normed again before the residual add
+    /// (`post_self_attn_layernorm`, `post_mlp_layernorm`).
+    pub sandwich_norms: bool,
 }
 
 impl LlamaConfig {
@@ -105,6 +108,7 @@ impl HfLlamaConfig {
             partial_rotary_factor: 1.0,
             rope_freq_factors: None,
             gate_up: GateUpLayout::Separate,
+            sandwich_norms: false,
         })
     }
 }
@@ -146,6 +150,7 @@ impl LlamaConfig {
             partial_rotary_factor: rotary as f64 / head_dim.max(1) as f64,
             rope_freq_factors: None,
             gate_up: GateUpLayout::Separate,
+            sandwich_norms: false,
         };
         // llama.cpp stores Llama 3.1's rope scaling as per-frequency divisors.
         if w.contains("rope_freqs.weight") {
@@ -192,17 +197,35 @@ struct DecoderLayer {
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: GatedMlp,
+    /// Sandwich norms (GLM-4-0414) of the attention and MLP outputs.
+    post_self_attn_layernorm: Option<RmsNorm>,
+    post_mlp_layernorm: Option<RmsNorm>,
 }
 
 impl DecoderLayer {
     fn load(w: &Weights, cfg: &LlamaConfig) -> Result<Self> {
         let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let sandwich = |name| {
+            cfg.sandwich_norms
+                .then(|| RmsNorm::load(&w.pp(name), h, eps))
+                .transpose()
+        };
         Ok(Self {
             input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), h, eps)?,
             self_attn: Attention::load(&w.pp("self_attn"), cfg)?,
             post_attention_layernorm: RmsNorm::load(&w.pp("post_attention_layernorm"), h, eps)?,
             mlp: GatedMlp::load(&w.pp("mlp"), h, cfg.intermediate_size, cfg.gate_up)?,
+            post_self_attn_layernorm: sandwich("post_self_attn_layernorm")?,
+            post_mlp_layernorm: sandwich("post_mlp_layernorm")?,
         })
+    }
+}
+
+/// `x`, normed by `norm` when there is one.
+fn maybe_norm(norm: &Option<RmsNorm>, x: Tensor) -> Result<Tensor> {
+    match norm {
+        Some(n) => n.forward(&x),
+        None => Ok(x),
     }
 }
 
@@ -292,9 +315,11 @@ impl CausalLm for Llama {
             .forward(batch, kv, self.layers.len(), |i, x, kv, pass| {
                 let l = &self.layers[i];
                 let h = l.input_layernorm.forward(&x)?;
-                let x = (x + self.attention(i, &l.self_attn, &h, kv, pass)?)?;
+                let a = self.attention(i, &l.self_attn, &h, kv, pass)?;
+                let x = (x + maybe_norm(&l.post_self_attn_layernorm, a)?)?;
                 let h = l.post_attention_layernorm.forward(&x)?;
-                Ok((&x + l.mlp.forward(&h)?)?)
+                let m = maybe_norm(&l.post_mlp_layernorm, l.mlp.forward(&h)?)?;
+                Ok((&x + m)?)
             })
     }
 
