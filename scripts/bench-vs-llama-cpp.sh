@@ -8,7 +8,9 @@
 #
 # Environment: MODEL (default: SmolLM2-135M Q4_1), THREADS (default: nproc), CONCURRENCIES
 # ("1 4 16"), PROMPT_TOKENS (100), MAX_TOKENS (128), NUM_REQUESTS (per concurrency: 4 x c, at
-# least 8), ROUNDS (alternations per concurrency, 2), CPU (`native`, the default: llama.cpp
+# least 8), ROUNDS (alternations per concurrency, 2), WARMUP (1: one untimed round of c
+# requests per server first; 0 skips it, for long prompts), FLASH_ATTN (llama.cpp's `-fa`:
+# on), CPU (`native`, the default: llama.cpp
 # built for this CPU and inferd's widest kernel path; `avx2`: llama.cpp built for AVX2 alone —
 # -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON, AVX-512 off, its own build
 # directory — against inferd with INFERD_CPU_KERNELS=avx2, so an AVX-512 machine measures the
@@ -23,6 +25,8 @@ CONCURRENCIES="${CONCURRENCIES:-1 4 16}"
 PROMPT_TOKENS="${PROMPT_TOKENS:-100}"
 MAX_TOKENS="${MAX_TOKENS:-128}"
 ROUNDS="${ROUNDS:-2}"
+WARMUP="${WARMUP:-1}"
+FLASH_ATTN="${FLASH_ATTN:-on}"
 CPU="${CPU:-native}"
 cache="${INFERD_CACHE:-$HOME/.cache/inferd}/llama.cpp"
 case "$CPU" in
@@ -61,7 +65,7 @@ mkdir -p "$logs"
 
 # --poll 0: llama.cpp's compute threads park instead of spinning (faster on shared cores).
 "$server" -m "$MODEL" --host 127.0.0.1 --port $lport -t "$THREADS" -np "$max_c" -c "$ctx" \
-  --poll 0 >"$logs/llama-server.log" 2>&1 &
+  --poll 0 -fa "$FLASH_ATTN" >"$logs/llama-server.log" 2>&1 &
 lpid=$!
 env ${kernels:+INFERD_CPU_KERNELS=$kernels} RAYON_NUM_THREADS="$THREADS" CANDLE_NUM_THREADS="$THREADS" \
   "$inferd" serve --model "$MODEL" --port $iport --max-num-seqs "$max_c" >"$logs/inferd.log" 2>&1 &
@@ -88,8 +92,11 @@ results="$logs/results.jsonl"
 : >"$results"
 for c in $CONCURRENCIES; do
   n=$(( 4 * c )); [ "$n" -lt 8 ] && n=8
-  bench $lport "$c" "$c" 99 >/dev/null   # warm-up
-  bench $iport "$c" "$c" 99 >/dev/null
+  n="${NUM_REQUESTS:-$n}"
+  if [ "$WARMUP" = 1 ]; then
+    bench $lport "$c" "$c" 99 >/dev/null
+    bench $iport "$c" "$c" 99 >/dev/null
+  fi
   for r in $(seq 1 "$ROUNDS"); do
     echo "{\"server\":\"llama.cpp\",\"round\":$r,\"report\":$(bench $lport "$c" "$n" "$r")}" >>"$results"
     echo "{\"server\":\"inferd\",\"round\":$r,\"report\":$(bench $iport "$c" "$n" "$r")}" >>"$results"
