@@ -549,8 +549,10 @@ fn with_quantize(q: Option<&str>) -> inferd::models::LoadOptions {
 /// layouts (separate q/k/v, and THUDM's fused `attn_qkv`), `glm4` (GLM-4-0414's sandwich
 /// norms as `post_attention_norm` / `post_ffw_norm`), `deepseek2` (MLA's `kv_b_proj`
 /// split into a transposed `attn_k_b` and `attn_v_b`, experts stacked, YaRN and group-limited
-/// routing from metadata) and `llama`. The f32 files give the transformers reference logits.
-const CONVERTED: [&str; 6] = [
+/// routing from metadata), `llama` and `qwen2` (tied embeddings: no `output.weight`). The f32
+/// files give the transformers reference logits.
+const CONVERTED: [&str; 7] = [
+    "qwen2-tied-hub",
     "glm4-hf-hub",
     "glm4-thudm",
     "glm4-0414-hub",
@@ -645,7 +647,10 @@ fn quantized_at_load_equals_llama_cpp_q8_0() {
         );
         assert!(ours_ref < 0.2 && theirs_ref < 0.2, "{name}");
         assert!(between < ours_ref.min(theirs_ref), "{name}: {between}");
-        if matches!(name, "glm4-thudm" | "glm4-0414-hub" | "llama3-hub") {
+        if matches!(
+            name,
+            "glm4-thudm" | "glm4-0414-hub" | "llama3-hub" | "qwen2-tied-hub"
+        ) {
             // Every matrix is Q8_0 on both sides (none kept in F16): the same quantized
             // values; Llama's GGUF differs only by the Q/K row permutation of its RoPE.
             assert!(between < 1e-5, "{name}: {between}");
