@@ -14,7 +14,9 @@
 # built for this CPU and inferd's widest kernel path; `avx2`: llama.cpp built for AVX2 alone —
 # -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON, AVX-512 off, its own build
 # directory — against inferd with INFERD_CPU_KERNELS=avx2, so an AVX-512 machine measures the
-# AVX2-only comparison).
+# AVX2-only comparison; `avx512`: llama.cpp built for AVX-512 (+VNNI, BF16) without AMX or
+# -march=native — for machines whose native build fails, as on AMX Xeons here — against
+# inferd's avx512 path).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -34,7 +36,10 @@ case "$CPU" in
   avx2) build="$cache/build-avx2"; kernels="avx2"
     cpu_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
                -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF) ;;
-  *) echo "CPU must be native or avx2, not $CPU" >&2; exit 2 ;;
+  avx512) build="$cache/build-avx512"; kernels="avx512"
+    cpu_flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+               -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON) ;;
+  *) echo "CPU must be native, avx2 or avx512, not $CPU" >&2; exit 2 ;;
 esac
 server="$build/bin/llama-server"
 
