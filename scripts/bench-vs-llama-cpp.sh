@@ -10,7 +10,7 @@
 # ("1 4 16"), PROMPT_TOKENS (100), MAX_TOKENS (128), NUM_REQUESTS (per concurrency: 4 x c, at
 # least 8), ROUNDS (alternations per concurrency, 2), WARMUP (1: one untimed round of c
 # requests per server first; 0 skips it, for long prompts), FLASH_ATTN (llama.cpp's `-fa`:
-# on), CPU (`native`, the default: llama.cpp
+# on), REQUEST_TIMEOUT (seconds per request, 600; raise it for 32K prompts), CPU (`native`, the default: llama.cpp
 # built for this CPU and inferd's widest kernel path; `avx2`: llama.cpp built for AVX2 alone —
 # -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON, AVX-512 off, its own build
 # directory — against inferd with INFERD_CPU_KERNELS=avx2, so an AVX-512 machine measures the
@@ -29,6 +29,7 @@ MAX_TOKENS="${MAX_TOKENS:-128}"
 ROUNDS="${ROUNDS:-2}"
 WARMUP="${WARMUP:-1}"
 FLASH_ATTN="${FLASH_ATTN:-on}"
+REQUEST_TIMEOUT="${REQUEST_TIMEOUT:-600}"
 CPU="${CPU:-native}"
 cache="${INFERD_CACHE:-$HOME/.cache/inferd}/llama.cpp"
 case "$CPU" in
@@ -90,7 +91,8 @@ wait_up "http://127.0.0.1:$iport" /ready  # inferd: /health is liveness (200 whi
 
 bench() { # bench PORT CONCURRENCY N -> one JSON line
   "$inferd" bench --base-url "http://127.0.0.1:$1" --concurrency "$2" --num-requests "$3" \
-    --prompt-tokens "$PROMPT_TOKENS" --max-tokens "$MAX_TOKENS" --seed "$4" | tail -n 1
+    --prompt-tokens "$PROMPT_TOKENS" --max-tokens "$MAX_TOKENS" --seed "$4" \
+    --request-timeout "$REQUEST_TIMEOUT" | tail -n 1
 }
 
 results="$logs/results.jsonl"
