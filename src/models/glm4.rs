@@ -78,14 +78,7 @@ pub const GLM4_0414_FAMILY: Family = Family {
             ..hf_config(v)?
         }))
     },
-    gguf: Some((&["glm4"], |md, w| {
-        let cfg = LlamaConfig {
-            gate_up: GateUpLayout::Fused,
-            sandwich_norms: true,
-            ..LlamaConfig::from_gguf(md, w, true, RopeStyle::Interleaved)?
-        };
-        Ok(Box::new(cfg))
-    })),
+    gguf: Some((&["glm4"], |md, w| Ok(Box::new(glm_gguf(md, w, true)?)))),
 };
 
 /// GLM-4 in THUDM's original layout (glm-4-9b-chat), and GGUF `chatglm` — what llama.cpp's
@@ -96,14 +89,22 @@ pub const THUDM_FAMILY: Family = Family {
     name: "chatglm",
     hf_architectures: &["ChatGLMModel", "ChatGLMForConditionalGeneration"],
     from_hf: |v| Ok(Box::new(Thudm(thudm_config(v)?))),
-    gguf: Some((&["chatglm"], |md, w| {
-        let cfg = LlamaConfig {
-            gate_up: GateUpLayout::Fused,
-            ..LlamaConfig::from_gguf(md, w, true, RopeStyle::Interleaved)?
-        };
-        Ok(Box::new(cfg))
-    })),
+    gguf: Some((&["chatglm"], |md, w| Ok(Box::new(glm_gguf(md, w, false)?)))),
 };
+
+/// A GLM-4 GGUF's config: the Llama metadata with q/k/v biases, interleaved RoPE pairs and the
+/// fused gate/up; `sandwich_norms` for GLM-4-0414.
+fn glm_gguf(
+    md: &crate::models::loader::GgufMeta,
+    w: &Weights,
+    sandwich_norms: bool,
+) -> Result<LlamaConfig> {
+    Ok(LlamaConfig {
+        gate_up: GateUpLayout::Fused,
+        sandwich_norms,
+        ..LlamaConfig::from_gguf(md, w, true, RopeStyle::Interleaved)?
+    })
+}
 
 /// A GLM-4 config whose tensors are in THUDM's layout.
 struct Thudm(LlamaConfig);

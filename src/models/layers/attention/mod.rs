@@ -20,12 +20,12 @@
 //! one long decode — each segment is its own work item whose partial result is folded
 //! afterwards in the same order (flash-decoding).
 
-use half::f16;
-
+mod store;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-use crate::models::kv_cache::{HostKv, HostQ8, KvElem, LayerKv, Q8_GROUP};
+use self::store::{Elem, Q8Rows, Store};
+use crate::models::kv_cache::{HostKv, HostQ8, LayerKv};
 use crate::models::layers::pool::{self, SyncPtr};
 use crate::models::ForwardBatch;
 
@@ -228,11 +228,7 @@ fn attend_typed<S: Store>(
             SCRATCH.with_borrow_mut(|sc| {
                 for tile in &plan.tiles[range] {
                     let rows = plan.rows(tile);
-                    sc.state.clear();
-                    sc.state.resize(rows * part_w, 0.0);
-                    sc.state
-                        .chunks_mut(part_w)
-                        .for_each(|s| s[0] = f32::NEG_INFINITY);
+                    empty_rows(&mut sc.state, rows, part_w);
                     let (mut part, mut state) =
                         (std::mem::take(&mut sc.part), std::mem::take(&mut sc.state));
                     part.resize(rows * part_w, 0.0);
@@ -277,11 +273,7 @@ fn attend_typed<S: Store>(
             for i in range {
                 let tile = &plan.tiles[i];
                 let rows = plan.rows(tile);
-                sc.state.clear();
-                sc.state.resize(rows * part_w, 0.0);
-                sc.state
-                    .chunks_mut(part_w)
-                    .for_each(|s| s[0] = f32::NEG_INFINITY);
+                empty_rows(&mut sc.state, rows, part_w);
                 for part in parts[at[i]..at[i + 1]].chunks(rows * part_w) {
                     for (st, p) in sc.state.chunks_mut(part_w).zip(part.chunks(part_w)) {
                         fold(st, p);
@@ -317,6 +309,13 @@ fn run_segment<S: Store>(
         let _ = simd;
         it.segment::<Portable>(tile, g, part, sc, state);
     }
+}
+
+/// `rows` running rows of width `w` that have seen no key yet (max `-inf`).
+fn empty_rows(state: &mut Vec<f32>, rows: usize, w: usize) {
+    state.clear();
+    state.resize(rows * w, 0.0);
+    state.chunks_mut(w).for_each(|s| s[0] = f32::NEG_INFINITY);
 }
 
 /// Fold a segment's partial row `p` (`[max, sum, values...]`; max `-inf`: it saw no key)
@@ -651,191 +650,11 @@ impl Lanes for Portable {
     }
 }
 
-/// K or V storage as the kernels read it, indexed by value (a row of one KV head starts at
-/// `slot * slot_width + head * head_dim`): f32 or f16 slices, or Q8_0 rows.
-trait Store: Copy + Send + Sync {
-    /// Values `off..off + len` as f32: in place, or converted into `buf`.
-    fn row<'a>(self, off: usize, len: usize, buf: &'a mut [f32]) -> &'a [f32]
-    where
-        Self: 'a;
-
-    /// Values `index..index + 16` (lanes `mask`), widened to f32.
-    /// SAFETY: AVX-512 F/BW/VL; the masked values exist; for Q8_0, the 16 lanes lie in one
-    /// group of 32 (`index` a multiple of 16).
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(self, index: usize, mask: u16) -> std::arch::x86_64::__m512;
-
-    /// Values `index..index + len` (`len <= 8`) widened to f32, zeros past `len`.
-    /// SAFETY: AVX2, FMA and F16C; the values exist; for Q8_0, the 8 lanes lie in one group
-    /// of 32 (`index` a multiple of 8).
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(self, index: usize, len: usize) -> std::arch::x86_64::__m256;
-
-    /// Prefetch values `index..index + len` into L1.
-    /// SAFETY: the values exist.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn prefetch(self, index: usize, len: usize);
-}
-
-/// Lanes `0..len` of 8 values read one at a time (a row's last, partial block).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn load8_tail<S: Store>(s: S, index: usize, len: usize) -> std::arch::x86_64::__m256 {
-    let mut buf = [0f32; 8];
-    let mut tmp = [0f32; 8];
-    buf[..len].copy_from_slice(s.row(index, len, &mut tmp));
-    std::arch::x86_64::_mm256_loadu_ps(buf.as_ptr())
-}
-
-impl<E: Elem> Store for &[E] {
-    #[inline(always)]
-    fn row<'a>(self, off: usize, len: usize, buf: &'a mut [f32]) -> &'a [f32]
-    where
-        Self: 'a,
-    {
-        E::row(&self[off..off + len], buf)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(self, index: usize, mask: u16) -> std::arch::x86_64::__m512 {
-        E::load16(self.as_ptr().add(index), mask)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(self, index: usize, len: usize) -> std::arch::x86_64::__m256 {
-        if len < 8 {
-            return load8_tail(self, index, len);
-        }
-        E::load8(self.as_ptr().add(index))
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn prefetch(self, index: usize, len: usize) {
-        x86::prefetch_bytes(
-            self.as_ptr().add(index) as *const u8,
-            len * std::mem::size_of::<E>(),
-        );
-    }
-}
-
-/// Q8_0 storage: int8 values and an f16 scale per 32. A value is `q * scale` in f32, the same
-/// product whichever lanes compute it.
-#[derive(Clone, Copy)]
-struct Q8Rows<'a> {
-    qs: &'a [i8],
-    scales: &'a [f16],
-}
-
-impl Store for Q8Rows<'_> {
-    #[inline(always)]
-    fn row<'a>(self, off: usize, len: usize, buf: &'a mut [f32]) -> &'a [f32]
-    where
-        Self: 'a,
-    {
-        let buf = &mut buf[..len];
-        for (i, b) in buf.iter_mut().enumerate() {
-            let at = off + i;
-            *b = f32::from(self.qs[at]) * self.scales[at / Q8_GROUP].to_f32();
-        }
-        buf
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(self, index: usize, mask: u16) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        let q = _mm_maskz_loadu_epi8(mask, self.qs.as_ptr().add(index));
-        let f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-        let d = self.scales.get_unchecked(index / Q8_GROUP).to_f32();
-        _mm512_mul_ps(f, _mm512_set1_ps(d))
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(self, index: usize, len: usize) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        if len < 8 {
-            return load8_tail(self, index, len);
-        }
-        let q = _mm_loadl_epi64(self.qs.as_ptr().add(index) as *const __m128i);
-        let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-        let d = self.scales.get_unchecked(index / Q8_GROUP).to_f32();
-        _mm256_mul_ps(f, _mm256_set1_ps(d))
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn prefetch(self, index: usize, len: usize) {
-        x86::prefetch_bytes(self.qs.as_ptr().add(index) as *const u8, len);
-    }
-}
-
-/// A host K/V element as the kernels read it.
-trait Elem: KvElem {
-    /// `row` as f32: itself, or converted into `buf`.
-    fn row<'a>(row: &'a [Self], buf: &'a mut [f32]) -> &'a [f32];
-
-    /// Up to 16 lanes (`mask`) from `p`, widened to f32.
-    /// SAFETY: AVX-512 F/BW/VL; the masked lanes readable.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self, mask: u16) -> std::arch::x86_64::__m512;
-
-    /// 8 values from `p`, widened to f32.
-    /// SAFETY: AVX2 and F16C; 8 values readable.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-}
-
-impl Elem for f32 {
-    #[inline(always)]
-    fn row<'a>(row: &'a [Self], _buf: &'a mut [f32]) -> &'a [f32] {
-        row
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self, mask: u16) -> std::arch::x86_64::__m512 {
-        std::arch::x86_64::_mm512_maskz_loadu_ps(mask, p)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
-    }
-}
-
-impl Elem for f16 {
-    #[inline(always)]
-    fn row<'a>(row: &'a [Self], buf: &'a mut [f32]) -> &'a [f32] {
-        use half::slice::HalfFloatSliceExt;
-        let buf = &mut buf[..row.len()];
-        row.convert_to_f32_slice(buf);
-        buf
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load16(p: *const Self, mask: u16) -> std::arch::x86_64::__m512 {
-        use std::arch::x86_64::*;
-        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16))
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::models::kv_cache::{quantize_q8, CacheSpec, KvCache, KV_Q8_0};
+    use crate::models::kv_cache::{quantize_q8, CacheSpec, KvCache, KV_Q8_0, Q8_GROUP};
+    use half::f16;
 
     /// Naive causal attention of the last `n` of a sequence's tokens over contiguous K/V (values
     /// the first `v_head_dim` of each K row for MLA), for comparison.
