@@ -101,3 +101,79 @@ async fn threads_are_the_ones_asked_for() {
     .await;
     assert_eq!(status, 200);
 }
+
+/// The real models' weight matrices, one of each type they hold (Qwen2.5: Q4_K, Q5_0, Q6_K,
+/// Q8_0; SmolLM2: Q4_1) and requantized to the types people download next (Q5_K, Q5_1, Q4_0):
+/// every path's matmul gives the portable twin's bits, for a batch and for one row.
+#[test]
+fn real_tensors_give_the_portable_bits_on_every_path() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::Device;
+    use inferd::models::layers::qtiles::TiledMatrix;
+
+    let read = |file: &str, names: &[&str]| -> Vec<QTensor> {
+        let path = model_path(file);
+        let mut f = std::fs::File::open(&path).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        names
+            .iter()
+            .map(|n| content.tensor(&mut f, n, &Device::Cpu).unwrap())
+            .collect()
+    };
+    let mut tensors = read(
+        QWEN,
+        &[
+            "blk.0.ffn_down.weight",
+            "blk.2.ffn_down.weight",
+            "blk.0.attn_q.weight",
+            "blk.0.attn_v.weight",
+        ],
+    );
+    tensors.extend(read(SMOLLM, &["blk.0.attn_q.weight"]));
+    let requantize = |t: &QTensor, dtype: GgmlDType| {
+        QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), dtype).unwrap()
+    };
+    let (down, q) = (&tensors[0], &tensors[2]);
+    let extra = [
+        requantize(down, GgmlDType::Q5K),
+        requantize(q, GgmlDType::Q5_1),
+        requantize(q, GgmlDType::Q4_0),
+    ];
+    tensors.extend(extra);
+    let mut seen = Vec::new();
+    for t in &tensors {
+        let tiled = TiledMatrix::from_qtensor(t).unwrap().expect("a tile type");
+        let (m, k, n) = (5, tiled.cols(), tiled.rows());
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 500.0)
+            .collect();
+        let want = tiled.matmul_with(KernelPath::Portable, &x, m);
+        for path in KernelPath::all_supported() {
+            assert_eq!(
+                tiled.matmul_with(path, &x, m),
+                want,
+                "{:?} on {path:?}",
+                t.dtype()
+            );
+            assert_eq!(
+                tiled.matmul_with(path, &x[2 * k..3 * k], 1),
+                want[2 * n..3 * n],
+                "{:?} on {path:?}, one row",
+                t.dtype()
+            );
+        }
+        seen.push(t.dtype());
+    }
+    for dtype in [
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+        GgmlDType::Q5_0,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5K,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4_0,
+    ] {
+        assert!(seen.contains(&dtype), "no {dtype:?} among {seen:?}");
+    }
+}

@@ -675,8 +675,9 @@ fn quantize_on_a_gguf_is_refused() {
 
 /// `--quantize` on every family: Q8_0 stays within 0.2 of the f32 reference (logits of std
 /// ~0.6; 8-bit activations included) with the reference's greedy token at all but at most one
-/// position; fewer bits cost more — q4_k (here Q5_0: the fixtures' 64-wide rows are not whole
-/// 256-element super-blocks, and the head Q8_0) lands between q8_0 and q4_0.
+/// position; fewer bits cost more — q5_k (here Q5_1: the fixtures' 64-wide rows are not whole
+/// 256-element super-blocks, and the head Q8_0) and q4_k (here Q5_0; either may be the closer
+/// on random weights) land between q8_0 and q4_0.
 #[test]
 fn quantized_at_load_stays_close_to_the_reference() {
     for name in [
@@ -689,7 +690,7 @@ fn quantized_at_load_stays_close_to_the_reference() {
         "deepseek-v2-grouped",
     ] {
         let mut diffs = Vec::new();
-        for q in ["q8_0", "q4_k", "q4_0"] {
+        for q in ["q8_0", "q5_k", "q4_k", "q4_0"] {
             let (d, agree, n) = quantized_prefill(&fixture(name), q);
             eprintln!("{name} {q}: max logit difference {d:.4}, greedy agreement {agree}/{n}");
             if q == "q8_0" {
@@ -697,8 +698,9 @@ fn quantized_at_load_stays_close_to_the_reference() {
             }
             diffs.push(d);
         }
+        let (q8, q4_0) = (diffs[0], diffs[3]);
         assert!(
-            diffs[0] < diffs[1] && diffs[1] < diffs[2],
+            diffs[1..3].iter().all(|&d| q8 < d && d < q4_0),
             "{name}: {diffs:?}"
         );
     }

@@ -100,7 +100,7 @@ pub struct SelfServeArgs {
     #[arg(long)]
     pub kv_cache_memory: Option<String>,
 
-    /// Quantize the --self-serve model's matrices at load (q8_0, q4_k, q4_0; safetensors
+    /// Quantize the --self-serve model's matrices at load (q8_0, q5_k, q4_k, q4_0; safetensors
     /// directories and synthetic models), as `inferd serve --quantize`.
     #[arg(long)]
     pub quantize: Option<String>,

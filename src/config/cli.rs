@@ -148,10 +148,12 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_KV_CACHE_DTYPE")]
     pub kv_cache_dtype: Option<String>,
 
-    /// Quantize a Hugging Face (safetensors) checkpoint as it loads: `q8_0`, `q4_k` or `q4_0`.
-    /// Each bf16/f16/f32 matrix is read and quantized in turn (peak memory ≈ the quantized model
-    /// plus one tensor) and runs on the quantized CPU kernels GGUF files use; the output head
-    /// gets Q6_K below 8 bits, as llama.cpp's quantizer does. An error for a GGUF file.
+    /// Quantize a Hugging Face (safetensors) checkpoint as it loads: `q8_0`, `q5_k`, `q4_k` or
+    /// `q4_0`. Each bf16/f16/f32 matrix is read and quantized in turn (peak memory ≈ the
+    /// quantized model plus one tensor) and runs on the quantized CPU kernels GGUF files use;
+    /// the output head gets Q6_K below 8 bits, as llama.cpp's quantizer does (rows that are
+    /// not whole 256-value super-blocks fall back: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0).
+    /// An error for a GGUF file.
     /// [default: none — weights load as stored]
     #[arg(long, env = "INFERD_QUANTIZE")]
     pub quantize: Option<String>,

@@ -415,7 +415,7 @@ mod tests {
         let err = Config::resolve(&args, FileConfig::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "quantize: expected `q8_0`, `q4_k` or `q4_0`, got `int4`"
+            "quantize: expected `q8_0`, `q5_k`, `q4_k` or `q4_0`, got `int4`"
         );
     }
 }

@@ -5,7 +5,7 @@
 //! The types follow what llama.cpp's `llama-quantize` picks for the same request: the output
 //! head (and a tied embedding table, which is the head too) one step finer — Q6_K below
 //! 8 bits, where its rows allow — and the k-quant fallbacks for rows that are not a whole
-//! number of 256-element super-blocks (Q4_K → Q5_0, Q6_K → Q8_0). A matrix whose rows are
+//! number of 256-element super-blocks (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0). A matrix whose rows are
 //! not a whole number of 32-element blocks stays dense. Norms, biases and the small tensors
 //! models read densely (MoE routers, MLA's absorbed `kv_b_proj`) are never quantized.
 //! Rows are quantized in parallel on the compute pool; the bytes are the same as one thread's.
@@ -22,6 +22,7 @@ use super::Result;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadQuant {
     Q8_0,
+    Q5K,
     Q4K,
     Q4_0,
 }
@@ -36,11 +37,12 @@ pub enum Role {
 }
 
 impl LoadQuant {
-    pub const NAMES: &'static str = "`q8_0`, `q4_k` or `q4_0`";
+    pub const NAMES: &'static str = "`q8_0`, `q5_k`, `q4_k` or `q4_0`";
 
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "q8_0" => Some(Self::Q8_0),
+            "q5_k" | "q5_k_s" => Some(Self::Q5K),
             "q4_k" | "q4_k_s" => Some(Self::Q4K),
             "q4_0" => Some(Self::Q4_0),
             _ => None,
@@ -50,6 +52,7 @@ impl LoadQuant {
     pub fn name(self) -> &'static str {
         match self {
             Self::Q8_0 => "q8_0",
+            Self::Q5K => "q5_k",
             Self::Q4K => "q4_k",
             Self::Q4_0 => "q4_0",
         }
@@ -60,10 +63,12 @@ impl LoadQuant {
         let wanted = match (self, role) {
             (Self::Q8_0, _) => GgmlDType::Q8_0,
             (_, Role::Output) => GgmlDType::Q6K,
+            (Self::Q5K, Role::Other) => GgmlDType::Q5K,
             (Self::Q4K, Role::Other) => GgmlDType::Q4K,
             (Self::Q4_0, Role::Other) => GgmlDType::Q4_0,
         };
         let fallback = match wanted {
+            GgmlDType::Q5K => GgmlDType::Q5_1,
             GgmlDType::Q4K => GgmlDType::Q5_0,
             GgmlDType::Q6K => GgmlDType::Q8_0,
             other => other,
@@ -130,11 +135,15 @@ mod tests {
         assert_eq!(q4k.type_for(Role::Output, 4096), Some(T::Q6K));
         assert_eq!(q4k.type_for(Role::Output, 896), Some(T::Q8_0));
         assert_eq!(q4k.type_for(Role::Other, 100), None);
+        let q5k = LoadQuant::Q5K;
+        assert_eq!(q5k.type_for(Role::Other, 4864), Some(T::Q5K));
+        assert_eq!(q5k.type_for(Role::Other, 896), Some(T::Q5_1));
+        assert_eq!(q5k.type_for(Role::Output, 896), Some(T::Q8_0));
         assert_eq!(LoadQuant::Q4_0.type_for(Role::Other, 64), Some(T::Q4_0));
         assert_eq!(LoadQuant::Q4_0.type_for(Role::Output, 512), Some(T::Q6K));
         assert_eq!(LoadQuant::Q8_0.type_for(Role::Output, 4096), Some(T::Q8_0));
         assert_eq!(LoadQuant::Q8_0.type_for(Role::Other, 0), None);
-        for name in ["q8_0", "Q4_K", "q4_0"] {
+        for name in ["q8_0", "q5_k", "Q4_K", "q4_0"] {
             let q = LoadQuant::parse(name).unwrap();
             assert_eq!(q.name(), name.to_ascii_lowercase());
         }
@@ -154,6 +163,8 @@ mod tests {
             GgmlDType::Q4K,
             GgmlDType::Q4_0,
             GgmlDType::Q6K,
+            GgmlDType::Q5K,
+            GgmlDType::Q5_1,
         ] {
             let want = QTensor::quantize(&whole, dtype).unwrap();
             let got = quantize_rows(&values, (rows, cols), dtype, &Device::Cpu).unwrap();

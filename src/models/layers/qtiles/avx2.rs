@@ -67,6 +67,42 @@ unsafe fn half_mask(p: *const u8, h: usize) -> u32 {
         .wrapping_shr(32 * h as u32) as u32
 }
 
+/// Half `h` (rows 8h..8h + 8) of a 4-bit block's weights from its nibbles at `nibbles`;
+/// columns `4g..4g + 4` in `lo[g]`, `16 + 4g..` in `hi[g]`.
+#[inline(always)]
+unsafe fn unpack_four(nibbles: *const u8, h: usize) -> ([__m256i; 4], [__m256i; 4]) {
+    let low = _mm256_set1_epi8(0x0f);
+    let mut lo = [_mm256_setzero_si256(); 4];
+    let mut hi = [_mm256_setzero_si256(); 4];
+    for g in 0..4 {
+        let v = _mm256_load_si256(nibbles.add(64 * g + 32 * h) as *const __m256i);
+        lo[g] = _mm256_and_si256(v, low);
+        hi[g] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+    }
+    (lo, hi)
+}
+
+/// Half `h` (rows 8h..8h + 8) of a 5-bit block's weights (0..32): the fifth-bit masks at
+/// `masks`, the nibbles after them; columns `4g..4g + 4` in `lo[g]`, `16 + 4g..` in `hi[g]`.
+#[inline(always)]
+unsafe fn unpack_five(masks: *const u8, h: usize) -> ([__m256i; 4], [__m256i; 4]) {
+    let low = _mm256_set1_epi8(0x0f);
+    let sixteen = _mm256_set1_epi8(16);
+    let mut lo = [_mm256_setzero_si256(); 4];
+    let mut hi = [_mm256_setzero_si256(); 4];
+    for g in 0..4 {
+        let v = _mm256_load_si256(masks.add(64 + 64 * g + 32 * h) as *const __m256i);
+        let bits = masks.add(16 * g);
+        let l = _mm256_and_si256(v, low);
+        let hh = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+        let ml = _mm256_and_si256(expand_mask(half_mask(bits, h)), sixteen);
+        let mh = _mm256_and_si256(expand_mask(half_mask(bits.add(8), h)), sixteen);
+        lo[g] = _mm256_add_epi8(l, ml);
+        hi[g] = _mm256_add_epi8(hh, mh);
+    }
+    (lo, hi)
+}
+
 /// Eight f16 scales at `p`, widened.
 #[inline(always)]
 unsafe fn f16x8(p: *const u8) -> __m256 {
@@ -101,22 +137,26 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
             |rec: *const u8, at: usize| _mm256_load_si256(rec.add(at + 32 * h) as *const __m256i);
         let mut acc = [_mm256_setzero_ps(); R];
         match w.format {
-            TileFormat::Q4_1 | TileFormat::Q4K => {
-                let f32_scales = w.format == TileFormat::Q4K;
+            TileFormat::Q4_1 | TileFormat::Q4K | TileFormat::Q5K => {
                 for b in 0..nb {
                     let rec = base.add(b * rec_bytes);
-                    let (d, m, nibbles) = if f32_scales {
-                        (f32x8(rec.add(32 * h)), f32x8(rec.add(64 + 32 * h)), 128)
-                    } else {
-                        (f16x8(rec.add(16 * h)), f16x8(rec.add(32 + 16 * h)), 64)
+                    let (d, m, (lo, hi)) = match w.format {
+                        TileFormat::Q4_1 => (
+                            f16x8(rec.add(16 * h)),
+                            f16x8(rec.add(32 + 16 * h)),
+                            unpack_four(rec.add(64), h),
+                        ),
+                        TileFormat::Q4K => (
+                            f32x8(rec.add(32 * h)),
+                            f32x8(rec.add(64 + 32 * h)),
+                            unpack_four(rec.add(128), h),
+                        ),
+                        _ => (
+                            f32x8(rec.add(32 * h)),
+                            f32x8(rec.add(64 + 32 * h)),
+                            unpack_five(rec.add(128), h),
+                        ),
                     };
-                    let mut lo = [_mm256_setzero_si256(); 4];
-                    let mut hi = [_mm256_setzero_si256(); 4];
-                    for g in 0..4 {
-                        let v = wgt(rec, nibbles + 64 * g);
-                        lo[g] = _mm256_and_si256(v, low);
-                        hi[g] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                    }
                     for (j, a) in acc.iter_mut().enumerate() {
                         let row = first + j;
                         let (s0, s1) = block_sums::<VNNI>(&lo, &hi, |w| xq(row, b, w));
@@ -129,22 +169,10 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
                 }
             }
             TileFormat::Q5_0 => {
-                let sixteen = _mm256_set1_epi8(16);
                 for b in 0..nb {
                     let rec = base.add(b * rec_bytes);
                     let d = f16x8(rec.add(16 * h));
-                    let mut lo = [_mm256_setzero_si256(); 4];
-                    let mut hi = [_mm256_setzero_si256(); 4];
-                    for g in 0..4 {
-                        let v = wgt(rec, 128 + 64 * g);
-                        let masks = rec.add(64 + 16 * g);
-                        let l = _mm256_and_si256(v, low);
-                        let hh = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                        let ml = _mm256_and_si256(expand_mask(half_mask(masks, h)), sixteen);
-                        let mh = _mm256_and_si256(expand_mask(half_mask(masks.add(8), h)), sixteen);
-                        lo[g] = _mm256_add_epi8(l, ml);
-                        hi[g] = _mm256_add_epi8(hh, mh);
-                    }
+                    let (lo, hi) = unpack_five(rec.add(64), h);
                     for (j, a) in acc.iter_mut().enumerate() {
                         let row = first + j;
                         let (s0, s1) = block_sums::<VNNI>(&lo, &hi, |w| xq(row, b, w));

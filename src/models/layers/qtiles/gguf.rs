@@ -7,7 +7,7 @@ use half::f16;
 use super::{f16_at, TileFormat, QK, TILE};
 
 /// A block of 32 weights decoded from its GGUF bytes: 4-bit (`w = d·q + m`), 5-bit
-/// (`w = d·(q - 16)`) or 8-bit (`w = d·q`).
+/// (`w = d·(q - 16)` or `d·q + m`), 6-bit or 8-bit (`w = d·q`).
 pub(super) enum Decoded {
     Four {
         q: [u8; QK],
@@ -17,6 +17,12 @@ pub(super) enum Decoded {
     Five {
         q: [u8; QK],
         d: f16,
+    },
+    /// `w = d·q + m`, `q` in 0..32.
+    FiveMin {
+        q: [u8; QK],
+        d: f32,
+        m: f32,
     },
     /// `w = d_lo·(q - 32)` for columns 0..16, `d_hi·(q - 32)` for 16..32.
     Six {
@@ -68,20 +74,21 @@ pub(super) fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
             m: f16_at(b, 2).to_f32(),
         }
     }
-    fn q4k(b: &[u8], sub: usize) -> Decoded {
-        // d, dmin, 12 bytes of 6-bit scales and mins, then 32-byte chunks whose low nibbles
-        // are sub-block 2c and high nibbles sub-block 2c + 1
-        let (d, dmin) = (f16_at(b, 0).to_f32(), f16_at(b, 2).to_f32());
-        let sc = &b[4..16];
-        let (scale, min) = if sub < 4 {
+    /// The 6-bit scale and minimum of sub-block `sub` in a K-quant's 12 scale bytes.
+    fn k_scale_min(sc: &[u8], sub: usize) -> (u8, u8) {
+        if sub < 4 {
             (sc[sub] & 63, sc[sub + 4] & 63)
         } else {
             (
                 (sc[sub + 4] & 0x0f) | ((sc[sub - 4] >> 6) << 4),
                 (sc[sub + 4] >> 4) | ((sc[sub] >> 6) << 4),
             )
-        };
-        let chunk = &b[16 + 32 * (sub / 2)..][..32];
+        }
+    }
+    /// Sub-block `sub`'s low nibbles: 32-byte chunks whose low nibbles are sub-block 2c and
+    /// high nibbles sub-block 2c + 1.
+    fn k_nibbles(qs: &[u8], sub: usize) -> [u8; QK] {
+        let chunk = &qs[32 * (sub / 2)..][..32];
         let mut q = [0u8; QK];
         for (v, &x) in q.iter_mut().zip(chunk) {
             *v = if sub.is_multiple_of(2) {
@@ -90,7 +97,27 @@ pub(super) fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
                 x >> 4
             };
         }
+        q
+    }
+    fn q4k(b: &[u8], sub: usize) -> Decoded {
+        // d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+        let (d, dmin) = (f16_at(b, 0).to_f32(), f16_at(b, 2).to_f32());
+        let (scale, min) = k_scale_min(&b[4..16], sub);
         Decoded::Four {
+            q: k_nibbles(&b[16..], sub),
+            d: d * scale as f32,
+            m: -(dmin * min as f32),
+        }
+    }
+    fn q5k(b: &[u8], sub: usize) -> Decoded {
+        // as Q4_K, with 32 bytes of fifth bits before the nibbles: bit `sub` of byte l
+        let (d, dmin) = (f16_at(b, 0).to_f32(), f16_at(b, 2).to_f32());
+        let (scale, min) = k_scale_min(&b[4..16], sub);
+        let mut q = k_nibbles(&b[48..], sub);
+        for (v, &h) in q.iter_mut().zip(&b[16..48]) {
+            *v |= ((h >> sub) & 1) << 4;
+        }
+        Decoded::FiveMin {
             q,
             d: d * scale as f32,
             m: -(dmin * min as f32),
@@ -125,6 +152,19 @@ pub(super) fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
         }
         Decoded::Five { q, d: f16_at(b, 0) }
     }
+    fn q5_1(b: &[u8], _: usize) -> Decoded {
+        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let mut q = [0u8; QK];
+        for j in 0..16 {
+            q[j] = (b[8 + j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+            q[j + 16] = (b[8 + j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+        }
+        Decoded::FiveMin {
+            q,
+            d: f16_at(b, 0).to_f32(),
+            m: f16_at(b, 2).to_f32(),
+        }
+    }
     fn q8_0(b: &[u8], _: usize) -> Decoded {
         let mut q = [0i8; QK];
         for (v, &x) in q.iter_mut().zip(&b[2..2 + QK]) {
@@ -140,6 +180,8 @@ pub(super) fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
         GgmlDType::Q4_1 => (QK, 20, TileFormat::Q4_1, q4_1),
         GgmlDType::Q4K => (256, 144, TileFormat::Q4K, q4k),
         GgmlDType::Q5_0 => (QK, 22, TileFormat::Q5_0, q5_0),
+        GgmlDType::Q5_1 => (QK, 24, TileFormat::Q5K, q5_1),
+        GgmlDType::Q5K => (256, 176, TileFormat::Q5K, q5k),
         GgmlDType::Q6K => (256, 210, TileFormat::Q6K, q6k),
         GgmlDType::Q8_0 => (QK, 34, TileFormat::Q8_0, q8_0),
         _ => return None,
@@ -175,16 +217,12 @@ pub(super) fn pack(format: TileFormat, rec: &mut [u8], r: usize, decoded: Decode
         }
         Decoded::Five { q, d } => {
             rec[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
-            // mask 2g (+1): bit 4r+j is the fifth bit of column 4g+j (16+4g+j)
-            for g in 0..4 {
-                for j in 0..4 {
-                    let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
-                    rec[128 + (g * TILE + r) * 4 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
-                    let bit = 4 * r + j;
-                    rec[64 + 16 * g + bit / 8] |= (lo >> 4) << (bit % 8);
-                    rec[64 + 16 * g + 8 + bit / 8] |= (hi >> 4) << (bit % 8);
-                }
-            }
+            pack_five(rec, 64, 128, r, &q);
+        }
+        Decoded::FiveMin { q, d, m } => {
+            rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+            rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
+            pack_five(rec, 128, 192, r, &q);
         }
         Decoded::Six { q, d_lo, d_hi } => {
             rec[4 * r..4 * r + 4].copy_from_slice(&d_lo.to_le_bytes());
@@ -209,6 +247,20 @@ pub(super) fn pack(format: TileFormat, rec: &mut [u8], r: usize, decoded: Decode
                     rec[64 + (g * TILE + r) * 4 + j] = (q[4 * g + j] as u8) ^ 0x80;
                 }
             }
+        }
+    }
+}
+
+/// Row `r`'s 5-bit weights: the fifth bits as byte masks at `masks` (mask 2g (+1): bit 4r+j
+/// is the fifth bit of column 4g+j (16+4g+j)), the low nibbles at `nibbles`.
+fn pack_five(rec: &mut [u8], masks: usize, nibbles: usize, r: usize, q: &[u8; QK]) {
+    for g in 0..4 {
+        for j in 0..4 {
+            let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
+            rec[nibbles + (g * TILE + r) * 4 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
+            let bit = 4 * r + j;
+            rec[masks + 16 * g + bit / 8] |= (lo >> 4) << (bit % 8);
+            rec[masks + 16 * g + 8 + bit / 8] |= (hi >> 4) << (bit % 8);
         }
     }
 }

@@ -1,5 +1,5 @@
-//! inferd's own CPU matmul for GGUF weights in 32-element blocks (Q4_0, Q4_1, Q5_0, Q8_0, and
-//! the 32-value blocks of Q4_K and Q6_K):
+//! inferd's own CPU matmul for GGUF weights in 32-element blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+//! and the 32-value blocks of Q4_K, Q5_K and Q6_K):
 //! the weights repacked at load into tiles of 16 output rows, multiplied with AVX-512 VNNI
 //! (`x86`), or AVX2 with or without AVX-VNNI (`avx2`), as [`KernelPath::active`] says.
 //!
@@ -57,6 +57,10 @@ pub enum TileFormat {
     /// `w = d·(q - 16)`, `q` in 0..32: per row f16 `d` (64 bytes with padding), the fifth
     /// bits as eight 64-bit byte masks (64 bytes), 256 bytes of low nibbles — 6 bits a weight.
     Q5_0,
+    /// `w = d·q + m`, `q` in 0..32 (Q5_1, and Q5_K's 32-value sub-blocks with `d = d·scale`,
+    /// `m = -dmin·min`, exact): per row f32 `d` and `m` (128 bytes), then Q5_0's fifth-bit
+    /// masks and nibbles — 7 bits a weight.
+    Q5K,
     /// `w = d·q`, `q` in -128..128 stored as `q + 128`: per row f32 `d` (64 bytes), 512 bytes.
     Q8_0,
 }
@@ -69,6 +73,7 @@ impl TileFormat {
             Self::Q4K => 128 + TILE * QK / 2,
             Self::Q6K => 256 + TILE * QK / 2,
             Self::Q5_0 => 128 + TILE * QK / 2,
+            Self::Q5K => 192 + TILE * QK / 2,
             Self::Q8_0 => 64 + TILE * QK,
         }
     }
@@ -187,7 +192,13 @@ impl TiledMatrix {
                 TileFormat::Q5_0 => {
                     let d = f16_at(rec, 2 * r).to_f32();
                     for (c, v) in o.iter_mut().enumerate() {
-                        *v = (quint(rec, r, c) as i32 - 16) as f32 * d;
+                        *v = (quint(rec, 64, r, c) as i32 - 16) as f32 * d;
+                    }
+                }
+                TileFormat::Q5K => {
+                    let (d, m) = (f32_at(rec, 4 * r), f32_at(rec, 64 + 4 * r));
+                    for (c, v) in o.iter_mut().enumerate() {
+                        *v = (quint(rec, 128, r, c) as f32).mul_add(d, m);
                     }
                 }
                 TileFormat::Q6K => {
@@ -309,10 +320,18 @@ impl TiledMatrix {
                         }
                         TileFormat::Q5_0 => {
                             let isum: i32 = (0..QK)
-                                .map(|c| (quint(rec, lane, c) as i32 - 16) * xq[c] as i32)
+                                .map(|c| (quint(rec, 64, lane, c) as i32 - 16) * xq[c] as i32)
                                 .sum();
                             let d = f16_at(rec, 2 * lane).to_f32();
                             *out = (isum as f32).mul_add(d * dx, *out);
+                        }
+                        TileFormat::Q5K => {
+                            let isum: i32 = (0..QK)
+                                .map(|c| quint(rec, 128, lane, c) as i32 * xq[c] as i32)
+                                .sum();
+                            let (d, m) = (f32_at(rec, 4 * lane), f32_at(rec, 64 + 4 * lane));
+                            *out = (isum as f32).mul_add(d * dx, *out);
+                            *out = m.mul_add(sx, *out);
                         }
                         TileFormat::Q6K => {
                             let half = |cols: std::ops::Range<usize>| -> i32 {
@@ -362,12 +381,13 @@ fn nibble(rec: &[u8], base: usize, r: usize, c: usize) -> u8 {
     }
 }
 
-/// 5-bit weight (0..32, stored +16) of tile row `r`, column `c` of a Q5_0 record.
-fn quint(rec: &[u8], r: usize, c: usize) -> u8 {
+/// 5-bit weight (0..32) of tile row `r`, column `c` of a record whose fifth-bit masks start
+/// at `masks` and nibbles follow them.
+fn quint(rec: &[u8], masks: usize, r: usize, c: usize) -> u8 {
     let (g, j, mask) = ((c % 16) / 4, c % 4, usize::from(c >= 16));
     let bit = 4 * r + j;
-    let fifth = (rec[64 + 16 * g + 8 * mask + bit / 8] >> (bit % 8)) & 1;
-    nibble(rec, 128, r, c) | (fifth << 4)
+    let fifth = (rec[masks + 16 * g + 8 * mask + bit / 8] >> (bit % 8)) & 1;
+    nibble(rec, masks + 64, r, c) | (fifth << 4)
 }
 
 /// 6-bit weight (0..64, stored +32) of tile row `r`, column `c` of a Q6_K record.
@@ -567,6 +587,10 @@ mod tests {
         check(GgmlDType::Q5_0, 33, 896, 5);
         check(GgmlDType::Q4K, 40, 512, 6);
         check(GgmlDType::Q6K, 40, 512, 6);
+        check(GgmlDType::Q5_1, 40, 96, 7);
+        check(GgmlDType::Q5_1, 33, 896, 5);
+        check(GgmlDType::Q5K, 40, 512, 6);
+        check(GgmlDType::Q5K, 17, 256, 37);
     }
 
     #[test]

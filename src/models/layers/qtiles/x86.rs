@@ -29,34 +29,23 @@ pub(super) unsafe fn tile<const R: usize>(
         _mm512_set1_epi32(p.read_unaligned())
     };
     match w.format {
-        TileFormat::Q4_1 | TileFormat::Q4K => {
+        TileFormat::Q4_1 | TileFormat::Q4K | TileFormat::Q5K => {
             let low = _mm512_set1_epi8(0x0f);
-            let f32_scales = w.format == TileFormat::Q4K;
             for b in 0..nb {
                 let rec = base.add(b * rec_bytes);
-                let (d, m, nibbles) = if f32_scales {
-                    let d = _mm512_load_ps(rec as *const f32);
-                    (d, _mm512_load_ps(rec.add(64) as *const f32), 128)
-                } else {
-                    let d = _mm512_cvtph_ps(_mm256_load_si256(rec as *const __m256i));
-                    let m = _mm512_cvtph_ps(_mm256_load_si256(rec.add(32) as *const __m256i));
-                    (d, m, 64)
+                let f32_at = |at: usize| _mm512_load_ps(rec.add(at) as *const f32);
+                let (d, m, (lo, hi)) = match w.format {
+                    TileFormat::Q4_1 => {
+                        let d = _mm512_cvtph_ps(_mm256_load_si256(rec as *const __m256i));
+                        let m = _mm512_cvtph_ps(_mm256_load_si256(rec.add(32) as *const __m256i));
+                        (d, m, unpack_four(rec.add(64), low))
+                    }
+                    TileFormat::Q4K => (f32_at(0), f32_at(64), unpack_four(rec.add(128), low)),
+                    _ => (f32_at(0), f32_at(64), unpack_five(rec.add(128))),
                 };
-                let mut lo = [_mm512_setzero_si512(); 4];
-                let mut hi = [_mm512_setzero_si512(); 4];
-                for g in 0..4 {
-                    let w = _mm512_load_si512(rec.add(nibbles + 64 * g) as *const __m512i);
-                    lo[g] = _mm512_and_si512(w, low);
-                    hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-                }
                 for (j, a) in acc.iter_mut().enumerate() {
                     let row = first + j;
-                    let mut s0 = _mm512_setzero_si512();
-                    let mut s1 = _mm512_setzero_si512();
-                    for g in 0..4 {
-                        s0 = _mm512_dpbusd_epi32(s0, lo[g], xq(row, b, g));
-                        s1 = _mm512_dpbusd_epi32(s1, hi[g], xq(row, b, 4 + g));
-                    }
+                    let (s0, s1) = block_sums(&lo, &hi, |g| xq(row, b, g));
                     let isum = _mm512_add_epi32(s0, s1);
                     let i = row * nb + b;
                     let scale = _mm512_mul_ps(d, _mm512_set1_ps(*act.d.get_unchecked(i)));
@@ -66,29 +55,13 @@ pub(super) unsafe fn tile<const R: usize>(
             }
         }
         TileFormat::Q5_0 => {
-            let low = _mm512_set1_epi8(0x0f);
-            let sixteen = _mm512_set1_epi8(16);
             for b in 0..nb {
                 let rec = base.add(b * rec_bytes);
                 let d = _mm512_cvtph_ps(_mm256_load_si256(rec as *const __m256i));
-                let mut lo = [_mm512_setzero_si512(); 4];
-                let mut hi = [_mm512_setzero_si512(); 4];
-                for g in 0..4 {
-                    let w = _mm512_load_si512(rec.add(128 + 64 * g) as *const __m512i);
-                    let masks = rec.add(64 + 16 * g) as *const u64;
-                    let l = _mm512_and_si512(w, low);
-                    let h = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-                    lo[g] = _mm512_mask_add_epi8(l, masks.read_unaligned(), l, sixteen);
-                    hi[g] = _mm512_mask_add_epi8(h, masks.add(1).read_unaligned(), h, sixteen);
-                }
+                let (lo, hi) = unpack_five(rec.add(64));
                 for (j, a) in acc.iter_mut().enumerate() {
                     let row = first + j;
-                    let mut s0 = _mm512_setzero_si512();
-                    let mut s1 = _mm512_setzero_si512();
-                    for g in 0..4 {
-                        s0 = _mm512_dpbusd_epi32(s0, lo[g], xq(row, b, g));
-                        s1 = _mm512_dpbusd_epi32(s1, hi[g], xq(row, b, 4 + g));
-                    }
+                    let (s0, s1) = block_sums(&lo, &hi, |g| xq(row, b, g));
                     // the weights are stored + 16
                     let i = row * nb + b;
                     let bias = _mm512_set1_epi32(16 * *act.sum.get_unchecked(i));
@@ -122,12 +95,7 @@ pub(super) unsafe fn tile<const R: usize>(
                 }
                 for (j, a) in acc.iter_mut().enumerate() {
                     let row = first + j;
-                    let mut s0 = _mm512_setzero_si512();
-                    let mut s1 = _mm512_setzero_si512();
-                    for g in 0..4 {
-                        s0 = _mm512_dpbusd_epi32(s0, lo[g], xq(row, b, g));
-                        s1 = _mm512_dpbusd_epi32(s1, hi[g], xq(row, b, 4 + g));
-                    }
+                    let (s0, s1) = block_sums(&lo, &hi, |g| xq(row, b, g));
                     // the weights are stored + 32; each half has its own scale
                     let i = row * nb + b;
                     let (sum, sum_lo) = (*act.sum.get_unchecked(i), *act.sum_lo.get_unchecked(i));
@@ -168,6 +136,56 @@ pub(super) unsafe fn tile<const R: usize>(
     for (o, a) in out.iter_mut().zip(acc) {
         _mm512_storeu_ps(o.as_mut_ptr(), a);
     }
+}
+
+/// One activation row against a block's unpacked weights: the sums of its low (columns 0..16)
+/// and high (16..32) halves; `x(w)` broadcasts the row's 4-byte word `w` of the block.
+#[inline(always)]
+unsafe fn block_sums(
+    lo: &[__m512i; 4],
+    hi: &[__m512i; 4],
+    x: impl Fn(usize) -> __m512i,
+) -> (__m512i, __m512i) {
+    let mut s0 = _mm512_setzero_si512();
+    let mut s1 = _mm512_setzero_si512();
+    for g in 0..4 {
+        s0 = _mm512_dpbusd_epi32(s0, lo[g], x(g));
+        s1 = _mm512_dpbusd_epi32(s1, hi[g], x(4 + g));
+    }
+    (s0, s1)
+}
+
+/// A 4-bit block's weights for 16 rows from its nibbles at `nibbles`; columns `4g..4g + 4` in
+/// `lo[g]`, `16 + 4g..` in `hi[g]`.
+#[inline(always)]
+unsafe fn unpack_four(nibbles: *const u8, low: __m512i) -> ([__m512i; 4], [__m512i; 4]) {
+    let mut lo = [_mm512_setzero_si512(); 4];
+    let mut hi = [_mm512_setzero_si512(); 4];
+    for g in 0..4 {
+        let w = _mm512_load_si512(nibbles.add(64 * g) as *const __m512i);
+        lo[g] = _mm512_and_si512(w, low);
+        hi[g] = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+    }
+    (lo, hi)
+}
+
+/// A 5-bit block's weights (0..32) for 16 rows: the fifth-bit masks at `masks`, the nibbles
+/// after them; columns `4g..4g + 4` in `lo[g]`, `16 + 4g..` in `hi[g]`.
+#[inline(always)]
+unsafe fn unpack_five(masks: *const u8) -> ([__m512i; 4], [__m512i; 4]) {
+    let low = _mm512_set1_epi8(0x0f);
+    let sixteen = _mm512_set1_epi8(16);
+    let mut lo = [_mm512_setzero_si512(); 4];
+    let mut hi = [_mm512_setzero_si512(); 4];
+    for g in 0..4 {
+        let w = _mm512_load_si512(masks.add(64 + 64 * g) as *const __m512i);
+        let bits = masks.add(16 * g) as *const u64;
+        let l = _mm512_and_si512(w, low);
+        let h = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
+        lo[g] = _mm512_mask_add_epi8(l, bits.read_unaligned(), l, sixteen);
+        hi[g] = _mm512_mask_add_epi8(h, bits.add(1).read_unaligned(), h, sixteen);
+    }
+    (lo, hi)
 }
 
 /// [`super::quantize_block`] in two 16-lane registers, bit for bit.
