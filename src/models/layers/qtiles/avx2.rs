@@ -45,28 +45,6 @@ unsafe fn block_sums<const VNNI: bool>(
     (s0, s1)
 }
 
-/// 32 mask bits to 32 bytes: 0xff where the bit is set.
-#[inline(always)]
-unsafe fn expand_mask(bits: u32) -> __m256i {
-    let v = _mm256_set1_epi32(bits as i32);
-    let pick = _mm256_setr_epi8(
-        0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3,
-        3, 3,
-    );
-    let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    let bytes = _mm256_and_si256(_mm256_shuffle_epi8(v, pick), bit);
-    _mm256_cmpeq_epi8(bytes, bit)
-}
-
-/// The `h`-th 32 bits of the 64-bit byte mask at `p` (bits of half `h` of a 64-byte group).
-#[inline(always)]
-unsafe fn half_mask(p: *const u8, h: usize) -> u32 {
-    (p as *const u64)
-        .read_unaligned()
-        .to_le()
-        .wrapping_shr(32 * h as u32) as u32
-}
-
 /// Half `h` (rows 8h..8h + 8) of a 4-bit block's weights from its nibbles at `nibbles`;
 /// columns `4g..4g + 4` in `lo[g]`, `16 + 4g..` in `hi[g]`.
 #[inline(always)]
@@ -82,23 +60,33 @@ unsafe fn unpack_four(nibbles: *const u8, h: usize) -> ([__m256i; 4], [__m256i; 
     (lo, hi)
 }
 
-/// Half `h` (rows 8h..8h + 8) of a 5-bit block's weights (0..32): the fifth-bit masks at
-/// `masks`, the nibbles after them; columns `4g..4g + 4` in `lo[g]`, `16 + 4g..` in `hi[g]`.
+/// The bytes of a bit plane (see `gguf::pack_plane`) with bit `s` moved to bit `to` and the
+/// rest cleared. (16-bit shifts by at most 5: bit `to` of each byte comes from its own byte.)
 #[inline(always)]
-unsafe fn unpack_five(masks: *const u8, h: usize) -> ([__m256i; 4], [__m256i; 4]) {
-    let low = _mm256_set1_epi8(0x0f);
-    let sixteen = _mm256_set1_epi8(16);
-    let mut lo = [_mm256_setzero_si256(); 4];
-    let mut hi = [_mm256_setzero_si256(); 4];
+unsafe fn plane_bits(plane: __m256i, s: usize, to: usize) -> __m256i {
+    let v = match to as isize - s as isize {
+        5 => _mm256_slli_epi16::<5>(plane),
+        4 => _mm256_slli_epi16::<4>(plane),
+        3 => _mm256_slli_epi16::<3>(plane),
+        2 => _mm256_slli_epi16::<2>(plane),
+        1 => _mm256_slli_epi16::<1>(plane),
+        0 => plane,
+        -1 => _mm256_srli_epi16::<1>(plane),
+        -2 => _mm256_srli_epi16::<2>(plane),
+        _ => _mm256_srli_epi16::<3>(plane),
+    };
+    _mm256_and_si256(v, _mm256_set1_epi8(1 << to))
+}
+
+/// Half `h` (rows 8h..8h + 8) of a 5-bit block's weights (0..32): the fifth bits in the plane
+/// at `plane`, the nibbles after it; columns `4g..4g + 4` in `lo[g]`, `16 + 4g..` in `hi[g]`.
+#[inline(always)]
+unsafe fn unpack_five(plane: *const u8, h: usize) -> ([__m256i; 4], [__m256i; 4]) {
+    let (mut lo, mut hi) = unpack_four(plane.add(64), h);
+    let fifth = _mm256_load_si256(plane.add(32 * h) as *const __m256i);
     for g in 0..4 {
-        let v = _mm256_load_si256(masks.add(64 + 64 * g + 32 * h) as *const __m256i);
-        let bits = masks.add(16 * g);
-        let l = _mm256_and_si256(v, low);
-        let hh = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-        let ml = _mm256_and_si256(expand_mask(half_mask(bits, h)), sixteen);
-        let mh = _mm256_and_si256(expand_mask(half_mask(bits.add(8), h)), sixteen);
-        lo[g] = _mm256_add_epi8(l, ml);
-        hi[g] = _mm256_add_epi8(hh, mh);
+        lo[g] = _mm256_or_si256(lo[g], plane_bits(fifth, g, 4));
+        hi[g] = _mm256_or_si256(hi[g], plane_bits(fifth, 4 + g, 4));
     }
     (lo, hi)
 }
@@ -130,7 +118,6 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
         let p = act.q.as_ptr().add(row * w.k + b * QK + 4 * word) as *const i32;
         _mm256_set1_epi32(p.read_unaligned())
     };
-    let low = _mm256_set1_epi8(0x0f);
     for h in 0..2 {
         // Half `h` of each 64-byte weight group: rows 8h..8h + 8.
         let wgt =
@@ -186,27 +173,18 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
                 }
             }
             TileFormat::Q6K => {
-                let (sixteen, thirty_two) = (_mm256_set1_epi8(16), _mm256_set1_epi8(32));
                 for b in 0..nb {
                     let rec = base.add(b * rec_bytes);
                     let d_lo = f32x8(rec.add(32 * h));
                     let d_hi = f32x8(rec.add(64 + 32 * h));
-                    let mut lo = [_mm256_setzero_si256(); 4];
-                    let mut hi = [_mm256_setzero_si256(); 4];
+                    let (mut lo, mut hi) = unpack_four(rec.add(256), h);
+                    let fifth = wgt(rec, 128);
+                    let sixth = wgt(rec, 192);
                     for g in 0..4 {
-                        let v = wgt(rec, 256 + 64 * g);
-                        let (fifth, sixth) = (rec.add(128 + 16 * g), rec.add(192 + 16 * g));
-                        let bits = |p: *const u8, add: __m256i| {
-                            _mm256_and_si256(expand_mask(half_mask(p, h)), add)
-                        };
-                        let mut l = _mm256_and_si256(v, low);
-                        let mut hh = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                        l = _mm256_add_epi8(l, bits(fifth, sixteen));
-                        l = _mm256_add_epi8(l, bits(sixth, thirty_two));
-                        hh = _mm256_add_epi8(hh, bits(fifth.add(8), sixteen));
-                        hh = _mm256_add_epi8(hh, bits(sixth.add(8), thirty_two));
-                        lo[g] = l;
-                        hi[g] = hh;
+                        let (l5, h5) = (plane_bits(fifth, g, 4), plane_bits(fifth, 4 + g, 4));
+                        let (l6, h6) = (plane_bits(sixth, g, 5), plane_bits(sixth, 4 + g, 5));
+                        lo[g] = _mm256_or_si256(lo[g], _mm256_or_si256(l5, l6));
+                        hi[g] = _mm256_or_si256(hi[g], _mm256_or_si256(h5, h6));
                     }
                     for (j, a) in acc.iter_mut().enumerate() {
                         let row = first + j;

@@ -217,28 +217,19 @@ pub(super) fn pack(format: TileFormat, rec: &mut [u8], r: usize, decoded: Decode
         }
         Decoded::Five { q, d } => {
             rec[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
-            pack_five(rec, 64, 128, r, &q);
+            pack_five(rec, 64, r, &q);
         }
         Decoded::FiveMin { q, d, m } => {
             rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
             rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
-            pack_five(rec, 128, 192, r, &q);
+            pack_five(rec, 128, r, &q);
         }
         Decoded::Six { q, d_lo, d_hi } => {
             rec[4 * r..4 * r + 4].copy_from_slice(&d_lo.to_le_bytes());
             rec[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&d_hi.to_le_bytes());
-            for g in 0..4 {
-                for j in 0..4 {
-                    let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
-                    rec[256 + (g * TILE + r) * 4 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
-                    let bit = 4 * r + j;
-                    for (plane, shift) in [(128, 4), (192, 5)] {
-                        let at = plane + 16 * g + bit / 8;
-                        rec[at] |= ((lo >> shift) & 1) << (bit % 8);
-                        rec[at + 8] |= ((hi >> shift) & 1) << (bit % 8);
-                    }
-                }
-            }
+            pack_nibbles(rec, 256, r, &q);
+            pack_plane(rec, 128, r, &q, 4);
+            pack_plane(rec, 192, r, &q, 5);
         }
         Decoded::Eight { q, d } => {
             rec[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
@@ -251,16 +242,35 @@ pub(super) fn pack(format: TileFormat, rec: &mut [u8], r: usize, decoded: Decode
     }
 }
 
-/// Row `r`'s 5-bit weights: the fifth bits as byte masks at `masks` (mask 2g (+1): bit 4r+j
-/// is the fifth bit of column 4g+j (16+4g+j)), the low nibbles at `nibbles`.
-fn pack_five(rec: &mut [u8], masks: usize, nibbles: usize, r: usize, q: &[u8; QK]) {
+/// Row `r`'s 5-bit weights: the fifth bits in the bit plane at `plane`, the low nibbles at
+/// `plane + 64`.
+fn pack_five(rec: &mut [u8], plane: usize, r: usize, q: &[u8; QK]) {
+    pack_nibbles(rec, plane + 64, r, q);
+    pack_plane(rec, plane, r, q, 4);
+}
+
+/// Row `r`'s low nibbles at `nibbles`: group g, bytes j hold columns 4g+j (low nibble) and
+/// 16+4g+j (high).
+fn pack_nibbles(rec: &mut [u8], nibbles: usize, r: usize, q: &[u8; QK]) {
     for g in 0..4 {
         for j in 0..4 {
-            let (lo, hi) = (q[4 * g + j], q[16 + 4 * g + j]);
-            rec[nibbles + (g * TILE + r) * 4 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
-            let bit = 4 * r + j;
-            rec[masks + 16 * g + bit / 8] |= (lo >> 4) << (bit % 8);
-            rec[masks + 16 * g + 8 + bit / 8] |= (hi >> 4) << (bit % 8);
+            rec[nibbles + (g * TILE + r) * 4 + j] =
+                (q[4 * g + j] & 0x0f) | ((q[16 + 4 * g + j] & 0x0f) << 4);
         }
     }
+}
+
+/// Bit `bit` of row `r`'s weights into the 64-byte bit plane at `plane`: byte `4r + j` (the
+/// lane of row r, column 4g + j in every unpacked weight vector) holds in bit `s` the bit of
+/// the column of vector `s` — `4s + j` for s < 4, `16 + 4(s - 4) + j` after — so one load of
+/// the plane serves the block's eight weight vectors.
+fn pack_plane(rec: &mut [u8], plane: usize, r: usize, q: &[u8; QK], bit: u32) {
+    for (c, v) in q.iter().enumerate() {
+        rec[plane + 4 * r + c % 4] |= ((v >> bit) & 1) << plane_shift(c);
+    }
+}
+
+/// The bit of column `c` in its plane byte: the index of its unpacked weight vector.
+pub(super) fn plane_shift(c: usize) -> usize {
+    (c % 16) / 4 + 4 * (c / 16)
 }

@@ -51,15 +51,16 @@ pub enum TileFormat {
     /// products; 128 bytes), then 256 bytes of nibbles.
     Q4K,
     /// Q6_K's 32-value blocks: `w = d_half·(q - 32)`, `q` in 0..64, one f32 scale per 16
-    /// columns (`d·scale`, exact; 128 bytes), the fifth and sixth bits as byte masks (128
+    /// columns (`d·scale`, exact; 128 bytes), the fifth and sixth bits as two bit planes (128
     /// bytes), 256 bytes of low nibbles — 8 bits a weight.
     Q6K,
     /// `w = d·(q - 16)`, `q` in 0..32: per row f16 `d` (64 bytes with padding), the fifth
-    /// bits as eight 64-bit byte masks (64 bytes), 256 bytes of low nibbles — 6 bits a weight.
+    /// bits as a bit plane (64 bytes, see `gguf::pack_plane`), 256 bytes of low nibbles — 6
+    /// bits a weight.
     Q5_0,
     /// `w = d·q + m`, `q` in 0..32 (Q5_1, and Q5_K's 32-value sub-blocks with `d = d·scale`,
     /// `m = -dmin·min`, exact): per row f32 `d` and `m` (128 bytes), then Q5_0's fifth-bit
-    /// masks and nibbles — 7 bits a weight.
+    /// plane and nibbles — 7 bits a weight.
     Q5K,
     /// `w = d·q`, `q` in -128..128 stored as `q + 128`: per row f32 `d` (64 bytes), 512 bytes.
     Q8_0,
@@ -381,21 +382,20 @@ fn nibble(rec: &[u8], base: usize, r: usize, c: usize) -> u8 {
     }
 }
 
-/// 5-bit weight (0..32) of tile row `r`, column `c` of a record whose fifth-bit masks start
-/// at `masks` and nibbles follow them.
-fn quint(rec: &[u8], masks: usize, r: usize, c: usize) -> u8 {
-    let (g, j, mask) = ((c % 16) / 4, c % 4, usize::from(c >= 16));
-    let bit = 4 * r + j;
-    let fifth = (rec[masks + 16 * g + 8 * mask + bit / 8] >> (bit % 8)) & 1;
-    nibble(rec, masks + 64, r, c) | (fifth << 4)
+/// 5-bit weight (0..32) of tile row `r`, column `c` of a record whose fifth bits are in the
+/// bit plane at `plane` and nibbles follow it.
+fn quint(rec: &[u8], plane: usize, r: usize, c: usize) -> u8 {
+    nibble(rec, plane + 64, r, c) | (plane_bit(rec, plane, r, c) << 4)
 }
 
 /// 6-bit weight (0..64, stored +32) of tile row `r`, column `c` of a Q6_K record.
 fn sext(rec: &[u8], r: usize, c: usize) -> u8 {
-    let (g, j, mask) = ((c % 16) / 4, c % 4, usize::from(c >= 16));
-    let bit = 4 * r + j;
-    let at = |plane: usize| (rec[plane + 16 * g + 8 * mask + bit / 8] >> (bit % 8)) & 1;
-    nibble(rec, 256, r, c) | (at(128) << 4) | (at(192) << 5)
+    nibble(rec, 256, r, c) | (plane_bit(rec, 128, r, c) << 4) | (plane_bit(rec, 192, r, c) << 5)
+}
+
+/// Tile row `r`, column `c`'s bit in the bit plane at `plane` (see `gguf::pack_plane`).
+fn plane_bit(rec: &[u8], plane: usize, r: usize, c: usize) -> u8 {
+    (rec[plane + 4 * r + c % 4] >> gguf::plane_shift(c)) & 1
 }
 
 fn f32_at(b: &[u8], i: usize) -> f32 {

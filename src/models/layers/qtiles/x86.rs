@@ -72,26 +72,19 @@ pub(super) unsafe fn tile<const R: usize>(
             }
         }
         TileFormat::Q6K => {
-            let low = _mm512_set1_epi8(0x0f);
             let (sixteen, thirty_two) = (_mm512_set1_epi8(16), _mm512_set1_epi8(32));
             for b in 0..nb {
                 let rec = base.add(b * rec_bytes);
                 let d_lo = _mm512_load_ps(rec as *const f32);
                 let d_hi = _mm512_load_ps(rec.add(64) as *const f32);
-                let mut lo = [_mm512_setzero_si512(); 4];
-                let mut hi = [_mm512_setzero_si512(); 4];
+                let (mut lo, mut hi) = unpack_four(rec.add(256), _mm512_set1_epi8(0x0f));
+                let fifth = _mm512_load_si512(rec.add(128) as *const __m512i);
+                let sixth = _mm512_load_si512(rec.add(192) as *const __m512i);
                 for g in 0..4 {
-                    let w = _mm512_load_si512(rec.add(256 + 64 * g) as *const __m512i);
-                    let fifth = rec.add(128 + 16 * g) as *const u64;
-                    let sixth = rec.add(192 + 16 * g) as *const u64;
-                    let mut l = _mm512_and_si512(w, low);
-                    let mut h = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-                    l = _mm512_mask_add_epi8(l, fifth.read_unaligned(), l, sixteen);
-                    l = _mm512_mask_add_epi8(l, sixth.read_unaligned(), l, thirty_two);
-                    h = _mm512_mask_add_epi8(h, fifth.add(1).read_unaligned(), h, sixteen);
-                    h = _mm512_mask_add_epi8(h, sixth.add(1).read_unaligned(), h, thirty_two);
-                    lo[g] = l;
-                    hi[g] = h;
+                    lo[g] = plane_add(lo[g], fifth, g, sixteen);
+                    lo[g] = plane_add(lo[g], sixth, g, thirty_two);
+                    hi[g] = plane_add(hi[g], fifth, 4 + g, sixteen);
+                    hi[g] = plane_add(hi[g], sixth, 4 + g, thirty_two);
                 }
                 for (j, a) in acc.iter_mut().enumerate() {
                     let row = first + j;
@@ -169,21 +162,24 @@ unsafe fn unpack_four(nibbles: *const u8, low: __m512i) -> ([__m512i; 4], [__m51
     (lo, hi)
 }
 
-/// A 5-bit block's weights (0..32) for 16 rows: the fifth-bit masks at `masks`, the nibbles
-/// after them; columns `4g..4g + 4` in `lo[g]`, `16 + 4g..` in `hi[g]`.
+/// Adds `add` to the bytes of `v` whose bit `s` is set in `plane` (a bit plane: see
+/// `gguf::pack_plane`).
 #[inline(always)]
-unsafe fn unpack_five(masks: *const u8) -> ([__m512i; 4], [__m512i; 4]) {
-    let low = _mm512_set1_epi8(0x0f);
+unsafe fn plane_add(v: __m512i, plane: __m512i, s: usize, add: __m512i) -> __m512i {
+    let set = _mm512_test_epi8_mask(plane, _mm512_set1_epi8(1 << s));
+    _mm512_mask_add_epi8(v, set, v, add)
+}
+
+/// A 5-bit block's weights (0..32) for 16 rows: the fifth bits in the plane at `plane`, the
+/// nibbles after it; columns `4g..4g + 4` in `lo[g]`, `16 + 4g..` in `hi[g]`.
+#[inline(always)]
+unsafe fn unpack_five(plane: *const u8) -> ([__m512i; 4], [__m512i; 4]) {
+    let (mut lo, mut hi) = unpack_four(plane.add(64), _mm512_set1_epi8(0x0f));
+    let fifth = _mm512_load_si512(plane as *const __m512i);
     let sixteen = _mm512_set1_epi8(16);
-    let mut lo = [_mm512_setzero_si512(); 4];
-    let mut hi = [_mm512_setzero_si512(); 4];
     for g in 0..4 {
-        let w = _mm512_load_si512(masks.add(64 + 64 * g) as *const __m512i);
-        let bits = masks.add(16 * g) as *const u64;
-        let l = _mm512_and_si512(w, low);
-        let h = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low);
-        lo[g] = _mm512_mask_add_epi8(l, bits.read_unaligned(), l, sixteen);
-        hi[g] = _mm512_mask_add_epi8(h, bits.add(1).read_unaligned(), h, sixteen);
+        lo[g] = plane_add(lo[g], fifth, g, sixteen);
+        hi[g] = plane_add(hi[g], fifth, 4 + g, sixteen);
     }
     (lo, hi)
 }
