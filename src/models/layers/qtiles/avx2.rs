@@ -6,7 +6,8 @@
 //! every result equals the portable twin's bit for bit.
 //!
 //! `vpmaddubsw` saturates its 16-bit pair sums: harmless for 4- to 6-bit weights (at most
-//! 2·63·127), but Q8_0's weights stored + 128 would overflow, so without VNNI Q8_0 multiplies
+//! 2·63·127; up to 5 bits four pair sums, at 6 two, are even added in 16 bits before they are
+//! widened), but Q8_0's weights stored + 128 would overflow, so without VNNI Q8_0 multiplies
 //! the signed weights' magnitudes by the activations carrying the weights' signs
 //! (`vpsignb`), at most 2·128·127.
 
@@ -28,21 +29,50 @@ unsafe fn dot<const VNNI: bool>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i
     }
 }
 
-/// One activation row against a block's unpacked weights: the sums of its low (columns 0..16)
-/// and high (16..32) halves; `x(w)` broadcasts the row's 4-byte word `w` of the block.
+/// One activation row against a block's unpacked weights of at most `BITS` bits: the sums of
+/// its low (columns 0..16) and high (16..32) halves; `x(w)` broadcasts the row's 4-byte word
+/// `w` of the block. Without VNNI, the 16-bit pair sums of `vpmaddubsw` (at most 2·(2^BITS - 1)
+/// ·127 in magnitude) are added in 16 bits while they cannot overflow — four at a time up to 5
+/// bits, two at 6 — before one `vpmaddwd` widens them: exact, with fewer widening steps.
 #[inline(always)]
-unsafe fn block_sums<const VNNI: bool>(
+unsafe fn block_sums<const VNNI: bool, const BITS: u32>(
     lo: &[__m256i; 4],
     hi: &[__m256i; 4],
     x: impl Fn(usize) -> __m256i,
 ) -> (__m256i, __m256i) {
-    let mut s0 = _mm256_setzero_si256();
-    let mut s1 = _mm256_setzero_si256();
-    for g in 0..4 {
-        s0 = dot::<VNNI>(s0, lo[g], x(g));
-        s1 = dot::<VNNI>(s1, hi[g], x(4 + g));
+    if VNNI || BITS > 6 {
+        let mut s0 = _mm256_setzero_si256();
+        let mut s1 = _mm256_setzero_si256();
+        for g in 0..4 {
+            s0 = dot::<VNNI>(s0, lo[g], x(g));
+            s1 = dot::<VNNI>(s1, hi[g], x(4 + g));
+        }
+        return (s0, s1);
     }
-    (s0, s1)
+    (
+        narrow_sums::<BITS>(lo, [x(0), x(1), x(2), x(3)]),
+        narrow_sums::<BITS>(hi, [x(4), x(5), x(6), x(7)]),
+    )
+}
+
+/// `Σ_g w[g]·x[g]` per 32-bit lane, the `vpmaddubsw` pair sums added in 16 bits first (see
+/// [`block_sums`]).
+#[inline(always)]
+unsafe fn narrow_sums<const BITS: u32>(w: &[__m256i; 4], x: [__m256i; 4]) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    let a = _mm256_add_epi16(
+        _mm256_maddubs_epi16(w[0], x[0]),
+        _mm256_maddubs_epi16(w[1], x[1]),
+    );
+    let b = _mm256_add_epi16(
+        _mm256_maddubs_epi16(w[2], x[2]),
+        _mm256_maddubs_epi16(w[3], x[3]),
+    );
+    if BITS <= 5 {
+        _mm256_madd_epi16(_mm256_add_epi16(a, b), ones)
+    } else {
+        _mm256_add_epi32(_mm256_madd_epi16(a, ones), _mm256_madd_epi16(b, ones))
+    }
 }
 
 /// Half `h` (rows 8h..8h + 8) of a 4-bit block's weights from its nibbles at `nibbles`;
@@ -146,7 +176,7 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
                     };
                     for (j, a) in acc.iter_mut().enumerate() {
                         let row = first + j;
-                        let (s0, s1) = block_sums::<VNNI>(&lo, &hi, |w| xq(row, b, w));
+                        let (s0, s1) = block_sums::<VNNI, 5>(&lo, &hi, |w| xq(row, b, w));
                         let isum = _mm256_add_epi32(s0, s1);
                         let i = row * nb + b;
                         let scale = _mm256_mul_ps(d, _mm256_set1_ps(*act.d.get_unchecked(i)));
@@ -162,7 +192,7 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
                     let (lo, hi) = unpack_five(rec.add(64), h);
                     for (j, a) in acc.iter_mut().enumerate() {
                         let row = first + j;
-                        let (s0, s1) = block_sums::<VNNI>(&lo, &hi, |w| xq(row, b, w));
+                        let (s0, s1) = block_sums::<VNNI, 5>(&lo, &hi, |w| xq(row, b, w));
                         // the weights are stored + 16
                         let i = row * nb + b;
                         let bias = _mm256_set1_epi32(16 * *act.sum.get_unchecked(i));
@@ -188,7 +218,7 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
                     }
                     for (j, a) in acc.iter_mut().enumerate() {
                         let row = first + j;
-                        let (s0, s1) = block_sums::<VNNI>(&lo, &hi, |w| xq(row, b, w));
+                        let (s0, s1) = block_sums::<VNNI, 6>(&lo, &hi, |w| xq(row, b, w));
                         // the weights are stored + 32; each half block has its own scale
                         let i = row * nb + b;
                         let (sum, sum_lo) =
