@@ -3,7 +3,7 @@
 
 use candle_core::Tensor;
 
-use super::{Linear, Projections};
+use super::{swiglu, Linear, Projections};
 use crate::models::weights::Weights;
 use crate::models::{ModelError, Result};
 
@@ -74,13 +74,11 @@ impl GatedMlp {
     /// `x`: `[tokens, hidden]` → `[tokens, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = match &self.gate_up {
-            GateUp::Separate { gate, up } => {
-                (candle_nn::ops::silu(&gate.forward(x)?)? * up.forward(x)?)?
-            }
+            GateUp::Separate { gate, up } => swiglu::silu_mul(&gate.forward(x)?, &up.forward(x)?)?,
             GateUp::Fused(gate_up) => {
                 let y = gate_up.forward(x)?;
                 let n = y.dim(1)? / 2;
-                (candle_nn::ops::silu(&y.narrow(1, 0, n)?)? * y.narrow(1, n, n)?)?
+                swiglu::silu_mul(&y.narrow(1, 0, n)?, &y.narrow(1, n, n)?)?
             }
         };
         self.down.forward(&h)

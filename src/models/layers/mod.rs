@@ -14,6 +14,7 @@ pub mod pool;
 pub mod qtiles;
 pub mod rope;
 pub mod simd;
+pub mod swiglu;
 pub mod trunk;
 
 pub use attention::{paged_attention, AttnDims};

@@ -23,6 +23,8 @@
 mod store;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{exp_avx2, exp_avx512};
 
 use self::store::{Elem, Q8Rows, Store};
 use crate::models::kv_cache::{HostKv, HostQ8, LayerKv};

@@ -257,7 +257,7 @@ unsafe fn score_rows_avx512<const R: usize>(
 /// [`super::exp_poly`] on 16 lanes, operation for operation.
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
-pub(super) unsafe fn exp_avx512(x: __m512) -> __m512 {
+pub(crate) unsafe fn exp_avx512(x: __m512) -> __m512 {
     let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
@@ -525,7 +525,7 @@ unsafe fn score_rows_avx2<const R: usize>(
 /// [`super::exp_poly`] on 8 lanes, operation for operation.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-pub(super) unsafe fn exp_avx2(x: __m256) -> __m256 {
+pub(crate) unsafe fn exp_avx2(x: __m256) -> __m256 {
     let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
