@@ -1,6 +1,7 @@
 //! Micro-benchmark of the quantized matmuls the CPU forward pass is made of, by dtype and
 //! rows: candle's kernels (`QMatMul`), then inferd's tiles on every kernel path this CPU runs.
-//! `cargo bench --bench qmatmul [-- tiles|candle]`
+//! `cargo bench --bench qmatmul [-- tiles|candle]` (types the tiles do not take — Q3_K, Q2_K —
+//! are timed on candle's kernels only)
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -8,7 +9,7 @@ use candle_core::{Device, Module, Tensor};
 use inferd::models::layers::qtiles::TiledMatrix;
 use inferd::models::layers::simd::KernelPath;
 
-const DTYPES: [GgmlDType; 8] = [
+const DTYPES: [GgmlDType; 10] = [
     GgmlDType::Q8_0,
     GgmlDType::Q4K,
     GgmlDType::Q5K,
@@ -17,6 +18,8 @@ const DTYPES: [GgmlDType; 8] = [
     GgmlDType::Q5_1,
     GgmlDType::Q4_1,
     GgmlDType::Q4_0,
+    GgmlDType::Q3K,
+    GgmlDType::Q2K,
 ];
 
 /// Seconds per call of `f`, over enough calls to take ~0.2 s.
