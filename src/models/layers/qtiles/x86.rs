@@ -29,28 +29,35 @@ pub(super) unsafe fn tile<const R: usize>(
         _mm512_set1_epi32(p.read_unaligned())
     };
     match w.format {
-        TileFormat::Q4_1 | TileFormat::Q4K | TileFormat::Q5K => {
+        TileFormat::Q4_1 | TileFormat::Q4K => {
             let low = _mm512_set1_epi8(0x0f);
+            let f32_scales = w.format == TileFormat::Q4K;
             for b in 0..nb {
                 let rec = base.add(b * rec_bytes);
-                let f32_at = |at: usize| _mm512_load_ps(rec.add(at) as *const f32);
-                let (d, m, (lo, hi)) = match w.format {
-                    TileFormat::Q4_1 => {
-                        let d = _mm512_cvtph_ps(_mm256_load_si256(rec as *const __m256i));
-                        let m = _mm512_cvtph_ps(_mm256_load_si256(rec.add(32) as *const __m256i));
-                        (d, m, unpack_four(rec.add(64), low))
-                    }
-                    TileFormat::Q4K => (f32_at(0), f32_at(64), unpack_four(rec.add(128), low)),
-                    _ => (f32_at(0), f32_at(64), unpack_five(rec.add(128))),
+                let (d, m, nibbles) = if f32_scales {
+                    let d = _mm512_load_ps(rec as *const f32);
+                    (d, _mm512_load_ps(rec.add(64) as *const f32), 128)
+                } else {
+                    let d = _mm512_cvtph_ps(_mm256_load_si256(rec as *const __m256i));
+                    let m = _mm512_cvtph_ps(_mm256_load_si256(rec.add(32) as *const __m256i));
+                    (d, m, 64)
                 };
+                let (lo, hi) = unpack_four(rec.add(nibbles), low);
                 for (j, a) in acc.iter_mut().enumerate() {
-                    let row = first + j;
-                    let (s0, s1) = block_sums(&lo, &hi, |g| xq(row, b, g));
-                    let isum = _mm512_add_epi32(s0, s1);
-                    let i = row * nb + b;
-                    let scale = _mm512_mul_ps(d, _mm512_set1_ps(*act.d.get_unchecked(i)));
-                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *a);
-                    *a = _mm512_fmadd_ps(m, _mm512_set1_ps(*act.s.get_unchecked(i)), *a);
+                    let sums = block_sums(&lo, &hi, |g| xq(first + j, b, g));
+                    with_min(a, act, nb, (first + j, b), (d, m), sums);
+                }
+            }
+        }
+        TileFormat::Q5K => {
+            for b in 0..nb {
+                let rec = base.add(b * rec_bytes);
+                let d = _mm512_load_ps(rec as *const f32);
+                let m = _mm512_load_ps(rec.add(64) as *const f32);
+                let (lo, hi) = unpack_five(rec.add(128));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let sums = block_sums(&lo, &hi, |g| xq(first + j, b, g));
+                    with_min(a, act, nb, (first + j, b), (d, m), sums);
                 }
             }
         }
@@ -129,6 +136,24 @@ pub(super) unsafe fn tile<const R: usize>(
     for (o, a) in out.iter_mut().zip(acc) {
         _mm512_storeu_ps(o.as_mut_ptr(), a);
     }
+}
+
+/// The epilogue of the formats with a minimum (`w = d·q + m`): `acc += isum·(d·dx) + m·s`
+/// for activation row `row`, block `b`.
+#[inline(always)]
+unsafe fn with_min(
+    acc: &mut __m512,
+    act: &Activations,
+    nb: usize,
+    (row, b): (usize, usize),
+    (d, m): (__m512, __m512),
+    (s0, s1): (__m512i, __m512i),
+) {
+    let i = row * nb + b;
+    let isum = _mm512_add_epi32(s0, s1);
+    let scale = _mm512_mul_ps(d, _mm512_set1_ps(*act.d.get_unchecked(i)));
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
+    *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*act.s.get_unchecked(i)), *acc);
 }
 
 /// One activation row against a block's unpacked weights: the sums of its low (columns 0..16)
