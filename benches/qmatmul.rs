@@ -45,8 +45,9 @@ fn main() {
     let gflops = |m: usize, per: f64| 2.0 * (m * n * k) as f64 / per / 1e9;
     for dtype in DTYPES {
         let qt = QTensor::quantize(&w, dtype).unwrap();
+        let tiled = TiledMatrix::from_qtensor(&qt).unwrap();
         if only.as_deref() != Some("tiles") {
-            let q = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+            let q = QMatMul::from_qtensor(qt).unwrap();
             for m in [1usize, 2, 8, 64] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
                 let per = time(|| {
@@ -59,10 +60,7 @@ fn main() {
                 );
             }
         }
-        if only.as_deref() == Some("candle") {
-            continue;
-        }
-        let Some(tiled) = TiledMatrix::from_qtensor(&qt).unwrap() else {
+        let Some(tiled) = tiled.filter(|_| only.as_deref() != Some("candle")) else {
             continue;
         };
         for path in KernelPath::all_supported() {

@@ -143,24 +143,26 @@ pub(super) fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
             d_hi: scale(1),
         }
     }
-    fn q5_0(b: &[u8], _: usize) -> Decoded {
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    /// Q5_0/Q5_1's 32 values from `b`: 4 bytes of fifth bits (bit j for value j), then 16
+    /// bytes whose low nibbles are values 0..16 and high nibbles 16..32.
+    fn five_bits(b: &[u8]) -> [u8; QK] {
+        let qh = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         let mut q = [0u8; QK];
         for j in 0..16 {
-            q[j] = (b[6 + j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
-            q[j + 16] = (b[6 + j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            q[j] = (b[4 + j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+            q[j + 16] = (b[4 + j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
         }
-        Decoded::Five { q, d: f16_at(b, 0) }
+        q
+    }
+    fn q5_0(b: &[u8], _: usize) -> Decoded {
+        Decoded::Five {
+            q: five_bits(&b[2..]),
+            d: f16_at(b, 0),
+        }
     }
     fn q5_1(b: &[u8], _: usize) -> Decoded {
-        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-        let mut q = [0u8; QK];
-        for j in 0..16 {
-            q[j] = (b[8 + j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
-            q[j + 16] = (b[8 + j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-        }
         Decoded::FiveMin {
-            q,
+            q: five_bits(&b[4..]),
             d: f16_at(b, 0).to_f32(),
             m: f16_at(b, 2).to_f32(),
         }

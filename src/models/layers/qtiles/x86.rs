@@ -30,7 +30,6 @@ pub(super) unsafe fn tile<const R: usize>(
     };
     match w.format {
         TileFormat::Q4_1 | TileFormat::Q4K => {
-            let low = _mm512_set1_epi8(0x0f);
             let f32_scales = w.format == TileFormat::Q4K;
             for b in 0..nb {
                 let rec = base.add(b * rec_bytes);
@@ -42,7 +41,7 @@ pub(super) unsafe fn tile<const R: usize>(
                     let m = _mm512_cvtph_ps(_mm256_load_si256(rec.add(32) as *const __m256i));
                     (d, m, 64)
                 };
-                let (lo, hi) = unpack_four(rec.add(nibbles), low);
+                let (lo, hi) = unpack_four(rec.add(nibbles));
                 for (j, a) in acc.iter_mut().enumerate() {
                     let sums = block_sums(&lo, &hi, |g| xq(first + j, b, g));
                     with_min(a, act, nb, (first + j, b), (d, m), sums);
@@ -84,7 +83,7 @@ pub(super) unsafe fn tile<const R: usize>(
                 let rec = base.add(b * rec_bytes);
                 let d_lo = _mm512_load_ps(rec as *const f32);
                 let d_hi = _mm512_load_ps(rec.add(64) as *const f32);
-                let (mut lo, mut hi) = unpack_four(rec.add(256), _mm512_set1_epi8(0x0f));
+                let (mut lo, mut hi) = unpack_four(rec.add(256));
                 let fifth = _mm512_load_si512(rec.add(128) as *const __m512i);
                 let sixth = _mm512_load_si512(rec.add(192) as *const __m512i);
                 for g in 0..4 {
@@ -176,7 +175,8 @@ unsafe fn block_sums(
 /// A 4-bit block's weights for 16 rows from its nibbles at `nibbles`; columns `4g..4g + 4` in
 /// `lo[g]`, `16 + 4g..` in `hi[g]`.
 #[inline(always)]
-unsafe fn unpack_four(nibbles: *const u8, low: __m512i) -> ([__m512i; 4], [__m512i; 4]) {
+unsafe fn unpack_four(nibbles: *const u8) -> ([__m512i; 4], [__m512i; 4]) {
+    let low = _mm512_set1_epi8(0x0f);
     let mut lo = [_mm512_setzero_si512(); 4];
     let mut hi = [_mm512_setzero_si512(); 4];
     for g in 0..4 {
@@ -199,7 +199,7 @@ unsafe fn plane_add(v: __m512i, plane: __m512i, s: usize, add: __m512i) -> __m51
 /// nibbles after it; columns `4g..4g + 4` in `lo[g]`, `16 + 4g..` in `hi[g]`.
 #[inline(always)]
 unsafe fn unpack_five(plane: *const u8) -> ([__m512i; 4], [__m512i; 4]) {
-    let (mut lo, mut hi) = unpack_four(plane.add(64), _mm512_set1_epi8(0x0f));
+    let (mut lo, mut hi) = unpack_four(plane.add(64));
     let fifth = _mm512_load_si512(plane as *const __m512i);
     let sixteen = _mm512_set1_epi8(16);
     for g in 0..4 {
