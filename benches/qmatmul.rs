@@ -1,7 +1,6 @@
 //! Micro-benchmark of the quantized matmuls the CPU forward pass is made of, by dtype and
 //! rows: candle's kernels (`QMatMul`), then inferd's tiles on every kernel path this CPU runs.
-//! `cargo bench --bench qmatmul [-- tiles|candle]` (types the tiles do not take — Q3_K, Q2_K —
-//! are timed on candle's kernels only)
+//! `cargo bench --bench qmatmul [-- tiles|candle]`
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};

@@ -103,8 +103,9 @@ async fn threads_are_the_ones_asked_for() {
 }
 
 /// The real models' weight matrices, one of each type they hold (Qwen2.5: Q4_K, Q5_0, Q6_K,
-/// Q8_0; SmolLM2: Q4_1) and requantized to the types people download next (Q5_K, Q5_1, Q4_0):
-/// every path's matmul gives the portable twin's bits, for a batch and for one row.
+/// Q8_0; SmolLM2: Q4_1) and requantized to the types people download next (Q5_K, Q5_1, Q4_0,
+/// Q3_K, Q2_K): every path's matmul gives the portable twin's bits, for a batch and for one
+/// row.
 #[test]
 fn real_tensors_give_the_portable_bits_on_every_path() {
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -138,6 +139,8 @@ fn real_tensors_give_the_portable_bits_on_every_path() {
         requantize(down, GgmlDType::Q5K),
         requantize(q, GgmlDType::Q5_1),
         requantize(q, GgmlDType::Q4_0),
+        requantize(down, GgmlDType::Q3K),
+        requantize(down, GgmlDType::Q2K),
     ];
     tensors.extend(extra);
     let mut seen = Vec::new();
@@ -173,6 +176,8 @@ fn real_tensors_give_the_portable_bits_on_every_path() {
         GgmlDType::Q5K,
         GgmlDType::Q5_1,
         GgmlDType::Q4_0,
+        GgmlDType::Q3K,
+        GgmlDType::Q2K,
     ] {
         assert!(seen.contains(&dtype), "no {dtype:?} among {seen:?}");
     }

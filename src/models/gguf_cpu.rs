@@ -1,7 +1,7 @@
 //! Which CPU kernel runs a GGUF matrix. On x86 CPUs with AVX2 (the AVX-512 VNNI, AVX-VNNI and
-//! AVX2 paths of `layers::simd`), Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K go to
-//! inferd's own tiles (`layers::qtiles`), at about their size. Elsewhere, and for the other types, candle's
-//! kernels run them: types whose candle dot product
+//! AVX2 paths of `layers::simd`), Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K and
+//! Q6_K go to inferd's own tiles (`layers::qtiles`), at about their size. Elsewhere, and for
+//! the other types, candle's kernels run them: types whose candle dot product
 //! is a scalar loop (Q5_0, Q4_1) are repacked to Q8_0 at load (Q5_0 exactly, Q4_1 by
 //! re-quantizing, near exact), and Q8_0 rows whose length is not a multiple of 256 are padded
 //! with zero blocks up to one: candle only uses its repacked (AVX-512 VNNI / AVX2) Q8_0 kernels

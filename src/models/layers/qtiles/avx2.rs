@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Activations, TileFormat, TiledMatrix, QK, ROWS, TILE};
+use super::{low_bits, Activations, TileFormat, TiledMatrix, QK, ROWS, TILE};
 
 /// Rows per half tile.
 const HALF: usize = TILE / 2;
@@ -91,9 +91,11 @@ unsafe fn unpack_four(nibbles: *const u8, h: usize) -> ([__m256i; 4], [__m256i; 
 }
 
 /// The bytes of a bit plane (see `gguf::pack_plane`) with bit `s` moved to bit `to` and the
-/// rest cleared. (16-bit shifts by at most 5: bit `to` of each byte comes from its own byte.)
+/// rest cleared (`to - s` in -5..=5). (16-bit shifts by at most 5: bit `to` of each byte
+/// comes from its own byte.)
 #[inline(always)]
 unsafe fn plane_bits(plane: __m256i, s: usize, to: usize) -> __m256i {
+    debug_assert!((-5..=5).contains(&(to as isize - s as isize)));
     let v = match to as isize - s as isize {
         5 => _mm256_slli_epi16::<5>(plane),
         4 => _mm256_slli_epi16::<4>(plane),
@@ -103,7 +105,9 @@ unsafe fn plane_bits(plane: __m256i, s: usize, to: usize) -> __m256i {
         0 => plane,
         -1 => _mm256_srli_epi16::<1>(plane),
         -2 => _mm256_srli_epi16::<2>(plane),
-        _ => _mm256_srli_epi16::<3>(plane),
+        -3 => _mm256_srli_epi16::<3>(plane),
+        -4 => _mm256_srli_epi16::<4>(plane),
+        _ => _mm256_srli_epi16::<5>(plane),
     };
     _mm256_and_si256(v, _mm256_set1_epi8(1 << to))
 }
@@ -119,6 +123,86 @@ unsafe fn unpack_five(plane: *const u8, h: usize) -> ([__m256i; 4], [__m256i; 4]
         hi[g] = _mm256_or_si256(hi[g], plane_bits(fifth, 4 + g, 4));
     }
     (lo, hi)
+}
+
+/// Half `h` (rows 8h..8h + 8) of a block's two-bit weights from its two lines at `at` (see
+/// `super::crumb`); columns `4g..4g + 4` in `lo[g]`, `16 + 4g..` in `hi[g]`.
+#[inline(always)]
+unsafe fn unpack_two(at: *const u8, h: usize) -> ([__m256i; 4], [__m256i; 4]) {
+    let three = _mm256_set1_epi8(3);
+    let v0 = _mm256_load_si256(at.add(32 * h) as *const __m256i);
+    let v1 = _mm256_load_si256(at.add(64 + 32 * h) as *const __m256i);
+    (crumbs(v0, three), crumbs(v1, three))
+}
+
+/// The four two-bit fields of each byte of `v`, each in its own vector. (16-bit shifts: bits
+/// 0 and 1 of each byte come from its own byte.)
+#[inline(always)]
+unsafe fn crumbs(v: __m256i, three: __m256i) -> [__m256i; 4] {
+    [
+        _mm256_and_si256(v, three),
+        _mm256_and_si256(_mm256_srli_epi16::<2>(v), three),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(v), three),
+        _mm256_and_si256(_mm256_srli_epi16::<6>(v), three),
+    ]
+}
+
+/// The eight rows' integer scales of a Q3_K/Q2_K block from its 16 scale bytes at `p`, as
+/// 16-bit pairs `(lo, hi)` per row, and for Q2_K (`q3` false) the minimums likewise.
+#[inline(always)]
+unsafe fn low_bit_scales(p: *const u8, q3: bool) -> (__m256i, __m256i) {
+    let raw = _mm_loadu_si128(p as *const __m128i);
+    if q3 {
+        (_mm256_cvtepi8_epi16(raw), _mm256_setzero_si256())
+    } else {
+        let v = _mm256_cvtepu8_epi16(raw);
+        (
+            _mm256_and_si256(v, _mm256_set1_epi16(15)),
+            _mm256_srli_epi16::<4>(v),
+        )
+    }
+}
+
+/// Per-row `(lo, hi)` 16-bit pairs into `(lo, lo)` and `(hi, hi)`: the `vpmaddwd` operands
+/// that scale each half's pair sums.
+#[inline(always)]
+unsafe fn halves(pairs: __m256i) -> (__m256i, __m256i) {
+    let lo = _mm256_setr_epi8(
+        0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13, 0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12,
+        13, 12, 13,
+    );
+    let hi = _mm256_add_epi8(lo, _mm256_set1_epi8(2));
+    (
+        _mm256_shuffle_epi8(pairs, lo),
+        _mm256_shuffle_epi8(pairs, hi),
+    )
+}
+
+/// `acc + Σ_g w[g]·x(first + g)` per 32-bit lane times `scale` (16-bit pairs): the
+/// `vpmaddubsw` pair sums of ≤ 3-bit weights (at most 2·7·127) added in 16 bits, then one
+/// `vpmaddwd` (`vpdpwssd` with VNNI) by the scales — exact.
+#[inline(always)]
+unsafe fn scaled_sums<const VNNI: bool>(
+    acc: __m256i,
+    w: &[__m256i; 4],
+    scale: __m256i,
+    first: usize,
+    x: &impl Fn(usize) -> __m256i,
+) -> __m256i {
+    let a = _mm256_add_epi16(
+        _mm256_maddubs_epi16(w[0], x(first)),
+        _mm256_maddubs_epi16(w[1], x(first + 1)),
+    );
+    let b = _mm256_add_epi16(
+        _mm256_maddubs_epi16(w[2], x(first + 2)),
+        _mm256_maddubs_epi16(w[3], x(first + 3)),
+    );
+    let sums = _mm256_add_epi16(a, b);
+    if VNNI {
+        _mm256_dpwssd_avx_epi32(acc, sums, scale)
+    } else {
+        _mm256_add_epi32(acc, _mm256_madd_epi16(sums, scale))
+    }
 }
 
 /// Eight f16 scales at `p`, widened.
@@ -143,7 +227,7 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
 ) {
     let nb = w.k / QK;
     let rec_bytes = w.format.record();
-    let base = (w.lines.as_ptr() as *const u8).add(t * nb * rec_bytes);
+    let base = w.tile_ptr(t);
     let xq = |row: usize, b: usize, word: usize| -> __m256i {
         let p = act.q.as_ptr().add(row * w.k + b * QK + 4 * word) as *const i32;
         _mm256_set1_epi32(p.read_unaligned())
@@ -268,6 +352,49 @@ unsafe fn tile_body<const R: usize, const VNNI: bool>(
                         }
                         let scale = _mm256_mul_ps(d, _mm256_set1_ps(*act.d.get_unchecked(i)));
                         *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, *a);
+                    }
+                }
+            }
+            TileFormat::Q3K | TileFormat::Q2K => {
+                let q3 = w.format == TileFormat::Q3K;
+                for b in 0..nb {
+                    let (rec, j) = (base.add(b / 8 * rec_bytes), b % 8);
+                    let d = f16x8(rec.add(low_bits::D + 16 * h));
+                    let (scales, mins) = low_bit_scales(rec.add(low_bits::scales(j) + 16 * h), q3);
+                    let (sc_lo, sc_hi) = halves(scales);
+                    let nd = f16x8(rec.add(low_bits::NEG_DMIN + 16 * h));
+                    let (mut lo, mut hi) = unpack_two(rec.add(low_bits::weights(w.format, j)), h);
+                    if q3 {
+                        let third = wgt(rec, low_bits::plane(j));
+                        for g in 0..4 {
+                            lo[g] = _mm256_or_si256(lo[g], plane_bits(third, g, 2));
+                            hi[g] = _mm256_or_si256(hi[g], plane_bits(third, 4 + g, 2));
+                        }
+                    }
+                    for (jj, a) in acc.iter_mut().enumerate() {
+                        let row = first + jj;
+                        let x = |g: usize| xq(row, b, g);
+                        let s = scaled_sums::<VNNI>(_mm256_setzero_si256(), &lo, sc_lo, 0, &x);
+                        let isum = scaled_sums::<VNNI>(s, &hi, sc_hi, 4, &x);
+                        let i = row * nb + b;
+                        let sums = _mm256_set1_epi32(*act.pair.get_unchecked(i));
+                        let dx = _mm256_set1_ps(*act.d.get_unchecked(i));
+                        if q3 {
+                            // the weights are stored + 4: less 4·(sc_lo·sum_lo + sc_hi·sum_hi)
+                            let bias = _mm256_slli_epi32::<2>(_mm256_madd_epi16(scales, sums));
+                            let isum = _mm256_sub_epi32(isum, bias);
+                            *a =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, dx), *a);
+                        } else {
+                            let imin = _mm256_madd_epi16(mins, sums);
+                            *a =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, dx), *a);
+                            *a = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(imin),
+                                _mm256_mul_ps(nd, dx),
+                                *a,
+                            );
+                        }
                     }
                 }
             }

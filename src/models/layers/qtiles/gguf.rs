@@ -4,7 +4,7 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::{f16_at, TileFormat, QK, TILE};
+use super::{f16_at, low_bits, TileFormat, QK, TILE};
 
 /// A block of 32 weights decoded from its GGUF bytes: 4-bit (`w = d·q + m`), 5-bit
 /// (`w = d·(q - 16)` or `d·q + m`), 6-bit or 8-bit (`w = d·q`).
@@ -33,6 +33,15 @@ pub(super) enum Decoded {
     Eight {
         q: [i8; QK],
         d: f32,
+    },
+    /// Q3_K (`w = d·sc[h]·(q - 4)`, `q` in 0..8, `sc` signed) or Q2_K (`w = d·sc[h]·q -
+    /// dmin·m[h]`, `q` in 0..4), `h` the half (columns 0..16, 16..32).
+    Low {
+        q: [u8; QK],
+        d: f16,
+        dmin: f16,
+        sc: [i8; 2],
+        m: [u8; 2],
     },
 }
 
@@ -167,6 +176,49 @@ pub(super) fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
             m: f16_at(b, 2).to_f32(),
         }
     }
+    /// Sub-block `sub`'s two-bit values in a Q2_K/Q3_K block's 64 bytes: each 128 values take
+    /// 32 bytes, value l of their 32-value sub-block j in bits 2j, 2j + 1 of byte l.
+    fn crumbs(qs: &[u8], sub: usize) -> [u8; QK] {
+        let mut q = [0u8; QK];
+        for (v, &x) in q.iter_mut().zip(&qs[32 * (sub / 4)..][..32]) {
+            *v = (x >> (2 * (sub % 4))) & 3;
+        }
+        q
+    }
+    fn q2k(b: &[u8], sub: usize) -> Decoded {
+        // 16 bytes of `scale | min << 4` (one per 16 values), 64 of two-bit values, d, dmin
+        let at = |h: usize| b[2 * sub + h];
+        Decoded::Low {
+            q: crumbs(&b[16..80], sub),
+            d: f16_at(b, 80),
+            dmin: f16_at(b, 82),
+            sc: [(at(0) & 15) as i8, (at(1) & 15) as i8],
+            m: [at(0) >> 4, at(1) >> 4],
+        }
+    }
+    fn q3k(b: &[u8], sub: usize) -> Decoded {
+        // 32 bytes of third bits (bit `sub` of byte l), 64 of two-bit values, 12 bytes of
+        // sixteen 6-bit scales (+ 32), d: the weight is `q - 4` where the third bit is clear
+        let (hmask, qs, sc) = (&b[..32], &b[32..96], &b[96..108]);
+        let mut q = crumbs(qs, sub);
+        for (v, &h) in q.iter_mut().zip(hmask) {
+            *v |= ((h >> sub) & 1) << 2;
+        }
+        // scale i: low nibble from byte i (i < 8) or the high one of byte i - 8, top two bits
+        // from byte 8 + i % 4 at bit 2·(i / 4)
+        let scale = |i: usize| {
+            let low = if i < 8 { sc[i] & 15 } else { sc[i - 8] >> 4 };
+            let high = (sc[8 + i % 4] >> (2 * (i / 4))) & 3;
+            (low | (high << 4)) as i8 - 32
+        };
+        Decoded::Low {
+            q,
+            d: f16_at(b, 108),
+            dmin: f16::ZERO,
+            sc: [scale(2 * sub), scale(2 * sub + 1)],
+            m: [0; 2],
+        }
+    }
     fn q8_0(b: &[u8], _: usize) -> Decoded {
         let mut q = [0i8; QK];
         for (v, &x) in q.iter_mut().zip(&b[2..2 + QK]) {
@@ -186,6 +238,8 @@ pub(super) fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
         GgmlDType::Q5K => (256, 176, TileFormat::Q5K, q5k),
         GgmlDType::Q6K => (256, 210, TileFormat::Q6K, q6k),
         GgmlDType::Q8_0 => (QK, 34, TileFormat::Q8_0, q8_0),
+        GgmlDType::Q3K => (256, 110, TileFormat::Q3K, q3k),
+        GgmlDType::Q2K => (256, 84, TileFormat::Q2K, q2k),
         _ => return None,
     };
     Some(GgufBlock {
@@ -196,8 +250,9 @@ pub(super) fn gguf_block(dtype: GgmlDType) -> Option<GgufBlock> {
     })
 }
 
-/// Row `r` of a tile's block record: its scales, and its weights in the format's layout.
-pub(super) fn pack(format: TileFormat, rec: &mut [u8], r: usize, decoded: Decoded) {
+/// Row `r` of a tile's record, block `j` of it (0 but for Q2_K/Q3_K): its scales, and its
+/// weights in the format's layout.
+pub(super) fn pack(format: TileFormat, rec: &mut [u8], r: usize, j: usize, decoded: Decoded) {
     match decoded {
         Decoded::Four { q, d, m } => {
             let nibbles = if format == TileFormat::Q4K {
@@ -239,6 +294,25 @@ pub(super) fn pack(format: TileFormat, rec: &mut [u8], r: usize, decoded: Decode
                 for j in 0..4 {
                     rec[64 + (g * TILE + r) * 4 + j] = (q[4 * g + j] as u8) ^ 0x80;
                 }
+            }
+        }
+        Decoded::Low { q, d, dmin, sc, m } => {
+            // the super-block's d (and -dmin) are the same for each of its blocks
+            rec[low_bits::D + 2 * r..][..2].copy_from_slice(&d.to_le_bytes());
+            rec[low_bits::NEG_DMIN + 2 * r..][..2].copy_from_slice(&(-dmin).to_le_bytes());
+            for h in 0..2 {
+                rec[low_bits::scales(j) + 2 * r + h] = if format == TileFormat::Q3K {
+                    sc[h] as u8
+                } else {
+                    sc[h] as u8 | (m[h] << 4)
+                };
+            }
+            let at = low_bits::weights(format, j);
+            for (c, v) in q.iter().enumerate() {
+                rec[at + 64 * (c / 16) + 4 * r + c % 4] |= (v & 3) << (2 * ((c % 16) / 4));
+            }
+            if format == TileFormat::Q3K {
+                pack_plane(rec, low_bits::plane(j), r, &q, 2);
             }
         }
     }

@@ -1,5 +1,5 @@
 //! inferd's own CPU matmul for GGUF weights in 32-element blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
-//! and the 32-value blocks of Q4_K, Q5_K and Q6_K):
+//! and the 32-value blocks of Q2_K, Q3_K, Q4_K, Q5_K and Q6_K):
 //! the weights repacked at load into tiles of 16 output rows, multiplied with AVX-512 VNNI
 //! (`x86`), or AVX2 with or without AVX-VNNI (`avx2`), as [`KernelPath::active`] says.
 //!
@@ -12,8 +12,10 @@
 //! Layout: for each tile of 16 rows and each 32-column block, one record on a 64-byte line
 //! boundary: the 16 rows' scales (and for 4-bit, minimums), then the weights grouped by four
 //! columns — `[group][row][4 bytes]` — so that one 64-byte load feeds one `vpdpbusd` computing
-//! 4 columns of all 16 rows. Activations are quantized per 32-block to 8 bits (scale `d`,
-//! integer sum, and `s = d × sum`), like llama.cpp's Q8_1.
+//! 4 columns of all 16 rows. Q2_K and Q3_K, whose scales are small integers per 16 columns
+//! under one f16 `d` per 256, keep one record per 256 columns (eight blocks: see
+//! [`TileFormat::Q3K`]) so that they stay near their GGUF size. Activations are quantized per
+//! 32-block to 8 bits (scale `d`, integer sum, and `s = d × sum`), like llama.cpp's Q8_1.
 //!
 //! Each output is `Σ_blocks fma(isum, d_w·d_x, acc)` (then `+ m_w·s_x` for 4-bit), blocks in
 //! order, whatever the batch: a row's result does not depend on the rows beside it (batch
@@ -64,6 +66,18 @@ pub enum TileFormat {
     Q5K,
     /// `w = d·q`, `q` in -128..128 stored as `q + 128`: per row f32 `d` (64 bytes), 512 bytes.
     Q8_0,
+    /// Q3_K: `w = d·sc·(q - 4)`, `q` in 0..8, `sc` a signed 6-bit integer per 16 columns, `d`
+    /// f16 per row and 256 columns. One record per 256 columns: the rows' f16 `d` (64 bytes
+    /// with padding), each block's scales as bytes (`[block][row][half]`, 8 × 32 bytes), each
+    /// block's third bits as a bit plane (8 × 64), each block's low two bits (8 × 128: see
+    /// [`crumb`]) — 3.625 bits a weight. The sub-scales are applied as integers (`vpmaddwd`
+    /// on 16-bit sums), so one float step per block, as for Q4_0.
+    Q3K,
+    /// Q2_K: `w = d·sc·q - dmin·m`, `q` in 0..4, `sc` and `m` 4-bit integers per 16 columns,
+    /// `d`, `dmin` f16 per row and 256 columns. One record per 256 columns: f16 `d` and
+    /// `-dmin` (64 bytes), each block's `sc | m << 4` bytes (8 × 32), each block's two-bit
+    /// weights (8 × 128) — 2.625 bits a weight, as in the GGUF.
+    Q2K,
 }
 
 impl TileFormat {
@@ -76,7 +90,46 @@ impl TileFormat {
             Self::Q5_0 => 128 + TILE * QK / 2,
             Self::Q5K => 192 + TILE * QK / 2,
             Self::Q8_0 => 64 + TILE * QK,
+            Self::Q3K => low_bits::weights(Self::Q3K, 8),
+            Self::Q2K => low_bits::weights(Self::Q2K, 8),
         }
+    }
+
+    /// Blocks of 32 columns per record.
+    const fn blocks(self) -> usize {
+        match self {
+            Self::Q3K | Self::Q2K => 8,
+            _ => 1,
+        }
+    }
+}
+
+/// Offsets in a Q3_K/Q2_K record (eight blocks; see [`TileFormat::Q3K`]).
+pub(super) mod low_bits {
+    use super::{TileFormat, QK, TILE};
+
+    /// The rows' f16 `d`.
+    pub const D: usize = 0;
+    /// The rows' f16 `-dmin` (Q2_K).
+    pub const NEG_DMIN: usize = 32;
+
+    /// Block `j`'s scale bytes: `[row][half]`.
+    pub const fn scales(j: usize) -> usize {
+        64 + 2 * TILE * j
+    }
+
+    /// Block `j`'s third-bit plane (Q3_K).
+    pub const fn plane(j: usize) -> usize {
+        scales(8) + 64 * j
+    }
+
+    /// Block `j`'s two-bit weights: two 64-byte lines, columns 0..16 then 16..32.
+    pub const fn weights(format: TileFormat, j: usize) -> usize {
+        let first = match format {
+            TileFormat::Q3K => plane(8),
+            _ => scales(8),
+        };
+        first + TILE * QK / 4 * j
     }
 }
 
@@ -135,10 +188,10 @@ impl TiledMatrix {
             return None;
         }
         let tiles = n.div_ceil(TILE);
-        let rec_lines = format.record() / 64;
-        let mut lines = vec![Line([0; 64]); tiles * nb * rec_lines];
+        let (rec_lines, per) = (format.record() / 64, format.blocks());
+        let mut lines = vec![Line([0; 64]); tiles * nb / per * rec_lines];
         lines
-            .chunks_mut(nb * rec_lines)
+            .chunks_mut(nb / per * rec_lines)
             .enumerate()
             .for_each(|(t, tile)| {
                 for r in 0..TILE.min(n - t * TILE) {
@@ -146,8 +199,9 @@ impl TiledMatrix {
                     for b in 0..nb {
                         let value = row * k + b * QK;
                         let src = &data[value / values * bytes..][..bytes];
-                        let rec = as_bytes_mut(&mut tile[b * rec_lines..(b + 1) * rec_lines]);
-                        pack(format, rec, r, decode(src, value % values / QK));
+                        let first = b / per * rec_lines;
+                        let rec = as_bytes_mut(&mut tile[first..first + rec_lines]);
+                        pack(format, rec, r, b % per, decode(src, value % values / QK));
                     }
                 }
             });
@@ -172,10 +226,20 @@ impl TiledMatrix {
         self.lines.len() * 64
     }
 
+    /// The record holding block `block` of tile `tile` (for Q2_K/Q3_K, its 256 columns').
     fn record(&self, tile: usize, block: usize) -> &[u8] {
         let rec_lines = self.format.record() / 64;
-        let first = (tile * (self.k / QK) + block) * rec_lines;
+        let per = self.format.blocks();
+        let first = (tile * (self.k / QK / per) + block / per) * rec_lines;
         as_bytes(&self.lines[first..first + rec_lines])
+    }
+
+    /// The first record of tile `t` (the kernels' base pointer); records follow at
+    /// `format.record()` bytes, each holding `format.blocks()` blocks.
+    fn tile_ptr(&self, t: usize) -> *const u8 {
+        let bytes = self.k / QK / self.format.blocks() * self.format.record();
+        // SAFETY: in bounds: `lines` holds every tile's records.
+        unsafe { (self.lines.as_ptr() as *const u8).add(t * bytes) }
     }
 
     /// Row `row` of the weights, dequantized into `out` (`k` values): embedding lookups.
@@ -213,6 +277,21 @@ impl TiledMatrix {
                     let d = f32_at(rec, 4 * r);
                     for (c, v) in o.iter_mut().enumerate() {
                         *v = byte8(rec, r, c) as f32 * d;
+                    }
+                }
+                TileFormat::Q3K | TileFormat::Q2K => {
+                    // as candle: (d·sc)·q, and for Q2_K minus dmin·m
+                    let j = b % 8;
+                    let (sc, m) = low_bit_scales(self.format, rec, j, r);
+                    let d = f16_at(rec, low_bits::D + 2 * r).to_f32();
+                    let nd = f16_at(rec, low_bits::NEG_DMIN + 2 * r).to_f32();
+                    for (c, v) in o.iter_mut().enumerate() {
+                        let dl = d * sc[c / 16] as f32;
+                        *v = if self.format == TileFormat::Q3K {
+                            dl * (low_bit(self.format, rec, j, r, c) as i32 - 4) as f32
+                        } else {
+                            dl * low_bit(self.format, rec, j, r, c) as f32 + nd * m[c / 16] as f32
+                        };
                     }
                 }
             }
@@ -351,6 +430,32 @@ impl TiledMatrix {
                             let d = f32_at(rec, 4 * lane);
                             *out = (isum as f32).mul_add(d * dx, *out);
                         }
+                        TileFormat::Q3K | TileFormat::Q2K => {
+                            // integer sub-scales on each half's integer sum; Q3_K's weights
+                            // are stored + 4, Q2_K's minimum is `m·(sum of the half)`
+                            let j = b % 8;
+                            let (sc, m) = low_bit_scales(self.format, rec, j, lane);
+                            let half = |h: usize| -> i32 {
+                                (16 * h..16 * h + 16)
+                                    .map(|c| {
+                                        low_bit(self.format, rec, j, lane, c) as i32 * xq[c] as i32
+                                    })
+                                    .sum()
+                            };
+                            let sum_lo = act.sum_lo[row * nb + b];
+                            let sums = [sum_lo, act.sum[row * nb + b] - sum_lo];
+                            let isum = sc[0] * half(0) + sc[1] * half(1);
+                            let d = f16_at(rec, low_bits::D + 2 * lane).to_f32();
+                            if self.format == TileFormat::Q3K {
+                                let bias = 4 * (sc[0] * sums[0] + sc[1] * sums[1]);
+                                *out = ((isum - bias) as f32).mul_add(d * dx, *out);
+                            } else {
+                                let imin = m[0] * sums[0] + m[1] * sums[1];
+                                let nd = f16_at(rec, low_bits::NEG_DMIN + 2 * lane).to_f32();
+                                *out = (isum as f32).mul_add(d * dx, *out);
+                                *out = (imin as f32).mul_add(nd * dx, *out);
+                            }
+                        }
                     }
                 }
             }
@@ -398,6 +503,37 @@ fn plane_bit(rec: &[u8], plane: usize, r: usize, c: usize) -> u8 {
     (rec[plane + 4 * r + c % 4] >> gguf::plane_shift(c)) & 1
 }
 
+/// Row `r`'s integer scales (and for Q2_K minimums) of columns 0..16 and 16..32 of block `j`
+/// in a Q3_K/Q2_K record.
+fn low_bit_scales(format: TileFormat, rec: &[u8], j: usize, r: usize) -> ([i32; 2], [i32; 2]) {
+    let at = |h: usize| rec[low_bits::scales(j) + 2 * r + h];
+    if format == TileFormat::Q3K {
+        ([at(0) as i8 as i32, at(1) as i8 as i32], [0; 2])
+    } else {
+        (
+            [(at(0) & 15) as i32, (at(1) & 15) as i32],
+            [(at(0) >> 4) as i32, (at(1) >> 4) as i32],
+        )
+    }
+}
+
+/// The weight (Q3_K: stored + 4) of row `r`, column `c` of block `j` in a Q3_K/Q2_K record.
+fn low_bit(format: TileFormat, rec: &[u8], j: usize, r: usize, c: usize) -> u8 {
+    let two = crumb(rec, low_bits::weights(format, j), r, c);
+    if format == TileFormat::Q3K {
+        two | (plane_bit(rec, low_bits::plane(j), r, c) << 2)
+    } else {
+        two
+    }
+}
+
+/// The two low bits of row `r`, column `c` in the two lines at `at`: line `c / 16`, byte
+/// `4r + c % 4`, bits `2g` and `2g + 1` for the column's group `g = (c % 16) / 4` — so that
+/// shifting the line by `2g` and masking gives group g's weights for all 16 rows.
+fn crumb(rec: &[u8], at: usize, r: usize, c: usize) -> u8 {
+    (rec[at + 64 * (c / 16) + 4 * r + c % 4] >> (2 * ((c % 16) / 4))) & 3
+}
+
 fn f32_at(b: &[u8], i: usize) -> f32 {
     f32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
@@ -426,6 +562,9 @@ struct Activations {
     /// The sum of each block's first 16 values (Q6_K scales its halves apart).
     sum_lo: Vec<i32>,
     s: Vec<f32>,
+    /// The sums of each block's halves as two i16 (low, high) in one i32: the operand of the
+    /// `vpmaddwd` that applies Q2_K's minimums and Q3_K's offset.
+    pair: Vec<i32>,
 }
 
 impl Activations {
@@ -438,6 +577,7 @@ impl Activations {
             sum: vec![0; blocks],
             sum_lo: vec![0; blocks],
             s: vec![0.0; blocks],
+            pair: vec![0; blocks],
         };
         for (b, (xs, qs)) in x
             .chunks_exact(QK)
@@ -449,6 +589,8 @@ impl Activations {
             act.sum[b] = sum;
             act.sum_lo[b] = sum_lo;
             act.s[b] = d * sum as f32;
+            // |sum of 16| <= 16·127: each fits in 16 bits
+            act.pair[b] = (sum_lo as u16 as i32) | ((sum - sum_lo) << 16);
         }
         act
     }
@@ -591,6 +733,10 @@ mod tests {
         check(GgmlDType::Q5_1, 33, 896, 5);
         check(GgmlDType::Q5K, 40, 512, 6);
         check(GgmlDType::Q5K, 17, 256, 37);
+        check(GgmlDType::Q3K, 40, 512, 6);
+        check(GgmlDType::Q3K, 17, 256, 37);
+        check(GgmlDType::Q2K, 40, 512, 6);
+        check(GgmlDType::Q2K, 17, 768, 37);
     }
 
     #[test]

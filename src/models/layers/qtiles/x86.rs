@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Activations, TileFormat, TiledMatrix, QK, ROWS, TILE};
+use super::{low_bits, Activations, TileFormat, TiledMatrix, QK, ROWS, TILE};
 
 /// `R` activation rows from `first` against tile `t` of `w`, into `out[..R]`; each weight block
 /// is loaded (and for 4-bit, unpacked) once for all `R` rows.
@@ -22,7 +22,7 @@ pub(super) unsafe fn tile<const R: usize>(
 ) {
     let nb = w.k / QK;
     let rec_bytes = w.format.record();
-    let base = (w.lines.as_ptr() as *const u8).add(t * nb * rec_bytes);
+    let base = w.tile_ptr(t);
     let mut acc = [_mm512_setzero_ps(); R];
     let xq = |row: usize, b: usize, word: usize| -> __m512i {
         let p = act.q.as_ptr().add(row * w.k + b * QK + 4 * word) as *const i32;
@@ -131,6 +131,45 @@ pub(super) unsafe fn tile<const R: usize>(
                 }
             }
         }
+        TileFormat::Q3K | TileFormat::Q2K => {
+            let q3 = w.format == TileFormat::Q3K;
+            let four = _mm512_set1_epi8(4);
+            for b in 0..nb {
+                let (rec, j) = (base.add(b / 8 * rec_bytes), b % 8);
+                let d = _mm512_cvtph_ps(_mm256_load_si256(rec.add(low_bits::D) as *const __m256i));
+                let (scales, mins) = low_bit_scales(rec.add(low_bits::scales(j)), q3);
+                let (sc_lo, sc_hi) = halves(scales);
+                let (mut lo, mut hi) = unpack_two(rec.add(low_bits::weights(w.format, j)));
+                if q3 {
+                    let third = _mm512_load_si512(rec.add(low_bits::plane(j)) as *const __m512i);
+                    for g in 0..4 {
+                        lo[g] = plane_add(lo[g], third, g, four);
+                        hi[g] = plane_add(hi[g], third, 4 + g, four);
+                    }
+                }
+                for (jj, a) in acc.iter_mut().enumerate() {
+                    let row = first + jj;
+                    let x = |g: usize| xq(row, b, g);
+                    let s = scaled_sums(_mm512_setzero_si512(), &lo, sc_lo, 0, &x);
+                    let isum = scaled_sums(s, &hi, sc_hi, 4, &x);
+                    let i = row * nb + b;
+                    let sums = _mm512_set1_epi32(*act.pair.get_unchecked(i));
+                    let dx = _mm512_set1_ps(*act.d.get_unchecked(i));
+                    if q3 {
+                        // the weights are stored + 4: less 4·(sc_lo·sum_lo + sc_hi·sum_hi)
+                        let bias = _mm512_slli_epi32::<2>(_mm512_madd_epi16(scales, sums));
+                        let isum = _mm512_sub_epi32(isum, bias);
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dx), *a);
+                    } else {
+                        let nd = _mm256_load_si256(rec.add(low_bits::NEG_DMIN) as *const __m256i);
+                        let imin = _mm512_madd_epi16(mins, sums);
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dx), *a);
+                        let nd = _mm512_mul_ps(_mm512_cvtph_ps(nd), dx);
+                        *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin), nd, *a);
+                    }
+                }
+            }
+        }
     }
     for (o, a) in out.iter_mut().zip(acc) {
         _mm512_storeu_ps(o.as_mut_ptr(), a);
@@ -193,6 +232,80 @@ unsafe fn unpack_four(nibbles: *const u8) -> ([__m512i; 4], [__m512i; 4]) {
 unsafe fn plane_add(v: __m512i, plane: __m512i, s: usize, add: __m512i) -> __m512i {
     let set = _mm512_test_epi8_mask(plane, _mm512_set1_epi8(1 << s));
     _mm512_mask_add_epi8(v, set, v, add)
+}
+
+/// A block's two-bit weights for 16 rows from its two lines at `at` (see `super::crumb`);
+/// columns `4g..4g + 4` in `lo[g]`, `16 + 4g..` in `hi[g]`.
+#[inline(always)]
+unsafe fn unpack_two(at: *const u8) -> ([__m512i; 4], [__m512i; 4]) {
+    let three = _mm512_set1_epi8(3);
+    let v0 = _mm512_load_si512(at as *const __m512i);
+    let v1 = _mm512_load_si512(at.add(64) as *const __m512i);
+    (crumbs(v0, three), crumbs(v1, three))
+}
+
+/// The four two-bit fields of each byte of `v`, each in its own vector. (16-bit shifts: bits
+/// 0 and 1 of each byte come from its own byte.)
+#[inline(always)]
+unsafe fn crumbs(v: __m512i, three: __m512i) -> [__m512i; 4] {
+    [
+        _mm512_and_si512(v, three),
+        _mm512_and_si512(_mm512_srli_epi16::<2>(v), three),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(v), three),
+        _mm512_and_si512(_mm512_srli_epi16::<6>(v), three),
+    ]
+}
+
+/// The 16 rows' integer scales of a Q3_K/Q2_K block from its 32 scale bytes at `p`, as
+/// 16-bit pairs `(lo, hi)` per row, and for Q2_K (`q3` false) the minimums likewise.
+#[inline(always)]
+unsafe fn low_bit_scales(p: *const u8, q3: bool) -> (__m512i, __m512i) {
+    let raw = _mm256_load_si256(p as *const __m256i);
+    if q3 {
+        (_mm512_cvtepi8_epi16(raw), _mm512_setzero_si512())
+    } else {
+        let v = _mm512_cvtepu8_epi16(raw);
+        (
+            _mm512_and_si512(v, _mm512_set1_epi16(15)),
+            _mm512_srli_epi16::<4>(v),
+        )
+    }
+}
+
+/// Per-row `(lo, hi)` 16-bit pairs into `(lo, lo)` and `(hi, hi)`: the `vpdpwssd` operands
+/// that scale each half's pair sums.
+#[inline(always)]
+unsafe fn halves(pairs: __m512i) -> (__m512i, __m512i) {
+    let lo = _mm512_broadcast_i32x4(_mm_setr_epi8(
+        0, 1, 0, 1, 4, 5, 4, 5, 8, 9, 8, 9, 12, 13, 12, 13,
+    ));
+    let hi = _mm512_add_epi8(lo, _mm512_set1_epi8(2));
+    (
+        _mm512_shuffle_epi8(pairs, lo),
+        _mm512_shuffle_epi8(pairs, hi),
+    )
+}
+
+/// `acc + Σ_g w[g]·x(first + g)` per 32-bit lane times `scale` (16-bit pairs): the
+/// `vpmaddubsw` pair sums of ≤ 3-bit weights (at most 2·7·127) added in 16 bits, then one
+/// `vpdpwssd` by the scales — exact.
+#[inline(always)]
+unsafe fn scaled_sums(
+    acc: __m512i,
+    w: &[__m512i; 4],
+    scale: __m512i,
+    first: usize,
+    x: &impl Fn(usize) -> __m512i,
+) -> __m512i {
+    let a = _mm512_add_epi16(
+        _mm512_maddubs_epi16(w[0], x(first)),
+        _mm512_maddubs_epi16(w[1], x(first + 1)),
+    );
+    let b = _mm512_add_epi16(
+        _mm512_maddubs_epi16(w[2], x(first + 2)),
+        _mm512_maddubs_epi16(w[3], x(first + 3)),
+    );
+    _mm512_dpwssd_epi32(acc, _mm512_add_epi16(a, b), scale)
 }
 
 /// A 5-bit block's weights (0..32) for 16 rows: the fifth bits in the plane at `plane`, the
