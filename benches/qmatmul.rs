@@ -1,6 +1,6 @@
 //! Micro-benchmark of the quantized matmuls the CPU forward pass is made of, by dtype and
 //! rows: candle's kernels (`QMatMul`), then inferd's tiles on every kernel path this CPU runs.
-//! `cargo bench --bench qmatmul [-- tiles|candle]`
+//! `cargo bench --bench qmatmul [-- tiles|candle [DTYPE...]]` (e.g. `-- tiles Q8_0 Q5_0`)
 use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -36,13 +36,21 @@ fn time(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let only = args.first().cloned();
+    let dtypes = &args[args.len().min(1)..];
     let dev = Device::Cpu;
     // Qwen2.5-0.5B's ffn_down shape: k is a multiple of 256, as K-quants need.
     let (n, k) = (896, 4864);
     let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
     let gflops = |m: usize, per: f64| 2.0 * (m * n * k) as f64 / per / 1e9;
     for dtype in DTYPES {
+        if !dtypes.is_empty() && !dtypes.iter().any(|d| *d == format!("{dtype:?}")) {
+            continue;
+        }
         let qt = QTensor::quantize(&w, dtype).unwrap();
         let tiled = TiledMatrix::from_qtensor(&qt).unwrap();
         if only.as_deref() != Some("tiles") {
