@@ -102,9 +102,11 @@ impl TileFormat {
     /// Q4_K -7%, Q4_0/Q4_1 -3%.) Q8_0's bytes need no unpacking, but without VNNI each weight
     /// vector's sign and magnitude are taken once per block for all its rows: eight there
     /// (AMD EPYC Zen 3, `avx2`, eight alternating runs: median 125 -> 144 GFLOP/s), four on
-    /// the VNNI paths, where nothing is shared but the loads.
+    /// the VNNI paths, where nothing is shared but the loads. AVX-512 keeps four for every
+    /// format: the figures its side-by-side ratios were measured with (eight is untimed there).
     const fn rows(self, path: KernelPath) -> usize {
         match self {
+            _ if matches!(path, KernelPath::Avx512) => 4,
             Self::Q4_1 | Self::Q4K => 4,
             Self::Q8_0 if !matches!(path, KernelPath::Avx2) => 4,
             _ => ROWS,

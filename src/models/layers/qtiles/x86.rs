@@ -1,5 +1,5 @@
 //! The AVX-512 VNNI side of the tiled matmul: the block kernel (16 rows × 4 columns per
-//! `vpdpbusd`, each block's weights loaded or unpacked once for up to four or eight activation rows)
+//! `vpdpbusd`, each block's weights loaded or unpacked once for up to four activation rows)
 //! and the activation quantizer.
 //!
 //! The formats keep their own loops: folding them into one generic driver (each format giving
