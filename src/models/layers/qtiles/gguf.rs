@@ -4,7 +4,7 @@
 use candle_core::quantized::GgmlDType;
 use half::f16;
 
-use super::{f16_at, low_bits, TileFormat, QK, TILE};
+use super::{crumb_pos, f16_at, low_bits, TileFormat, QK, TILE};
 
 /// A block of 32 weights decoded from its GGUF bytes: 4-bit (`w = d·q + m`), 5-bit
 /// (`w = d·(q - 16)` or `d·q + m`), 6-bit or 8-bit (`w = d·q`).
@@ -309,7 +309,8 @@ pub(super) fn pack(format: TileFormat, rec: &mut [u8], r: usize, j: usize, decod
             }
             let at = low_bits::weights(format, j);
             for (c, v) in q.iter().enumerate() {
-                rec[at + 64 * (c / 16) + 4 * r + c % 4] |= (v & 3) << (2 * ((c % 16) / 4));
+                let (byte, shift) = crumb_pos(at, r, c);
+                rec[byte] |= (v & 3) << shift;
             }
             if format == TileFormat::Q3K {
                 pack_plane(rec, low_bits::plane(j), r, &q, 2);

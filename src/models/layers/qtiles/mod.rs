@@ -244,18 +244,22 @@ impl TiledMatrix {
         self.lines.len() * 64
     }
 
+    /// Records per tile: one per `format.blocks()` blocks of the `k` columns.
+    fn tile_records(&self) -> usize {
+        self.k / QK / self.format.blocks()
+    }
+
     /// The record holding block `block` of tile `tile` (for Q2_K/Q3_K, its 256 columns').
     fn record(&self, tile: usize, block: usize) -> &[u8] {
         let rec_lines = self.format.record() / 64;
-        let per = self.format.blocks();
-        let first = (tile * (self.k / QK / per) + block / per) * rec_lines;
+        let first = (tile * self.tile_records() + block / self.format.blocks()) * rec_lines;
         as_bytes(&self.lines[first..first + rec_lines])
     }
 
     /// The first record of tile `t` (the kernels' base pointer); records follow at
     /// `format.record()` bytes, each holding `format.blocks()` blocks.
     fn tile_ptr(&self, t: usize) -> *const u8 {
-        let bytes = self.k / QK / self.format.blocks() * self.format.record();
+        let bytes = self.tile_records() * self.format.record();
         // SAFETY: in bounds: `lines` holds every tile's records.
         unsafe { (self.lines.as_ptr() as *const u8).add(t * bytes) }
     }
@@ -354,9 +358,9 @@ impl TiledMatrix {
     ) {
         let lanes = TILE.min(self.n - t * TILE);
         let mut acc = [[0f32; TILE]; ROWS];
+        let most = self.format.rows(path);
         let mut i = rows.start;
         while i < rows.end {
-            let most = self.format.rows(path);
             let r = if rows.end - i >= most {
                 most
             } else {
@@ -555,7 +559,16 @@ fn low_bit(format: TileFormat, rec: &[u8], j: usize, r: usize, c: usize) -> u8 {
 /// `4r + c % 4`, bits `2g` and `2g + 1` for the column's group `g = (c % 16) / 4` — so that
 /// shifting the line by `2g` and masking gives group g's weights for all 16 rows.
 fn crumb(rec: &[u8], at: usize, r: usize, c: usize) -> u8 {
-    (rec[at + 64 * (c / 16) + 4 * r + c % 4] >> (2 * ((c % 16) / 4))) & 3
+    let (byte, shift) = crumb_pos(at, r, c);
+    (rec[byte] >> shift) & 3
+}
+
+/// Where [`crumb`] keeps row `r`, column `c`: its byte in the record and its bit shift.
+fn crumb_pos(at: usize, r: usize, c: usize) -> (usize, u32) {
+    (
+        at + 64 * (c / 16) + 4 * r + c % 4,
+        2 * ((c % 16) / 4) as u32,
+    )
 }
 
 fn f32_at(b: &[u8], i: usize) -> f32 {
