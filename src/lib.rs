@@ -84,13 +84,20 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<(ServedModel, EngineThread
     let loaded = models::load_model_with(path, &device, &opts)
         .with_context(|| format!("loading {}", path.display()))?;
     let model = loaded.model;
-    let tokenizer = if synthetic {
+    let mut tokenizer = if synthetic {
         Tokenizer::synthetic(model.vocab_size())?
     } else if path.is_dir() {
         Tokenizer::from_hf_dir(path)?
     } else {
         Tokenizer::from_gguf(&models::loader::read_gguf_header(path)?)?
     };
+    if let Some(arg) = &config.chat_template {
+        let (source, from) = chat_template_source(arg)?;
+        tokenizer
+            .set_chat_template(&source)
+            .with_context(|| format!("--chat-template {from}"))?;
+        tracing::info!(name = %config.served_model_name, chat_template = %from, "chat template overridden");
+    }
     let cache_dtype = e
         .kv_cache_dtype
         .resolve(device.is_cpu(), model.cache_spec().dtype);
@@ -159,6 +166,21 @@ fn load_model(config: &ModelConfig) -> anyhow::Result<(ServedModel, EngineThread
         vocab_size,
     );
     Ok((served, thread))
+}
+
+/// `--chat-template`'s argument: a file's text, or the template itself when no file has that
+/// name and it reads as Jinja (vLLM's rule). Also what to call it in logs and errors.
+fn chat_template_source(arg: &str) -> anyhow::Result<(String, String)> {
+    let path = std::path::Path::new(arg);
+    if path.is_file() {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--chat-template: reading {}", path.display()))?;
+        Ok((text, path.display().to_string()))
+    } else if arg.contains("{{") || arg.contains("{%") {
+        Ok((arg.to_string(), "(inline template)".into()))
+    } else {
+        bail!("--chat-template: no file {arg} (and it is not a Jinja template either)")
+    }
 }
 
 /// Memory still needed beside the KV pool on a GPU once the weights are loaded: activations of
@@ -353,4 +375,28 @@ async fn serve_from(
         tracing::error!(error = %e, "joining the engine threads failed");
     }
     Ok(served??)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chat_template_source;
+
+    #[test]
+    fn chat_template_is_a_file_or_the_template_itself() {
+        let dir = std::env::temp_dir().join(format!("inferd-template-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t.jinja");
+        std::fs::write(&file, "{{ messages[0]['content'] }}").unwrap();
+        let (text, from) = chat_template_source(file.to_str().unwrap()).unwrap();
+        assert_eq!(
+            (text.as_str(), from),
+            ("{{ messages[0]['content'] }}", file.display().to_string())
+        );
+        let inline = "{% for m in messages %}{{ m.content }}{% endfor %}";
+        assert_eq!(chat_template_source(inline).unwrap().0, inline);
+        let missing = dir.join("missing.jinja");
+        let err = chat_template_source(missing.to_str().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("no file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

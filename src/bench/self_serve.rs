@@ -102,6 +102,7 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<SelfServeOutcome> {
         connection_limits: Default::default(),
         allowed_origins: Vec::new(),
         models: vec![ModelConfig {
+            chat_template: None,
             path: path.clone(),
             served_model_name: "bench".into(),
             engine: EngineSettings {

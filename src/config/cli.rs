@@ -48,6 +48,13 @@ pub struct ServeArgs {
     #[arg(long, env = "INFERD_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
 
+    /// Chat template to use instead of the model's own (vLLM's flag): a Jinja file, or the
+    /// template itself when no file has that name and it holds `{{` or `{%`. For checkpoints
+    /// whose template is missing or wrong; the tool-call format follows the template.
+    /// [default: the model's template — tokenizer_config.json or GGUF metadata]
+    #[arg(long, env = "INFERD_CHAT_TEMPLATE", value_name = "FILE|TEMPLATE")]
+    pub chat_template: Option<String>,
+
     /// Address to listen on. [default: 127.0.0.1]
     #[arg(long, env = "INFERD_HOST")]
     pub host: Option<String>,

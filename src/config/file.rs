@@ -28,6 +28,7 @@ pub struct FileConfig {
 pub struct FileModelEntry {
     pub path: PathBuf,
     pub served_model_name: Option<String>,
+    pub chat_template: Option<String>,
     #[serde(default)]
     pub engine: FileEngine,
 }
@@ -51,6 +52,7 @@ pub struct FileServer {
 pub struct FileModel {
     pub path: Option<PathBuf>,
     pub served_model_name: Option<String>,
+    pub chat_template: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]

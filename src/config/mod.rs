@@ -62,6 +62,8 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u64 = 30;
 pub struct ModelConfig {
     pub path: PathBuf,
     pub served_model_name: String,
+    /// `--chat-template`: a file or the template itself, in place of the model's own.
+    pub chat_template: Option<String>,
     pub engine: EngineSettings,
 }
 
@@ -99,7 +101,9 @@ impl Config {
         let base = a.engine().over(&f.engine);
         let models = if a.model.is_some() || f.models.is_empty() {
             if !f.models.is_empty()
-                && (f.model.path.is_some() || f.model.served_model_name.is_some())
+                && (f.model.path.is_some()
+                    || f.model.served_model_name.is_some()
+                    || f.model.chat_template.is_some())
             {
                 return Err(ConfigError::Invalid {
                     field: "models",
@@ -119,9 +123,16 @@ impl Config {
             vec![ModelConfig {
                 served_model_name: name,
                 path,
+                chat_template: a.chat_template.clone().or(f.model.chat_template),
                 engine: base.resolve()?,
             }]
         } else {
+            if a.chat_template.is_some() {
+                return Err(ConfigError::Invalid {
+                    field: "chat_template",
+                    message: "--chat-template is for one model; with [[models]], give each entry its own chat_template".into(),
+                });
+            }
             f.models
                 .into_iter()
                 .map(|m| {
@@ -130,6 +141,7 @@ impl Config {
                             .served_model_name
                             .unwrap_or_else(|| default_served_name(&m.path)),
                         engine: m.engine.over(&base).resolve()?,
+                        chat_template: m.chat_template,
                         path: m.path,
                     })
                 })
@@ -300,6 +312,35 @@ mod tests {
         assert_eq!(m.engine.kv_cache_memory, Some(1 << 30));
         assert_eq!(m.engine.block_size, 16);
         assert_eq!(m.served_model_name, "m");
+    }
+
+    #[test]
+    fn chat_template_from_the_flag_the_file_or_each_model() {
+        let file = |t: &str| -> FileConfig { toml::from_str(t).unwrap() };
+        let flag = ServeArgs {
+            chat_template: Some("t.jinja".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve(&flag, file("[model]\nchat_template = \"f.jinja\"\n")).unwrap();
+        assert_eq!(c.models[0].chat_template.as_deref(), Some("t.jinja"));
+        let c = Config::resolve(
+            &ServeArgs::default(),
+            file("[model]\nchat_template = \"f.jinja\"\n"),
+        )
+        .unwrap();
+        assert_eq!(c.models[0].chat_template.as_deref(), Some("f.jinja"));
+        let two = "[[models]]\npath = \"a.gguf\"\nchat_template = \"a.jinja\"\n[[models]]\npath = \"b.gguf\"\n";
+        let c = Config::resolve(&ServeArgs::default(), file(two)).unwrap();
+        let templates: Vec<_> = c
+            .models
+            .iter()
+            .map(|m| m.chat_template.as_deref())
+            .collect();
+        assert_eq!(templates, [Some("a.jinja"), None]);
+        assert_eq!(
+            Config::resolve(&flag, file(two)).unwrap_err().to_string(),
+            "chat_template: --chat-template is for one model; with [[models]], give each entry its own chat_template"
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub fn config(model: PathBuf, name: &str, engine: EngineSettings) -> Config {
         connection_limits: Default::default(),
         allowed_origins: Vec::new(),
         models: vec![ModelConfig {
+            chat_template: None,
             path: model,
             served_model_name: name.into(),
             engine,

@@ -6,7 +6,9 @@
 //! Formats: `hermes` (Qwen2 / Qwen2.5: `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`,
 //! one block per call), `llama3_json` (Llama 3.1 / 3.2: `{"name": ..., "parameters": {...}}`,
 //! optionally after `<|python_tag|>`, one call per turn: Meta's template refuses more), `glm4`
-//! (`name\n{arguments}`) and `generic` (a JSON envelope, for templates with no tool format).
+//! (`name\n{arguments}`; the tools on a system item for glm-4-9b-chat and its `-hf` twin, in the
+//! template's `tools` for GLM-4-0414) and `generic` (a JSON envelope, for templates with no tool
+//! format).
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -36,9 +38,11 @@ pub enum ToolFormat {
     /// `{"name": ..., "parameters": ...}`, after `<|python_tag|>` (its id, when the
     /// vocabulary has it) or not (Llama 3.1, 3.2).
     Llama3Json { python_tag: Option<u32> },
-    /// GLM-4-9B-chat (THUDM): tools on a system item, a call is `name\n{arguments}` after
-    /// `<|assistant|>` (the name in the item's `metadata`), a result is an `observation` turn.
-    Glm4,
+    /// GLM-4: a call is `name\n{arguments}` after `<|assistant|>` (the name in the item's
+    /// `metadata`), a result is an `observation` turn. `tools_on_item`: glm-4-9b-chat and
+    /// glm-4-9b-chat-hf read the tools from a system item (the layout THUDM's own server
+    /// builds); GLM-4-0414 reads the template's `tools`, as transformers passes them.
+    Glm4 { tools_on_item: bool },
     /// Templates with no tool format of their own (DeepSeek-V2, ChatML without tools): a
     /// system note describes the tools and the reply is one JSON object, `{"tool_calls":
     /// [{"name", "arguments"}, ...]}` or `{"response": "..."}` (llama.cpp's generic protocol).
@@ -55,7 +59,13 @@ impl ToolFormat {
         if source_mentions("<tool_call>") {
             Some(Self::Hermes)
         } else if source_mentions("['metadata']") && source_mentions("['tools']") {
-            Some(Self::Glm4)
+            Some(Self::Glm4 {
+                tools_on_item: true,
+            })
+        } else if source_mentions("metadata") && source_mentions("<|observation|>") {
+            Some(Self::Glm4 {
+                tools_on_item: false,
+            })
         } else if source_mentions("\"parameters\"") && source_mentions("ipython") {
             Some(Self::Llama3Json {
                 python_tag: token_id("<|python_tag|>"),
@@ -70,7 +80,7 @@ impl ToolFormat {
         match self {
             Self::Hermes => "arguments",
             Self::Llama3Json { .. } => "parameters",
-            Self::Generic | Self::Glm4 => "arguments",
+            Self::Generic | Self::Glm4 { .. } => "arguments",
         }
     }
 
@@ -78,7 +88,7 @@ impl ToolFormat {
     fn parallel(self) -> bool {
         match self {
             Self::Hermes | Self::Generic => true,
-            Self::Llama3Json { .. } | Self::Glm4 => false,
+            Self::Llama3Json { .. } | Self::Glm4 { .. } => false,
         }
     }
 }
@@ -337,7 +347,7 @@ impl ToolPlan {
                 TopLevelGrammar::from_lark(self.llama3_grammar(python_tag))
             }
             // A space may come first (templates like DeepSeek's end the prompt with `Assistant:`).
-            ToolFormat::Glm4 => TopLevelGrammar::from_lark(self.glm4_grammar()),
+            ToolFormat::Glm4 { .. } => TopLevelGrammar::from_lark(self.glm4_grammar()),
             ToolFormat::Generic => TopLevelGrammar::from_lark(format!(
                 "start: \" \"? body\nbody: %json {}\n",
                 self.generic_schema()
@@ -393,15 +403,20 @@ impl ToolPlan {
         )
     }
 
-    /// GLM-4: the reply is one call, `name\n{arguments}`, or text that does not begin with a
-    /// tool's name and a newline.
+    /// GLM-4: the reply is one call, `name\n{arguments}` (GLM-4-0414's template writes a
+    /// space before the newline: either is taken), or text that does not begin with a tool's
+    /// name and a newline.
     fn glm4_grammar(&self) -> String {
         let fs = self.callable();
         let mut rules = String::new();
         for (i, f) in fs.iter().enumerate() {
-            let head = serde_json::to_string(&format!("{}\n", f.name)).unwrap_or_default();
+            // One lexeme, name to newline, so that text lexing alongside it cannot outrun it.
+            // (Names are letters, digits, `_` and `-`: nothing to escape in a regex.)
             let args = self.with_options(f.parameters.clone());
-            rules.push_str(&format!("call{i}: {head} args{i}\nargs{i}: %json {args}\n"));
+            rules.push_str(&format!(
+                "call{i}: /{} ?\\n/ args{i}\nargs{i}: %json {args}\n",
+                f.name
+            ));
         }
         let alts: Vec<String> = (0..fs.len()).map(|i| format!("call{i}")).collect();
         let names: Vec<&str> = fs.iter().map(|f| f.name.as_str()).collect();
@@ -410,15 +425,16 @@ impl ToolPlan {
             _ => "start: call",
         };
         format!(
-            "{start}\ncall: {}\nTEXT: /(.|\\n)+/ & ~/({})\\n(.|\\n)*/\n{rules}",
+            "{start}\ncall: {}\nTEXT: /(.|\\n)+/ & ~/({}) ?\\n(.|\\n)*/\n{rules}",
             alts.join(" | "),
             names.join("|"),
         )
     }
 
-    /// Whether a reply may hold several calls: asked for, and the format has room for them.
+    /// Whether a reply may hold several calls: asked for, the format has room for them, and
+    /// no one function was named (a named function is called once, as OpenAI and vLLM do).
     pub fn parallel(&self) -> bool {
-        self.parallel && self.format.parallel()
+        self.parallel && self.format.parallel() && !matches!(self.choice, Choice::Named(_))
     }
 
     /// Whether a reply with calls finishes as `tool_calls` (OpenAI gives `stop` when the
@@ -445,7 +461,9 @@ pub fn prepare_messages(
     };
     match format {
         Some(ToolFormat::Generic) => {}
-        Some(ToolFormat::Glm4) => return glm4_messages(tools, messages, json),
+        Some(ToolFormat::Glm4 { tools_on_item }) => {
+            return glm4_messages(tools_on_item, tools, messages, json)
+        }
         _ => return messages,
     }
     let offered = tools.plan.is_some();
@@ -482,15 +500,17 @@ pub fn prepare_messages(
 }
 
 /// GLM-4's layout, as THUDM's own OpenAI server builds it: the tools on a leading system
-/// item, each past call an assistant item whose `metadata` is the function's name and whose
-/// content is its arguments, each result an `observation` item.
+/// item (`tools_on_item`; GLM-4-0414's template takes them from its `tools` instead), each past
+/// call an assistant item whose `metadata` is the function's name and whose content is its
+/// arguments, each result an `observation` item.
 fn glm4_messages(
+    tools_on_item: bool,
     tools: &Tools,
     messages: Vec<ChatMessage>,
     json: impl Fn(&Value) -> String,
 ) -> Vec<ChatMessage> {
     let mut out = Vec::with_capacity(messages.len() + 1);
-    if let (Some(_), Some(list)) = (&tools.plan, &tools.for_template) {
+    if let (true, Some(_), Some(list)) = (tools_on_item, &tools.plan, &tools.for_template) {
         out.push(ChatMessage {
             tools: Some(list.clone()),
             ..ChatMessage::text("system", "")

@@ -10,7 +10,7 @@ fn wraps(format: ToolFormat) -> &'static [Wrap] {
     match format {
         ToolFormat::Hermes => &[Wrap::Tagged, Wrap::Bare, Wrap::Fenced],
         ToolFormat::Llama3Json { .. } => &[Wrap::Bare],
-        ToolFormat::Generic | ToolFormat::Glm4 => &[],
+        ToolFormat::Generic | ToolFormat::Glm4 { .. } => &[],
     }
 }
 
@@ -102,7 +102,8 @@ enum Envelope {
     Response,
     /// Past the response string's closing quote.
     ResponseEnd,
-    /// GLM-4: the first line, which is a tool's name for a call.
+    /// GLM-4: the first line, the turn's `metadata`: a tool's name for a call (a space may
+    /// follow it: GLM-4-0414's template writes one), empty for text.
     NameLine,
     /// GLM-4: a call's arguments, the rest of the reply.
     GlmArgs,
@@ -118,7 +119,7 @@ impl ToolCallParser {
     pub fn new(format: ToolFormat, names: &[String]) -> Self {
         let envelope = match format {
             ToolFormat::Generic => Some(Envelope::Start),
-            ToolFormat::Glm4 => Some(Envelope::NameLine),
+            ToolFormat::Glm4 { .. } => Some(Envelope::NameLine),
             _ => None,
         };
         Self {
@@ -154,13 +155,15 @@ impl ToolCallParser {
     pub fn finish(&mut self) -> Vec<ToolDelta> {
         let mut out = Vec::new();
         if self.in_call {
-            if !self.started {
+            // A call cut off in the generic protocol's list before its name: never text.
+            if !self.started && self.envelope != Some(Envelope::List) {
                 // `<tool_call>` and no recognisable call after it: that was text.
                 let text = format!("{}{}", self.wrap.open(), std::mem::take(&mut self.buf));
                 self.pending_ws = std::mem::take(&mut self.ws_before_tag);
                 self.content(&text, &mut out);
             }
-        } else {
+        } else if !matches!(self.envelope, Some(Envelope::List | Envelope::ResponseEnd)) {
+            // (Inside the generic envelope, what is left is its punctuation.)
             let rest = std::mem::take(&mut self.buf);
             self.content(&rest, &mut out);
         }
@@ -236,16 +239,27 @@ impl ToolCallParser {
             Envelope::ResponseEnd if rest.starts_with('}') => next(self, lead + 1, Envelope::After),
             Envelope::ResponseEnd if rest.is_empty() => false,
             Envelope::NameLine => match self.buf.find('\n') {
-                Some(i) if self.names.iter().any(|n| *n == self.buf[..i]) => {
-                    out.push(ToolDelta::Start {
-                        index: self.calls,
-                        name: self.buf[..i].to_string(),
-                    });
-                    self.calls += 1;
-                    next(self, i + 1, Envelope::GlmArgs)
+                // An empty first line: text follows, after the newline that opens it.
+                Some(0) => next(self, 1, Envelope::After),
+                Some(i) => match self.tool_named(&self.buf[..i]) {
+                    Some(name) => {
+                        out.push(ToolDelta::Start {
+                            index: self.calls,
+                            name,
+                        });
+                        self.calls += 1;
+                        next(self, i + 1, Envelope::GlmArgs)
+                    }
+                    None => next(self, 0, Envelope::After),
+                },
+                // May still become a name line.
+                None if self.names.iter().any(|n| {
+                    n.starts_with(self.buf.as_str()) || self.buf.strip_suffix(' ') == Some(n)
+                }) =>
+                {
+                    false
                 }
-                None if self.names.iter().any(|n| n.starts_with(self.buf.as_str())) => false,
-                _ => next(self, 0, Envelope::After),
+                None => next(self, 0, Envelope::After),
             },
             Envelope::GlmArgs => {
                 if !self.buf.is_empty() {
@@ -259,6 +273,12 @@ impl ToolCallParser {
             // Not the protocol after all: the rest is content.
             _ => next(self, 0, Envelope::After),
         }
+    }
+
+    /// GLM-4: the tool a name line calls (`name`, or `name ` as GLM-4-0414's template writes it).
+    fn tool_named(&self, line: &str) -> Option<String> {
+        let line = line.strip_suffix(' ').unwrap_or(line);
+        self.names.iter().find(|n| *n == line).cloned()
     }
 
     fn step_content(&mut self, out: &mut Vec<ToolDelta>) -> bool {
@@ -732,12 +752,43 @@ mod tests {
         );
         // Not the protocol: the text is content.
         assert_eq!(parse_generic("Hello").content, "Hello");
+        // Cut off (max_tokens) as the next call of the list opens: nothing of it is content.
+        for cut in [
+            r#"{"tool_calls": [{"name": "f", "arguments": {}}, {""#,
+            r#"{"tool_calls": [{"name": "f", "arguments": {}}]"#,
+        ] {
+            assert_eq!(
+                parse_generic(cut),
+                Parsed {
+                    content: String::new(),
+                    calls: vec![call("f", "{}")]
+                },
+                "{cut}"
+            );
+        }
     }
 
     #[test]
     fn glm4_calls_are_a_name_line_and_arguments() {
         let names = ["get_weather".to_string(), "get".to_string()];
-        let parse = |text: &str| parse_at_every_split(ToolFormat::Glm4, &names, text);
+        let parse = |text: &str| {
+            let item = parse_at_every_split(
+                ToolFormat::Glm4 {
+                    tools_on_item: true,
+                },
+                &names,
+                text,
+            );
+            let global = parse_at_every_split(
+                ToolFormat::Glm4 {
+                    tools_on_item: false,
+                },
+                &names,
+                text,
+            );
+            assert_eq!(item, global, "{text:?}");
+            item
+        };
         assert_eq!(
             parse("get_weather\n{\"city\": \"Paris\"}"),
             Parsed {
@@ -751,5 +802,18 @@ mod tests {
         );
         assert_eq!(parse("Paris is sunny.").content, "Paris is sunny.");
         assert_eq!(parse("get").content, "get");
+        // GLM-4-0414's template writes a space after the name.
+        assert_eq!(
+            parse("get \n{}"),
+            Parsed {
+                content: String::new(),
+                calls: vec![call("get", "{}")]
+            }
+        );
+        assert_eq!(parse("get_weather  \n{}").content, "get_weather  \n{}");
+        // A text turn opens with a newline (an empty `metadata` line): it is not content.
+        assert_eq!(parse("\nParis is sunny.").content, "Paris is sunny.");
+        assert_eq!(parse("\n\nTwo lines down.").content, "\nTwo lines down.");
+        assert_eq!(parse("\n").content, "");
     }
 }
