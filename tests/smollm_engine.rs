@@ -249,7 +249,8 @@ async fn streamed_calls_add_up(base: &str, mut body: Value, whole: &Value) {
 /// set to GLM-4-0414's real template (tools in the template's `tools`) and to
 /// glm-4-9b-chat-hf's (tools on a system item), from the tool fixtures. Required and named
 /// calls are forced into GLM-4's `name\n{arguments}` and come back as `tool_calls` (the
-/// stream adding up to the whole), and a history of a call and its result is served.
+/// stream adding up to the whole), and a history of a call and its result renders as
+/// transformers renders it and is served.
 #[tokio::test]
 async fn glm4_tool_calls_through_a_chat_template_override() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -260,6 +261,17 @@ async fn glm4_tool_calls_through_a_chat_template_override() {
         let mut cfg = config(model_path(SMOLLM), NAME, default_engine());
         cfg.models[0].chat_template = Some(c["template"].as_str().unwrap().to_string());
         let base = start(cfg);
+        // The prompt the served chat makes of the fixture's wire messages and tools (/tokenize
+        // renders as chat does) is transformers' rendering.
+        let (s, v) = post(
+            &base,
+            "/tokenize",
+            &json!({"messages": c["messages"], "tools": c["tools"]}),
+        )
+        .await;
+        assert_eq!(s, 200, "{case}: {v}");
+        let (_, text) = post(&base, "/detokenize", &json!({"tokens": v["tokens"]})).await;
+        assert_eq!(text["prompt"], c["expected"], "{case}");
         let tools = json!([
             {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
                 "properties": {"city": {"type": "string", "maxLength": 20}},

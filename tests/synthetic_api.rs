@@ -199,6 +199,18 @@ async fn every_bad_input_is_an_openai_shaped_4xx_naming_the_field() {
             "messages",
         ),
         ("/detokenize", json!({"tokens": [9216]}), 400, "tokens"),
+        (
+            "/tokenize",
+            json!({"prompt": "hi", "tools": []}),
+            400,
+            "tools",
+        ),
+        (
+            "/tokenize",
+            json!({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}),
+            400,
+            "tool_choice",
+        ),
     ];
     for (path, body, status, param) in cases {
         let (s, v) = post(base, path, &body).await;

@@ -19,7 +19,7 @@ use super::extract::{OpenAiJson, WithParams};
 use super::sse::{
     aggregate_chat, aggregate_completion, ChunkBuilder, Kind, StreamChunk, StreamSpec, ToolStream,
 };
-use super::tools::{self, ToolParams};
+use super::tools::ToolParams;
 use super::types::*;
 use super::validate::{self, Endpoint, Validated, MAX_CHOICES};
 use super::{tokenizer_job, AppState, RequestId, ServedModel};
@@ -162,18 +162,10 @@ pub async fn chat_completions(
         finish_as_tool_calls: p.finish_as_tool_calls(),
     });
     let constraint = tools.plan.as_ref().map(|p| p.constraint()).or(output);
-    let messages = tools::prepare_messages(model.tool_format, &tools, chat_messages(req.messages)?);
+    let messages = chat_messages(req.messages)?;
     let m = model.clone();
     let (prompt, guide) = tokenizer_job(move || {
-        let template = m.tokenizer.chat_template().ok_or_else(|| {
-            ApiError::param(
-                "messages",
-                "this model has no chat template; use /v1/completions",
-            )
-        })?;
-        let text = template
-            .render_with_tools(&messages, tools.for_template.as_deref(), true)
-            .map_err(|e| ApiError::param("messages", e.to_string()))?;
+        let text = m.render_chat(messages, &tools, true)?;
         let prompt = m.encode(&text, false, "messages")?;
         let guide = constraint.map(|c| m.grammars.compile(&c)).transpose()?;
         Ok((prompt, guide))

@@ -90,6 +90,30 @@ impl ServedModel {
             .encode(text, add_special)
             .map_err(|e| ApiError::Internal(e.to_string()))
     }
+
+    /// A chat's prompt text: `messages` laid out for the model's tool format with the checked
+    /// `tools`, rendered through its chat template. Blocking (run it in a [`tokenizer_job`]).
+    pub fn render_chat(
+        &self,
+        messages: Vec<crate::tokenizer::ChatMessage>,
+        tools: &tools::Tools,
+        add_generation_prompt: bool,
+    ) -> Result<String, ApiError> {
+        let template = self.tokenizer.chat_template().ok_or_else(|| {
+            ApiError::param(
+                "messages",
+                "this model has no chat template; send a prompt to /v1/completions",
+            )
+        })?;
+        let messages = tools::prepare_messages(self.tool_format, tools, messages);
+        template
+            .render_with_tools(
+                &messages,
+                tools.for_template.as_deref(),
+                add_generation_prompt,
+            )
+            .map_err(|e| ApiError::param("messages", e.to_string()))
+    }
 }
 
 /// Run template rendering and tokenization off the async threads, at most one job per core at

@@ -6,6 +6,7 @@ use axum::Json;
 use super::error::ApiError;
 use super::extract::OpenAiJson;
 use super::handlers::chat_messages;
+use super::tools::{ToolParams, Tools};
 use super::types::{
     DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, Version,
 };
@@ -17,19 +18,30 @@ pub async fn tokenize(
 ) -> Result<Json<TokenizeResponse>, ApiError> {
     let model = state.model_or_default(req.model.as_deref())?;
     let m = model.clone();
+    // With `tools`, the chat is laid out and rendered exactly as /v1/chat/completions would.
+    let tools = match (&req.messages, req.tools, req.tool_choice) {
+        (None, None, None) => Tools::default(),
+        (None, ..) => {
+            return Err(ApiError::param(
+                "tools",
+                "tools go with messages, not prompt",
+            ))
+        }
+        (Some(_), tools, tool_choice) => ToolParams {
+            tools,
+            tool_choice,
+            parallel_tool_calls: None,
+        }
+        .check(model.tool_format)?,
+    };
     let tokens = tokenizer_job(move || match (req.prompt, req.messages) {
         (Some(p), None) => m.encode(&p, req.add_special_tokens.unwrap_or(true), "prompt"),
         (None, Some(msgs)) => {
-            let template = m
-                .tokenizer
-                .chat_template()
-                .ok_or_else(|| ApiError::param("messages", "this model has no chat template"))?;
-            let text = template
-                .render(
-                    &chat_messages(msgs)?,
-                    req.add_generation_prompt.unwrap_or(true),
-                )
-                .map_err(|e| ApiError::param("messages", e.to_string()))?;
+            let text = m.render_chat(
+                chat_messages(msgs)?,
+                &tools,
+                req.add_generation_prompt.unwrap_or(true),
+            )?;
             m.encode(&text, req.add_special_tokens.unwrap_or(false), "messages")
         }
         _ => Err(ApiError::param(

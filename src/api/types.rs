@@ -126,6 +126,9 @@ pub struct TokenizeRequest {
     pub messages: Option<Vec<ChatMessageIn>>,
     pub add_generation_prompt: Option<bool>,
     pub add_special_tokens: Option<bool>,
+    /// With `messages`: the tools, rendered as a chat request's would be (vLLM takes them too).
+    pub tools: Option<Vec<serde_json::Value>>,
+    pub tool_choice: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
