@@ -102,10 +102,13 @@ impl TileFormat {
     /// Q4_K -7%, Q4_0/Q4_1 -3%.) Q8_0's bytes need no unpacking, but without VNNI each weight
     /// vector's sign and magnitude are taken once per block for all its rows: eight there
     /// (AMD EPYC Zen 3, `avx2`, eight alternating runs: median 125 -> 144 GFLOP/s), four on
-    /// the VNNI paths, where nothing is shared but the loads. AVX-512 keeps four for every
-    /// format: the figures its side-by-side ratios were measured with (eight is untimed there).
+    /// the VNNI paths, where nothing is shared but the loads. AVX-512, with 32 registers and
+    /// `vptestmb` for the bit planes, gains less: eight only for Q6_K, Q3_K and Q2_K (Xeon,
+    /// qmatmul at 16 rows, 8 against 4 alternating: Q2_K +6% in 4 of 4 runs, Q6_K +3-9% in 8
+    /// of 9, Q3_K +3% in 7 of 9), four for the rest (Q5_0/Q5_1/Q5_K -3% to +1%).
     const fn rows(self, path: KernelPath) -> usize {
         match self {
+            Self::Q6K | Self::Q3K | Self::Q2K => ROWS,
             _ if matches!(path, KernelPath::Avx512) => 4,
             Self::Q4_1 | Self::Q4K => 4,
             Self::Q8_0 if !matches!(path, KernelPath::Avx2) => 4,
